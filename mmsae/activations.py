@@ -1,12 +1,20 @@
-"""Captured hidden states on disk: a sharded zarr store plus a parquet token index.
+"""Captured hidden states on disk: zarr stores plus a parquet token index.
 
-Layout of an extract artifact folder:
+Layout of an extract artifact folder (either form is read by ActivationStore as one store):
 
-    acts.zarr/layer_{L}   float array [n_tokens, d_model], chunked along tokens, shards of chunks
     tokens.parquet        one row per token, row i describes row i of every layer array:
                           row, sample_id, position, modality (image|text|special), token_id,
                           is_response, patch (index among the sample's image tokens, -1 otherwise)
+    acts.zarr/layer_{L}   a single store: float array [n_tokens, d_model], chunked along tokens,
+                          shards of chunks (ActivationWriter; small stores, tests)
+  or
+    acts.json             the parts of the store in row order, with layers, d_model, dtype, n_tokens
+    parts/{j}/            (one extraction job) or shards/{k}/parts/{j}/ (extract.shards jobs): each part
+                          a few batches of records: acts.zarr, tokens.parquet (part rows), part.json
 
+Extraction writes parts: each part is written atomically, so a killed job's rerun keeps the finished
+parts and extracts only the rest. Shards and parts are cut at batch boundaries, so every padded
+forward pass is the one an unsharded, uninterrupted run makes and the stored arrays are identical.
 bfloat16 has no numpy dtype: it is stored as its uint16 bit pattern and the array's attrs say so.
 Writers buffer whole shards so memory stays bounded by one shard per layer, whatever the data size.
 """
@@ -14,7 +22,10 @@ Writers buffer whole shards so memory stays bounded by one shard per layer, what
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,6 +40,10 @@ from mmsae.errors import InputError
 
 ACTS = "acts.zarr"
 TOKENS = "tokens.parquet"
+ACTS_INDEX = "acts.json"  # a store in parts: the parts in row order
+PARTS = "parts"
+SHARDS = "shards"
+PART_INFO = "part.json"
 MODALITIES = ("text", "image", "special")
 TOKEN_SCHEMA = pa.schema(
     [
@@ -53,6 +68,11 @@ def _from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).float().numpy()
     return a.astype(np.float32, copy=False)
+
+
+def storage_to_float(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Stored rows (as read by ActivationStore.read_raw, on any device) as float32."""
+    return t.view(torch.bfloat16).float() if dtype == "bfloat16" else t.float()
 
 
 class ActivationWriter:
@@ -111,17 +131,53 @@ class ActivationWriter:
         return self.written
 
 
+class _LayerRows:
+    """One layer of a multi-part store as a read-only row range: shape, chunks, dtype and row slices
+    (what callers of `ActivationStore.array` use), reading across parts."""
+
+    def __init__(self, store: ActivationStore, layer: int) -> None:
+        self.store, self.layer = store, layer
+        self.shape = (store.n_tokens, store.d_model)
+        self.chunks = (store.chunk_tokens, store.d_model)
+        self.dtype = np.dtype("uint16" if store.dtype == "bfloat16" else store.dtype)
+
+    def __getitem__(self, key: slice | tuple) -> np.ndarray:
+        if isinstance(key, tuple):
+            key, cols = key[0], key[1:]
+            if any(c != slice(None) for c in cols):
+                raise IndexError("only row slices are supported")
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise IndexError("only contiguous row slices are supported")
+        return self.store._raw(self.layer, key.start, key.stop)
+
+
 class ActivationStore:
-    """Read side of an extract artifact."""
+    """Read side of an extract artifact: one store over a single acts.zarr or over the parts of
+    acts.json (see the module docstring), rows in sample order either way."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        if not (self.folder / ACTS).exists() or not (self.folder / TOKENS).exists():
-            raise InputError(self.folder, ACTS, "not an extract artifact (acts.zarr / tokens.parquet missing)")
-        self.group = zarr.open_group(self.folder / ACTS, mode="r")
-        self.layers: list[int] = list(self.group.attrs["layers"])
-        self.d_model: int = int(self.group.attrs["d_model"])
-        self.dtype: str = str(self.group.attrs["dtype"])
+        single, index = self.folder / ACTS, self.folder / ACTS_INDEX
+        if not (single.exists() or index.exists()) or not (self.folder / TOKENS).exists():
+            raise InputError(self.folder, ACTS, "not an extract artifact (acts.zarr or acts.json / tokens.parquet missing)")
+        if single.exists():
+            self.group = zarr.open_group(single, mode="r")
+            attrs, groups = dict(self.group.attrs), [self.group]
+        else:
+            attrs = json.loads(index.read_text())
+            groups = [zarr.open_group(self.folder / part / ACTS, mode="r") for part in attrs["parts"]]
+            self.group = groups[0] if len(groups) == 1 else None
+        self.layers: list[int] = list(attrs["layers"])
+        self.d_model: int = int(attrs["d_model"])
+        self.dtype: str = str(attrs["dtype"])
+        for g in groups:
+            if list(g.attrs["layers"]) != self.layers or int(g.attrs["d_model"]) != self.d_model \
+                    or str(g.attrs["dtype"]) != self.dtype:
+                raise InputError(index, "parts", f"part {g.store} differs in layers, d_model or dtype")
+        self._groups = groups
+        first = f"layer_{self.layers[0]}"
+        self._starts = np.cumsum([0, *(int(g[first].shape[0]) for g in groups)]).astype(np.int64)
+        self._chunk_tokens = int(groups[0][first].chunks[0]) if groups else int(attrs.get("chunk_tokens", 1))
         self._tokens: pd.DataFrame | None = None
 
     @property
@@ -132,29 +188,72 @@ class ActivationStore:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.array(self.layers[0]).shape[0])
+        return int(self._starts[-1])
 
-    def array(self, layer: int) -> zarr.Array:
+    @property
+    def n_parts(self) -> int:
+        return len(self._groups)
+
+    def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
             raise InputError(self.folder / ACTS, "layer", f"layer {layer} was not extracted (have {self.layers})")
-        return self.group[f"layer_{layer}"]
+
+    def array(self, layer: int) -> zarr.Array | _LayerRows:
+        """The layer's array (a row-sliceable view when the store has several parts)."""
+        self._check_layer(layer)
+        if len(self._groups) == 1:
+            return self._groups[0][f"layer_{layer}"]
+        return _LayerRows(self, layer)
 
     @property
     def chunk_tokens(self) -> int:
-        return int(self.array(self.layers[0]).chunks[0])
+        return self._chunk_tokens
+
+    def _raw(self, layer: int, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) in the storage dtype, concatenated across parts."""
+        self._check_layer(layer)
+        start, stop, _ = slice(start, stop).indices(self.n_tokens)
+        stop = max(start, stop)
+        name = f"layer_{layer}"
+        if len(self._groups) == 1:
+            return self._groups[0][name][start:stop]
+        pieces = []
+        first = max(0, int(np.searchsorted(self._starts, start, side="right")) - 1)
+        for i in range(first, len(self._groups)):
+            p0, p1 = int(self._starts[i]), int(self._starts[i + 1])
+            if p0 >= stop:
+                break
+            lo, hi = max(start, p0), min(stop, p1)
+            if lo < hi:
+                pieces.append(self._groups[i][name][lo - p0 : hi - p0])
+        if not pieces:
+            return np.zeros((0, self.d_model), np.uint16 if self.dtype == "bfloat16" else self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def read_raw(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) in the storage dtype (bfloat16 as uint16; see storage_to_float)."""
+        return self._raw(layer, start, stop)
 
     def read(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32."""
-        return _from_storage(self.array(layer)[start:stop], self.dtype)
+        return _from_storage(self._raw(layer, start, stop), self.dtype)
 
     def read_rows(self, layer: int, rows: np.ndarray) -> np.ndarray:
         """Arbitrary rows as float32, in the order given (reads only the chunks that hold them)."""
+        self._check_layer(layer)
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.zeros((0, self.d_model), np.float32)
+        if rows.min() < 0 or rows.max() >= self.n_tokens:
+            raise IndexError(f"rows outside the store's {self.n_tokens} rows")
         order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        name = f"layer_{layer}"
+        cuts = np.searchsorted(srt, self._starts)
+        parts = [self._groups[i][name].get_orthogonal_selection((srt[a:b] - self._starts[i], slice(None)))
+                 for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)) if b > a]
         out = np.empty((len(rows), self.d_model), np.float32)
-        out[order] = _from_storage(self.array(layer).get_orthogonal_selection((rows[order], slice(None))), self.dtype)
+        out[order] = _from_storage(parts[0] if len(parts) == 1 else np.concatenate(parts), self.dtype)
         return out
 
     def iter_blocks(self, layer: int, block_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -256,3 +355,190 @@ def extract(adapter, records: Sequence, layers: Sequence[int], batch_size: int, 
     bar.close()
     counts["image_tokens_per_sample"] = image_tokens
     return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction in shards and resumable parts (see the module docstring for the layout).
+# --------------------------------------------------------------------------------------------------
+EXECUTION_KEYS = ("shards", "part_batches")  # extract keys that change how the work is cut, not the result
+
+
+def shard_records(n_records: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
+    """[start, stop) record range of each of `n_shards` contiguous shards, cut at batch boundaries (so
+    each batch, padded as one, is a batch of the unsharded run); a shard may be empty."""
+    n_batches = math.ceil(n_records / batch_size)
+    cuts = [min(n_records, (k * n_batches // n_shards) * batch_size) for k in range(n_shards + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def part_ranges(start: int, stop: int, batch_size: int, part_batches: int) -> list[tuple[int, int]]:
+    """The parts of a shard's records [start, stop): part_batches batches each (start is a batch boundary)."""
+    step = batch_size * part_batches
+    return [(a, min(stop, a + step)) for a in range(start, stop, step)]
+
+
+def extraction_key(params: dict, model_params: dict, model: str) -> str:
+    """What makes two extractions interchangeable: the extract slice without the execution keys, the
+    model slice and the model. A part made under another key is never reused."""
+    from mmsae.artifacts import config_hash
+
+    p = {k: v for k, v in params.items() if k not in EXECUTION_KEYS}
+    return config_hash({"extract": p, "model": model_params, "model_path": str(model)}, length=16)
+
+
+class LazyRecords(Sequence):
+    """The records of a samples frame, decoded when sliced: an extraction job holds the images of one
+    part at a time, not those of the whole data set (nor of the other shards)."""
+
+    def __init__(self, frame: pd.DataFrame, path: str | os.PathLike = "<memory>") -> None:
+        self.frame, self.path = frame.reset_index(drop=True), path
+        self.sample_ids = self.frame["sample_id"].astype(str).tolist()
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, i):
+        from mmsae.data.schema import records_from_frame
+
+        if isinstance(i, slice):
+            return records_from_frame(self.frame.iloc[i], self.path)
+        return records_from_frame(self.frame.iloc[[i]], self.path)[0]
+
+
+def _part_ok(folder: Path, key: str, records: tuple[int, int], sample_ids: list[str]) -> bool:
+    try:
+        info = json.loads((folder / PART_INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("key") == key and tuple(info.get("records", ())) == records and info.get("sample_ids") == sample_ids
+
+
+def _write_part(adapter, records: Sequence, layers: Sequence[int], params: dict, folder: Path, key: str,
+                span: tuple[int, int]) -> None:
+    """Extract one part (its records) into `folder`, atomically: a part folder is always complete."""
+    from mmsae.artifacts import atomic_dir, write_json
+
+    with atomic_dir(folder) as tmp:
+        writer = ActivationWriter(tmp, layers, adapter.d_model, dtype=params["dtype"],
+                                  chunk_tokens=params["chunk_tokens"], shard_chunks=params["shard_chunks"])
+        counts = extract(adapter, records, layers, params["batch_size"], writer, max_length=params["max_length"],
+                         include_response=params["include_response"], progress=False)
+        if writer.close() != counts["n_tokens"]:
+            raise RuntimeError(f"part {folder}: rows written differ from tokens extracted")
+        write_json(tmp / PART_INFO, {"key": key, "records": list(span), "sample_ids": [r.sample_id for r in records],
+                                     "counts": counts})
+
+
+def extract_shard(adapter, records: Sequence, layers: Sequence[int], params: dict, work: str | os.PathLike,
+                  key: str, shard: int = 0, n_shards: int = 1, progress: bool = True) -> list[Path]:
+    """Extract shard `shard` of `n_shards` of `records` (a list, or LazyRecords: images decoded one part at a
+    time) into part folders under `work`/parts; parts already there from a killed run (same key, same
+    records) are kept. Returns the shard's part folders in order.
+
+    Shards and parts are cut at batch boundaries (params batch_size, part_batches), so the stored rows
+    are identical to those of one uninterrupted job."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    log = logging.getLogger("mmsae.extract")
+    layers = adapter.check_layers(layers, "extract.layers")
+    a, b = shard_records(len(records), params["batch_size"], n_shards)[shard]
+    spans = part_ranges(a, b, params["batch_size"], params["part_batches"])
+    parts_dir = Path(work) / PARTS
+    if parts_dir.exists():
+        for stale in parts_dir.glob(".*.tmp-*"):  # a part being written when the job was killed
+            shutil.rmtree(stale, ignore_errors=True)
+    folders, reused = [], 0
+    bar = tqdm(total=b - a, unit="sample", desc=f"extract {shard + 1}/{n_shards}", disable=not progress,
+               file=sys.stderr, mininterval=1.0)
+    ids = records.sample_ids if isinstance(records, LazyRecords) else [r.sample_id for r in records]
+    for j, span in enumerate(spans):
+        folder = parts_dir / f"{j:05d}"
+        if _part_ok(folder, key, span, ids[span[0] : span[1]]):
+            reused += 1
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)
+            _write_part(adapter, records[span[0] : span[1]], layers, params, folder, key, span)
+        folders.append(folder)
+        bar.update(span[1] - span[0])
+    bar.close()
+    log.info("extract: shard %d/%d, records [%d, %d): %d parts, %d reused from a previous run",
+             shard + 1, n_shards, a, b, len(spans), reused)
+    return folders
+
+
+def part_counts(parts: Sequence[Path]) -> dict:
+    """Token counts of a store's parts (in order): n_samples, n_tokens, n_{text,image,special}, n_response,
+    image_tokens_per_sample (list, in record order)."""
+    total = {"n_samples": 0, "n_tokens": 0, **{f"n_{m}": 0 for m in MODALITIES}, "n_response": 0}
+    per_sample: list[int] = []
+    for part in parts:
+        c = json.loads((Path(part) / PART_INFO).read_text())["counts"]
+        for k in total:
+            total[k] += int(c[k])
+        per_sample.extend(c["image_tokens_per_sample"])
+    return {**total, "image_tokens_per_sample": per_sample}
+
+
+def write_store_index(folder: str | os.PathLike, parts: Sequence[Path], names: Sequence[str], layers: Sequence[int],
+                      d_model: int, params: dict) -> dict:
+    """Write `folder`/tokens.parquet (the parts' tokens with store rows) and acts.json (the parts, to be
+    found at `folder`/name); the part folders are not moved. Returns part_counts(parts)."""
+    from mmsae.artifacts import atomic_file, write_json
+
+    folder = Path(folder)
+    tables, offset = [], 0
+    for part in parts:
+        t = pq.read_table(Path(part) / TOKENS)
+        tables.append(t.set_column(t.schema.get_field_index("row"), "row",
+                                   pa.array(np.arange(offset, offset + len(t), dtype=np.int64))))
+        offset += len(t)
+    table = pa.concat_tables(tables) if tables else TOKEN_SCHEMA.empty_table()
+    with atomic_file(folder / TOKENS) as tmp:
+        pq.write_table(table, tmp)
+    write_json(folder / ACTS_INDEX, {"layers": list(layers), "d_model": int(d_model), "dtype": params["dtype"],
+                                     "chunk_tokens": int(params["chunk_tokens"]), "n_tokens": offset,
+                                     "parts": list(names)})
+    counts = part_counts(parts)
+    if counts["n_tokens"] != offset:
+        raise RuntimeError(f"{folder}: the parts' token files hold {offset} rows, their counts {counts['n_tokens']}")
+    return counts
+
+
+def store_parts(folder: str | os.PathLike) -> list[str]:
+    """The part folders (relative names) of a store written by extraction, in row order."""
+    return list(json.loads((Path(folder) / ACTS_INDEX).read_text())["parts"])
+
+
+def summarize_counts(counts: dict) -> dict:
+    """The manifest form of part_counts: the per-sample image-token list becomes min / max / mean."""
+    counts = dict(counts)
+    per_sample = np.asarray(counts.pop("image_tokens_per_sample"), dtype=np.int64)
+    counts["image_tokens_per_sample"] = {
+        "min": int(per_sample.min()), "max": int(per_sample.max()), "mean": float(per_sample.mean()),
+        "n_without_image": int((per_sample == 0).sum()),
+    } if len(per_sample) else {}
+    return counts
+
+
+def shard_dir(out: str | os.PathLike, shard: int) -> Path:
+    """Where shard `shard` of the extract artifact `out` is written (extract.shards > 1)."""
+    return Path(out) / SHARDS / f"{shard:04d}"
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """The finished parts of an unfinished extraction into `out`: a hidden sibling, kept when the job is
+    killed (atomic_dir's temporary folder is not) and removed once `out` is complete."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def move_parts(parts: Sequence[Path], dest: str | os.PathLike) -> None:
+    """Rename the part folders into `dest` (same file system: no data is copied)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        os.replace(part, dest / Path(part).name)

@@ -21,6 +21,7 @@ from helpers import (
     tiny_qwen2_vl,
     tiny_records,
 )
+from safetensors.torch import load_file
 
 from mmsae.activations import ActivationStore, ActivationWriter, extract
 from mmsae.errors import InputError
@@ -221,3 +222,188 @@ def test_extract_script_bad_layer_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".extract-bad")]
+
+
+# ---- shards, parts, resume ------------------------------------------------------------------------------
+def test_shard_and_part_ranges_cut_at_batch_boundaries():
+    from mmsae.activations import part_ranges, shard_records
+
+    assert shard_records(11, 2, 3) == [(0, 4), (4, 8), (8, 11)]  # 6 batches: 2 per shard, the last one short
+    assert shard_records(5, 2, 4) == [(0, 0), (0, 2), (2, 4), (4, 5)]  # more shards than batches: one empty
+    assert shard_records(7, 3, 1) == [(0, 7)]
+    assert part_ranges(4, 11, 2, 2) == [(4, 8), (8, 11)]
+    assert part_ranges(3, 3, 2, 1) == []
+
+
+SHARD_PARAMS = {"layers": [0, 1], "batch_size": 2, "chunk_tokens": 8, "shard_chunks": 2, "dtype": "bfloat16",
+                "part_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def shard_setup(tmp_path_factory):
+    """A tiny LLaVA-NeXT (image-token counts vary per record) and 11 records: 6 batches of 2."""
+    tmp = tmp_path_factory.mktemp("shards")
+    model = tiny_llava_next(tmp)
+    samples = tmp / "sample-abc"
+    samples.mkdir()
+    records_frame(tiny_records(11, sizes=SIZES)).to_parquet(samples / "samples.parquet")
+    return model, samples
+
+
+def _run_extract(model: Path, samples: Path, out: Path, *extra: str, **params) -> int:
+    script = _load_script()
+    return script.run("extract", script.build_parser(), script.body,
+                      ["--samples", str(samples), "--model", str(model), "--out", str(out),
+                       "--params", json.dumps({**SHARD_PARAMS, **params}), *extra])
+
+
+def _assert_same_store(a: ActivationStore, b: ActivationStore) -> None:
+    assert a.layers == b.layers and a.dtype == b.dtype and a.n_tokens == b.n_tokens
+    for layer in a.layers:  # the stored bits (bf16 as uint16), not just close values
+        assert np.array_equal(a.read_raw(layer), b.read_raw(layer)), layer
+    pd.testing.assert_frame_equal(a.tokens, b.tokens)
+
+
+@pytest.fixture(scope="module")
+def single_store(shard_setup, tmp_path_factory):
+    model, samples = shard_setup
+    out = tmp_path_factory.mktemp("single") / "extract-single"
+    assert _run_extract(model, samples, out) == 0
+    return out
+
+
+def test_three_shards_equal_one_job(shard_setup, single_store, tmp_path):
+    model, samples = shard_setup
+    out = tmp_path / "extract-sharded"
+    for k in range(3):  # what the extract_shard jobs run (in parallel on a cluster)
+        assert _run_extract(model, samples, out, "--shard", str(k), shards=3) == 0
+        shard = ActivationStore(out / "shards" / f"{k:04d}")
+        assert shard.n_parts == 2 and shard.tokens["row"].tolist() == list(range(shard.n_tokens))
+    assert _run_extract(model, samples, out, "--gather", shards=3) == 0
+    sharded, single = ActivationStore(out), ActivationStore(single_store)
+    assert sharded.n_parts == single.n_parts == 6
+    _assert_same_store(sharded, single)
+    assert sharded.tokens["row"].tolist() == list(range(sharded.n_tokens))
+    assert sharded.tokens["sample_id"].unique().tolist() == [r.sample_id for r in tiny_records(11, sizes=SIZES)]
+    m1, m3 = (json.loads((d / "manifest.json").read_text()) for d in (single_store, out))
+    assert m3["stage"] == "extract" and m3["counts"]["n_shards"] == 3
+    assert {k: v for k, v in m3["counts"].items() if k != "n_shards"} == m1["counts"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no partial / temporary folders
+    # the same rows written one batch at a time into a single zarr store (ActivationWriter) read the same
+    writer = ActivationWriter(tmp_path / "plain", [0, 1], 32, dtype="bfloat16", chunk_tokens=8, shard_chunks=2)
+    extract(load_model(model), tiny_records(11, sizes=SIZES), [0, 1], 2, writer, progress=False)
+    writer.close()
+    _assert_same_store(ActivationStore(tmp_path / "plain"), sharded)
+
+
+def test_store_over_parts_reads_like_one_store(single_store, tmp_path):
+    parts = ActivationStore(single_store)
+    plain = ActivationWriter(tmp_path / "plain", parts.layers, parts.d_model, dtype=parts.dtype, chunk_tokens=8)
+    plain.append({layer: torch.from_numpy(parts.read(layer)) for layer in parts.layers},
+                 parts.tokens.drop(columns="row"))
+    plain.close()
+    plain = ActivationStore(tmp_path / "plain")
+    n = parts.n_tokens
+    assert parts.chunk_tokens == plain.chunk_tokens == 8 and parts.array(1).shape == (n, 32)
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(n)[:97]
+    for layer in parts.layers:
+        assert np.array_equal(parts.read_rows(layer, rows), plain.read_rows(layer, rows))
+        for a, b in [(0, n), (3, 61), (50, 51), (n - 5, None)]:  # across part boundaries
+            assert np.array_equal(parts.read(layer, a, b), plain.read(layer, a, b))
+        assert np.array_equal(parts.array(layer)[10:40], plain.array(layer)[10:40])
+        blocks = [(s, x) for s, x in parts.iter_blocks(layer, 13)]
+        assert [s for s, _ in blocks] == list(range(0, n, 13))
+        assert np.array_equal(np.concatenate([x for _, x in blocks]), plain.read(layer))
+    with pytest.raises(IndexError):
+        parts.read_rows(0, np.array([n]))
+    with pytest.raises(InputError, match="layer 5 was not extracted"):
+        parts.read(5)
+
+
+class _Killed(BaseException):
+    """Stands for the job being killed: not an Exception, so nothing on the way catches it."""
+
+
+def test_killed_extraction_resumes_from_finished_parts(shard_setup, single_store, tmp_path, monkeypatch):
+    import mmsae.activations as A
+
+    model, samples = shard_setup
+    out = tmp_path / "extract-killed"
+    real, calls = A.extract, []
+
+    def killed_in_third_part(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Killed
+        return real(*args, **kw)
+
+    monkeypatch.setattr(A, "extract", killed_in_third_part)
+    with pytest.raises(_Killed):
+        _run_extract(model, samples, out)
+    rerun: list[int] = []
+    monkeypatch.setattr(A, "extract", lambda *args, **kw: rerun.append(1) or real(*args, **kw))
+    partial = tmp_path / ".extract-killed.partial" / "parts"
+    assert not out.exists()
+    assert sorted(p.name for p in partial.iterdir()) == ["00000", "00001"]
+    (partial / ".00002.tmp-x").mkdir()  # what a SIGKILL leaves of the part being written
+    kept = {name: (partial / name / "part.json").stat().st_ino for name in ("00000", "00001")}
+    assert _run_extract(model, samples, out) == 0
+    assert len(rerun) == 4  # the rerun extracted the 4 missing parts of 6 only
+    assert not (tmp_path / ".extract-killed.partial").exists()
+    for name, inode in kept.items():  # the finished parts were moved into the artifact, not extracted again
+        assert (out / "parts" / name / "part.json").stat().st_ino == inode
+    _assert_same_store(ActivationStore(out), ActivationStore(single_store))
+
+
+def test_part_of_other_params_is_not_reused_and_images_decode_per_part(shard_setup, tmp_path, monkeypatch):
+    import mmsae.data.schema as schema
+    from mmsae.activations import PART_INFO, partial_dir
+
+    model, samples = shard_setup
+    out = tmp_path / "extract-x"
+    stale = partial_dir(out) / "parts" / "00000"
+    stale.mkdir(parents=True)
+    (stale / PART_INFO).write_text(json.dumps({"key": "other", "records": [0, 2], "sample_ids": []}))
+    decoded, real = [], schema.records_from_frame
+    monkeypatch.setattr(schema, "records_from_frame", lambda df, path: decoded.append(len(df)) or real(df, path))
+    assert _run_extract(model, samples, out) == 0
+    assert (out / "parts" / "00000" / "acts.zarr").exists()
+    assert decoded == [2, 2, 2, 2, 2, 1]  # one part's images at a time (part_batches 1 x batch_size 2)
+
+
+def test_gather_without_all_shards_is_input_error(shard_setup, tmp_path, capsys):
+    model, samples = shard_setup
+    out = tmp_path / "extract-g"
+    assert _run_extract(model, samples, out, "--shard", "0", shards=2) == 0
+    assert _run_extract(model, samples, out, "--gather", shards=2) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "shards/0001/manifest.json" in err
+    assert not (out / "manifest.json").exists() and (out / "shards" / "0000" / "manifest.json").exists()
+    assert _run_extract(model, samples, out, "--shard", "2", shards=2) == 2  # no shard 2 of 2
+
+
+def test_sae_training_on_sharded_store_is_identical_and_resumes(shard_setup, single_store, tmp_path):
+    """Training reads a store in parts exactly as one array: same weights as on a single-array store of
+    the same rows, and a killed run resumes bit-identically (tests/test_sae.py pins the single case)."""
+    from mmsae.config import stage_params
+    from mmsae.sae.train import train_sae
+
+    parts = ActivationStore(single_store)
+    plain = ActivationWriter(tmp_path / "plain", parts.layers, parts.d_model, dtype=parts.dtype, chunk_tokens=8)
+    plain.append({layer: torch.from_numpy(parts.read(layer)) for layer in parts.layers},
+                 parts.tokens.drop(columns="row"))
+    plain.close()
+    p = stage_params("train_sae", {"layer": 1, "expansion": 2, "steps": 12, "batch_size": 16, "checkpoint_every": 4,
+                                   "buffer_chunks": 2, "eval_fraction": 0.2, "device": "cpu", "lr_warmup_steps": 2,
+                                   "lr_decay_steps": 4, "l1_warmup_steps": 2})
+    full = train_sae(parts, p, tmp_path / "full", tmp_path / "ck_full", progress=False)
+    ref = train_sae(ActivationStore(tmp_path / "plain"), p, tmp_path / "ref", tmp_path / "ck_ref", progress=False)
+    assert train_sae(parts, p, tmp_path / "res", tmp_path / "ck_res", stop_after=8, progress=False) is None
+    resumed = train_sae(parts, p, tmp_path / "res", tmp_path / "ck_res", progress=False)
+    assert resumed["resumed_from_step"] == 8
+    weights = [load_file(str(d / "sae" / "sae_weights.safetensors")) for d in (tmp_path / "full", tmp_path / "ref",
+                                                                                tmp_path / "res")]
+    for w in weights[1:]:
+        assert all(torch.equal(weights[0][k], w[k]) for k in weights[0])
+    assert resumed["curve"] == full["curve"] == ref["curve"]

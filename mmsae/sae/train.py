@@ -9,7 +9,12 @@ holds at least one batch of training tokens). Each epoch visits the groups in an
 (seed, epoch) and shuffles each group's training tokens with an RNG seeded by (seed, epoch, group);
 batches never straddle groups and a group's remainder (< batch_size tokens) is skipped that epoch. The
 batch at step s is therefore a pure function of (seed, s), memory is bounded by one group (plus one
-prefetched), and a resumed run sees exactly the batches an uninterrupted run sees.
+prefetched), and a resumed run sees exactly the batches an uninterrupted run sees. The store may be
+one zarr array or the parts of a sharded extraction: rows are rows either way.
+
+On CUDA: the prefetch thread moves the next group to the GPU (store dtype, pinned memory, a side
+stream) while the SAE steps on the current one, and `train_sae.precision` picks bf16 autocast / TF32 /
+strict fp32 for the SAE forward; weights, Adam state and checkpoints stay fp32. CPU runs are fp32.
 
 Checkpoints (every `checkpoint_every` steps and at the end of training) go to
 `checkpoint_dir/step-XXXXXXXX/` = state.safetensors (weights, Adam moments and step counts, dead-latent
@@ -26,6 +31,7 @@ counters behind it are checkpointed, so a resumed run stays bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmsae import __version__
-from mmsae.activations import ActivationStore
+from mmsae.activations import ActivationStore, storage_to_float
 from mmsae.artifacts import atomic_dir, config_hash, write_json
 from mmsae.errors import InputError
 from mmsae.sae.io import CFG, check_d_in, hook_name, load_sae, log10_frequency, save_sae
@@ -65,6 +71,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+PRECISIONS = ("bf16", "tf32", "fp32")
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The SAE forward's numeric mode (config train_sae.precision), on CUDA only; CPU runs stay fp32.
+
+    bf16: autocast to bfloat16 (matmuls in bf16, reductions and the weights / Adam state in fp32) plus
+    TF32 for the fp32 matmuls that remain; tf32: fp32 with TF32 matmuls; fp32: strict fp32 (the paper)."""
+    if precision not in PRECISIONS:
+        raise InputError("--params", "precision", f"unknown precision {precision!r} (have {list(PRECISIONS)})")
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ---- token selection -------------------------------------------------------------------------------
@@ -173,21 +198,50 @@ class BatchSchedule:
         i0, i1, r0, r1 = self.groups[group]
         return store.read(layer, r0, r1)[self.rows[i0:i1] - r0]
 
-    def iter_batches(self, store: ActivationStore, layer: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, batch [batch_size, d]) for steps [start, stop); the next group is read in the background."""
+    def _load_to(self, store: ActivationStore, layer: int, group: int, device: torch.device,
+                 stream: Any = None) -> torch.Tensor:
+        """The group's training rows as float32 on `device`. On CUDA the rows travel in the store's dtype
+        (bf16: half the bytes) from pinned memory on a side stream and are converted on the GPU; this
+        runs in the prefetch thread, so the copy overlaps the SAE steps on the current group."""
+        if device.type != "cuda":
+            return torch.from_numpy(self._load(store, layer, group)).to(device)
+        i0, i1, r0, r1 = self.groups[group]
+        raw = store.read_raw(layer, r0, r1)[self.rows[i0:i1] - r0]
+        pinned = torch.from_numpy(np.ascontiguousarray(raw)).pin_memory()
+        with torch.cuda.stream(stream):
+            data = storage_to_float(pinned.to(device, non_blocking=True), store.dtype)
+        stream.synchronize()  # in the prefetch thread: the consumer gets a finished tensor
+        return data
+
+    def iter_batches(self, store: ActivationStore, layer: int, start: int, stop: int,
+                     device: torch.device | None = None) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
+        """(step, batch [batch_size, d]) for steps [start, stop): numpy arrays, or float32 tensors on
+        `device` when given. The next group is read (and moved to the device) in a background thread
+        while the current one is consumed; the batches are the same either way."""
         pool = ThreadPoolExecutor(max_workers=1)
         pending: dict[tuple[int, int], Future] = {}
+        stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
+
+        def load(group: int) -> Future:
+            if device is None:
+                return pool.submit(self._load, store, layer, group)
+            return pool.submit(self._load_to, store, layer, group, device, stream)
+
         try:
             step = start
             while step < stop:
                 epoch, g, b = self.locate(step)
-                fut = pending.pop((epoch, g), None) or pool.submit(self._load, store, layer, g)
+                fut = pending.pop((epoch, g), None) or load(g)
                 data = fut.result()
                 perm = self.permutation(epoch, g)
+                if device is not None:
+                    if stream is not None:  # made on the side stream, used on the current one
+                        data.record_stream(torch.cuda.current_stream(device))
+                    perm = torch.from_numpy(perm).to(device)
                 end = min(stop, step + int(self.counts[g]) - b)
                 if end < stop:
                     e2, g2, _ = self.locate(end)
-                    pending[(e2, g2)] = pool.submit(self._load, store, layer, g2)
+                    pending[(e2, g2)] = load(g2)
                 for s in range(step, end):
                     bb = b + s - step
                     yield s, data[perm[bb * self.batch_size : (bb + 1) * self.batch_size]]
@@ -426,14 +480,15 @@ def train_sae(store: ActivationStore, params: dict[str, Any], out_dir: str | Pat
     stop = steps if stop_after is None else min(steps, stop_after)
     t_train = time.perf_counter()
     bar = tqdm(total=steps, initial=start, file=sys.stderr, disable=not progress, desc="train_sae", mininterval=2.0)
-    for step, xb in schedule.iter_batches(store, layer, start, stop):
-        x = torch.from_numpy(xb).to(device, non_blocking=True)
+    precision = precision_context(device, params["precision"])
+    for step, x in schedule.iter_batches(store, layer, start, stop, device=device):
         if step == 0:  # a fresh run (a resumed one starts at a checkpointed step >= 1)
             sae.init_from_batch(x)
         lr, l1 = lr_at(step, params), (l1_at(step, params) if sae.uses_l1 else 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = sae.loss(x, l1, dead_mask=counters["tokens_since_fire"] >= dead_window)
+        with precision:  # autocast on CUDA (bf16); the backward runs outside it, as autocast wants
+            out = sae.loss(x, l1, dead_mask=counters["tokens_since_fire"] >= dead_window)
         optimizer_step(sae, opt, out.loss, params["grad_clip"])
         with torch.no_grad():
             fired = (out.codes > 0).sum(0)

@@ -7,6 +7,10 @@ consistency_gated (off-distribution images; with --sae, the SAE's reconstruction
 is one of offdist's statistics). Writes scores.parquet (sample_id, score_<m>, rank_<m>; rank 1 =
 best, ties by sample_id) and subsets/{method}/top{pct:03d}.parquet: the best ceil(f*N) samples for
 every fraction f, in the samples.parquet record schema. See mmsae.scoring.
+
+Sharded (score.shards = N > 1): `--shard K` writes the per-sample statistics of the K-th of N sample
+ranges to OUT.shards/K (4 digits); `--gather` finishes the scores from all N of them (same output as
+one job). See mmsae.scoring_shards.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mmsae.scoring import (
     score_samples,
     write_subsets,
 )
+from mmsae.scoring_shards import gather_context, score_gathered, shard_folder, shard_statistics, write_shard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     argp.add_argument("--sae", default=None,
                       help="train_sae artifact folder (or SAELens folder) of the SAE behind --encode: adds its "
                            "image reconstruction error to offdist / consistency_gated (optional)")
+    mode = argp.add_mutually_exclusive_group()
+    mode.add_argument("--shard", type=int, default=None,
+                      help="only the per-sample statistics of shard K of score.shards, into OUT.shards/K")
+    mode.add_argument("--gather", action="store_true", help="finish the scores from the score.shards shards of OUT")
 
     def body(args, params):
         timer = Timer()
@@ -61,19 +70,29 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(sae.source / CFG, "metadata.hook_layer",
                                  f"SAE is for layer {sae.cfg.metadata.get('hook_layer')}, the codes for layer {layer}")
         rule = read_manifest(args.features).get("params", {}).get("rule", "per_modality")
+        text_modalities = ("text", "special") if rule == "release" else ("text",)
+        ids = samples.column("sample_id").to_pylist()
+        if args.shard is not None:
+            return score_shard(args, params, ids, store, layer, sae, text_modalities, timer)
         losses = None
         if args.model_loss:
             losses = read_columns(Path(args.model_loss) / "loss.parquet", ("sample_id", "loss"))
-        ctx = ScoringContext(
-            samples.column("sample_id").to_pylist(), codes=Path(args.encode) / CODES,
-            weights=feature_weights(features, d_sae), store=store,
-            layer=layer, losses=losses, delta=params["delta"], seed=params["seed"],
-            text_modalities=("text", "special") if rule == "release" else ("text",),
+        context = dict(
+            codes=Path(args.encode) / CODES, weights=feature_weights(features, d_sae), store=store,
+            layer=layer, losses=losses, delta=params["delta"], seed=params["seed"], text_modalities=text_modalities,
             features=features if concept else None, sae=sae, consistency=params["consistency"],
         )
         with timer("score"):
-            scores = score_samples(ctx, methods)
+            if args.gather:
+                shards = [shard_folder(args.out, k) for k in range(params["shards"])]
+                ctx, done = gather_context(shards, ids, **context)
+                scores = score_gathered(ctx, methods, done)
+            else:
+                ctx = ScoringContext(ids, **context)
+                scores = score_samples(ctx, methods)
         counts = {"n_samples": len(scores), "feature_rule": rule}
+        if args.gather:
+            counts["n_shards"] = params["shards"]
         if concept:
             counts["n_concept_features"] = int(ctx.concept_features["selected"].sum())
         with atomic_dir(args.out) as tmp:
@@ -89,6 +108,21 @@ def main(argv: list[str] | None = None) -> int:
             write_manifest(tmp, "score", params, inputs, {**counts, "subsets": written}, timer.timings)
 
     return cli.run("score", argp, body, argv)
+
+
+def score_shard(args, params, ids, store, layer, sae, text_modalities, timer) -> None:
+    """--shard K: the per-sample statistics of the K-th sample range (mmsae.scoring_shards)."""
+    n_shards = params["shards"]
+    if not 0 <= args.shard < n_shards:
+        raise InputError("--shard", "shard", f"shard {args.shard} outside 0..{n_shards - 1} (score.shards = {n_shards})")
+    with timer("shard"):
+        result = shard_statistics(store, Path(args.encode) / CODES, layer, ids, params["methods"],
+                                  args.shard, n_shards, delta=params["delta"], text_modalities=text_modalities, sae=sae)
+    with atomic_dir(shard_folder(args.out, args.shard)) as tmp:
+        write_shard(tmp, result, args.shard, n_shards)
+        write_manifest(tmp, "score_shard", params, {"extract": args.extract, "encode": args.encode},
+                       {"shard": args.shard, "n_shards": n_shards, "n_samples": len(result["stats"]),
+                        "rows": result["rows"]}, timer.timings)
 
 
 if __name__ == "__main__":
