@@ -171,13 +171,26 @@ class SAE(nn.Module):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def pre_activations(self, x_in: torch.Tensor) -> torch.Tensor:
+        """(x_in [- b_dec]) W_enc + b_enc [..., d_sae], the bias added inside the GEMM (F.linear -> addmm).
+
+        With apply_b_dec_to_input and a b_dec that needs a gradient, the matmul runs on x_in - b_dec.detach()
+        and b_dec reaches the result through an exactly-zero term (b_dec - b_dec.detach()) W_enc: the forward
+        is unchanged, while b_dec's gradient becomes -(sum_t g_t) W_enc^T ([d_sae] x [d_sae, d_in]) instead of
+        autograd's input gradient g W_enc^T ([n, d_sae] x [d_sae, d_in]), a third dense matmul per step.
+        """
+        if not self.cfg.apply_b_dec_to_input:
+            return F.linear(x_in, self.W_enc.T, self.b_enc)
+        if not (self.b_dec.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x_in - self.b_dec, self.W_enc.T, self.b_enc)
+        zero = self.b_dec - self.b_dec.detach()
+        return F.linear(x_in - self.b_dec.detach(), self.W_enc.T, self.b_enc - zero @ self.W_enc)
+
     def encode_normalised(self, x_in: torch.Tensor) -> torch.Tensor:
-        if self.cfg.apply_b_dec_to_input:
-            x_in = x_in - self.b_dec
-        return self.activation(x_in @ self.W_enc + self.b_enc)
+        return self.activation(self.pre_activations(x_in))
 
     def decode_normalised(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
+        return F.linear(f, self.W_dec.T, self.b_dec)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of raw activations x [..., d_in] -> [..., d_sae]."""
@@ -226,7 +239,8 @@ class SAE(nn.Module):
         f = self.encode_normalised(x_in)
         x_hat_in = self.decode_normalised(f)
         mse = (x_hat_in - x_in).pow(2).sum(-1).mean()
-        sparsity = (f * self.decoder_norms()).sum(-1).mean()
+        # a matrix-vector product: no [n, d_sae] temporary forward, and a matvec for the norms' gradient
+        sparsity = (f @ self.decoder_norms()).mean()
         return LossOutput(mse + l1_coefficient * sparsity, mse, sparsity, f, x_in, x_hat_in)
 
     # ---- save-time transforms ----------------------------------------------------------------------
@@ -262,6 +276,48 @@ class ReLUSAE(SAE):
         return torch.relu(pre)
 
 
+class _SelectedPreGrad(torch.autograd.Function):
+    """Pre-activations already selected by TopK, [..., k], with a sparse backward.
+
+    Forward returns `values` (computed by the dense encoder GEMM, unchanged). Backward treats them as
+    values[t, s] = x_c[t] . W_enc[:, idx[t, s]] + b_enc[idx[t, s]], x_c = x_in (- b_dec), and returns for
+    incoming gradients g: W_enc^T = G^T x_c with G the [n, d_sae] matrix holding g at idx (a sparse x
+    dense product, O(n k d_in)); b_enc = g summed per latent; b_dec = -W_enc b_enc-gradient (a matvec);
+    x_in (only if it needs one) = sum_s g[t, s] W_enc[:, idx[t, s]]. Autograd through the dense GEMM
+    would cost an [d_in, n] x [n, d_sae] matmul for W_enc and an [n, d_sae] x [d_sae, d_in] one for b_dec.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, x_in: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
+                b_dec: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
+        x_c = x_in - b_dec if b_dec is not None else x_in
+        ctx.save_for_backward(x_c, w_enc, indices)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x_c, w_enc, indices = ctx.saved_tensors
+        d, d_sae = w_enc.shape
+        kk = indices.shape[-1]
+        idx = indices.reshape(-1, kk)
+        g2 = g.reshape(-1, kk).to(w_enc.dtype)  # fp32 weights: the sparse product runs in their dtype
+        n = len(idx)
+        grad_x = grad_w = grad_b = grad_bdec = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_b = g2.new_zeros(d_sae).index_add_(0, idx.reshape(-1), g2.reshape(-1))
+        if ctx.needs_input_grad[2]:
+            tokens = torch.arange(n, device=idx.device).repeat_interleave(kk)
+            gt = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), tokens]), g2.reshape(-1), (d_sae, n),
+                                         check_invariants=False)
+            grad_w = torch.sparse.mm(gt, x_c.reshape(-1, d).to(w_enc.dtype)).T
+        if ctx.needs_input_grad[4]:
+            grad_bdec = -(w_enc @ grad_b)
+        if ctx.needs_input_grad[1]:
+            rows = F.embedding_bag(idx, w_enc.T.contiguous(), per_sample_weights=g2, mode="sum")
+            grad_x = rows.reshape(x_c.shape).to(x_c.dtype)
+        return None, grad_x, grad_w, grad_b if ctx.needs_input_grad[3] else None, grad_bdec, None
+
+
 @register_architecture("topk")
 class TopKSAE(SAE):
     """TopK SAE (Gao et al. 2024; OpenAI sparse_autoencoder, EleutherAI sparsify; SAELens "topk").
@@ -270,7 +326,8 @@ class TopKSAE(SAE):
     are kept, all others are 0 (fewer than k are > 0 when fewer than k pre-activations are positive).
     b_dec is subtracted only if cfg.apply_b_dec_to_input (train_sae defaults it to true for topk; a
     loaded SAELens file keeps its own setting). Decoding gathers the k selected rows of W_dec
-    (`decode_sparse`, F.embedding_bag) instead of multiplying by the dense [n, d_sae] codes.
+    (`decode_sparse`, F.embedding_bag) instead of multiplying by the dense [n, d_sae] codes, and the
+    encoder's backward touches only the k selected columns of W_enc (`selected`, _SelectedPreGrad).
 
     Training (train_sae): W_dec rows are unit norm at init and after every optimizer step, and the
     gradient component parallel to each row is removed before the step (sparsify). b_dec starts at the
@@ -322,31 +379,40 @@ class TopKSAE(SAE):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # ---- the architecture --------------------------------------------------------------------------
-    def _pre(self, x_in: torch.Tensor) -> torch.Tensor:
-        """ReLU'd pre-activations [..., d_sae] of SAE-space inputs."""
-        if self.cfg.apply_b_dec_to_input:
-            x_in = x_in - self.b_dec
-        return torch.relu(x_in @ self.W_enc + self.b_enc)
-
     def encode_sparse(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values [..., k], indices [..., k], ReLU'd pre-activations [..., d_sae]) of SAE-space inputs."""
-        pre = self._pre(x_in)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        return values, indices, pre
+        """(values [..., k], indices [..., k], pre-activations [..., d_sae]) of SAE-space inputs.
+
+        TopK_k(ReLU(pre)) = ReLU(TopK_k(pre)) (ReLU is monotone; they differ only in which zero-valued
+        slots are listed), so ReLU runs on the k selected values, not on all d_sae pre-activations
+        (one [n, d_sae] pass less forward and backward). The pre-activations are returned raw.
+        """
+        pre = self.pre_activations(x_in)
+        with torch.no_grad():
+            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.relu(self.selected(values, x_in, indices)), indices, pre
+
+    def selected(self, values: torch.Tensor, x_in: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`values` = pre-activations at `indices` (taken from the dense GEMM, no graph), given the gradient
+        of that selection through _SelectedPreGrad: the backward never touches the other d_sae - k latents."""
+        if not torch.is_grad_enabled():
+            return values
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return _SelectedPreGrad.apply(values, x_in, self.W_enc, self.b_enc, b_dec, indices)
 
     @staticmethod
     def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
         return values.new_zeros(*values.shape[:-1], d_sae).scatter(-1, indices, values)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        values, indices = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
-        return self._dense(values, indices, pre.shape[-1])
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return self._dense(torch.relu(values), indices, pre.shape[-1])
 
     def _gather_rows(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_j values[..., j] W_dec[indices[..., j]] -> [..., d_in], without b_dec (F.embedding_bag)."""
         lead, kk = values.shape[:-1], values.shape[-1]
-        out = F.embedding_bag(indices.reshape(-1, kk), self.W_dec, per_sample_weights=values.reshape(-1, kk),
-                              mode="sum")
+        # values may be bf16 under autocast (train_sae.precision); embedding_bag wants the weight's dtype
+        out = F.embedding_bag(indices.reshape(-1, kk), self.W_dec,
+                              per_sample_weights=values.reshape(-1, kk).to(self.W_dec.dtype), mode="sum")
         return out.reshape(*lead, self.cfg.d_in)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -360,14 +426,16 @@ class TopKSAE(SAE):
         return self.decode_sparse(values, indices) / factor, self._dense(values, indices, self.cfg.d_sae)
 
     def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None,
-                  total_variance: torch.Tensor) -> torch.Tensor:
+                  total_variance: torch.Tensor, x_in: torch.Tensor | None = None) -> torch.Tensor:
         """AuxK (Gao et al. 2024 sec. A.2; sparsify's normalisation and scale).
 
         With n_dead = |dead| > 0 and k_aux = min(aux_k, n_dead): e_hat_t = sum of the k_aux largest ReLU'd
         pre-activations among the dead latents times their W_dec rows (no b_dec);
         AuxK = min(n_dead / aux_k, 1) * sum_t ||e_t - e_hat_t||^2 / total_variance, e = residual (detached).
         0 when dead_mask is None or no latent is dead. Gradients reach W_enc, b_enc (b_dec if applied to
-        the input) and the dead rows of W_dec only.
+        the input) and the dead rows of W_dec only. `pre`: the raw pre-activations of encode_sparse; with
+        `x_in` (the SAE input they came from) the selected values get the sparse backward of `selected`,
+        otherwise the gradient flows through `pre` (dense).
         """
         if dead_mask is None:
             return pre.new_zeros(())
@@ -376,9 +444,15 @@ class TopKSAE(SAE):
             return pre.new_zeros(())
         k_aux = min(self.aux_k, n_dead)
         scale = min(n_dead / self.aux_k, 1.0)
-        candidates = pre.masked_fill(~dead_mask.to(pre.device), -math.inf)  # live latents never selected
-        values, indices = candidates.topk(k_aux, dim=-1, sorted=False)
-        e_hat = self._gather_rows(values, indices)
+        if x_in is None:
+            candidates = pre.masked_fill(~dead_mask.to(pre.device), -math.inf)  # live latents never selected
+            values, indices = candidates.topk(k_aux, dim=-1, sorted=False)
+        else:
+            with torch.no_grad():
+                candidates = pre.masked_fill(~dead_mask.to(pre.device), -math.inf)
+                values, indices = candidates.topk(k_aux, dim=-1, sorted=False)
+            values = self.selected(values, x_in, indices)
+        e_hat = self._gather_rows(torch.relu(values), indices)
         return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
 
     def loss(self, x: torch.Tensor, l1_coefficient: float = 0.0, dead_mask: torch.Tensor | None = None) -> LossOutput:
@@ -396,7 +470,7 @@ class TopKSAE(SAE):
         sq = (x_hat_in - x_in).pow(2).sum(-1)
         total_variance = (x_in - x_in.mean(0)).pow(2).sum().detach().clamp_min(1e-12)
         fvu = sq.sum() / total_variance
-        aux = self.auxk_loss(pre, x_in - x_hat_in, dead_mask, total_variance)
+        aux = self.auxk_loss(pre, x_in - x_hat_in, dead_mask, total_variance, x_in)
         with torch.no_grad():
             sparsity = (values * self.decoder_norms()[indices]).sum(-1).mean()
             codes = self._dense(values.detach(), indices, self.cfg.d_sae)

@@ -1,0 +1,158 @@
+"""Encode, features and score as the data grows: throughput and peak memory at 1x and `--factor`x.
+
+For each size, a synthetic extract store (bench/_data.py) and one random TopK SAE (k active latents
+per token, so the codes have a known size) are made; then each stage runs in its own subprocess, as
+the pipeline runs it:
+
+- encode:   `mmsae.sae.encode.encode_store` -> codes.parquet;
+- features: `mmsae.features.feature_table` + `write_features` (top-K per modality, cross-modal weights);
+- score:    `mmsae.scoring.score_samples` with every method that needs no model loss, the SAE given
+            (offdist's reconstruction error), as workflow/scripts/score.py builds its ScoringContext.
+
+Memory: the subprocess's peak RSS (resource.getrusage ru_maxrss) and its increase over the RSS measured
+right before the stage (after imports and set-up): that increase should stay flat as the data grows
+10x if the stage streams. The stages stream in blocks (encode: --batch-tokens tokens; features and
+score: --batch-rows codes rows; score's pass over the store: 8 store chunks), so the 1x size must
+already span a few blocks for the comparison to mean anything: the defaults use smaller blocks than
+the pipeline's to keep the run short. Prints one line with the throughputs and the memory ratios.
+
+Pipeline block sizes (about 3 minutes here): --samples 1200 --batch-rows 1048576 --chunk-tokens 8192
+
+H100: --device cuda --d-in 4096 --d-sae 65536 --k 64 --samples 2000 --factor 10 --batch-tokens 4096
+(the feature and score stages run on the CPU whatever the device: only encode uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, current_rss_mb, machine, now, peak_rss_mb, report, setup  # noqa: E402
+
+STAGES = ("encode", "features", "score")
+# score.methods that need no model loss (model_loss needs a model_loss artifact)
+METHODS = ("cosine", "l0", "l1", "cooc_l0", "random", "nosae_cosine", "consistency", "consistency_cos", "offdist",
+           "consistency_gated")
+
+
+def prepare(work: Path, samples: int, args: argparse.Namespace) -> None:
+    """work/extract (store) and work/sae (a random TopK SAE in the SAELens layout)."""
+    from _data import write_store
+
+    from mmsae.sae.io import save_sae
+    from mmsae.sae.model import SAEConfig, build_sae
+
+    write_store(work / "extract", samples, args.d_in, args.seed, chunk_tokens=args.chunk_tokens)
+    cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k, apply_b_dec_to_input=True,
+                    metadata={"hook_layer": 0, "hook_name": "blocks.0.hook_resid_post"})
+    save_sae(build_sae(cfg, seed=args.seed), work / "sae")
+
+
+def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one stage on work/; its throughput and memory."""
+    dev = setup(args.threads, args.device)
+    import numpy as np
+
+    from mmsae.activations import ActivationStore
+    from mmsae.features import CODES, FEATURES, feature_table, feature_weights, read_columns, write_features
+    from mmsae.sae.encode import encode_store
+    from mmsae.sae.io import load_sae
+    from mmsae.scoring import CONCEPT_COLUMNS, ScoringContext, score_samples
+
+    store = ActivationStore(work / "extract")
+    n_tokens = store.n_tokens
+    sae = load_sae(work / "sae", device=dev) if stage in ("encode", "score") else None
+    base = current_rss_mb()
+    t0, c0 = now(dev), time.process_time()
+    out: dict[str, Any] = {}
+    if stage == "encode":
+        out.update(encode_store(sae, store, 0, 0.0, args.batch_tokens, work / CODES, progress=False))
+    elif stage == "features":
+        df = feature_table(work / CODES, store, 0, args.d_sae, 30, "per_modality", 5, batch_rows=args.batch_rows)
+        write_features(df, work / FEATURES)
+        out["cross_modal"] = int((df["class"] == "cross-modal").sum())
+    else:
+        features = read_columns(work / FEATURES, CONCEPT_COLUMNS)
+        ids = np.unique(store.tokens["sample_id"].astype(str).to_numpy())
+        ctx = ScoringContext(ids.tolist(), codes=work / CODES, weights=feature_weights(features, args.d_sae),
+                             store=store, layer=0, features=features, sae=sae, batch_rows=args.batch_rows)
+        scores = score_samples(ctx, METHODS)
+        out["n_samples"] = len(scores)
+    wall, cpu = now(dev) - t0, time.process_time() - c0
+    return {"stage": stage, "n_tokens": n_tokens, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n_tokens / wall,
+            "tokens_per_cpu_s": n_tokens / cpu, "rss_before_mb": base, "peak_rss_mb": peak_rss_mb(),
+            "peak_increase_mb": peak_rss_mb() - base, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=400, help="samples of 64 tokens at 1x")
+    p.add_argument("--factor", type=int, default=10)
+    p.add_argument("--d-in", type=int, default=128)
+    p.add_argument("--d-sae", type=int, default=1024)
+    p.add_argument("--k", type=int, default=16, help="active latents per token (codes rows per token)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="encode.batch_tokens")
+    p.add_argument("--batch-rows", type=int, default=1 << 18,
+                   help="codes rows per streamed batch in features and score (the pipeline's default: 1048576)")
+    p.add_argument("--chunk-tokens", type=int, default=2048,
+                   help="store chunk (extract.chunk_tokens; the pipeline's default: 8192); score reads 8 chunks at a time")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--work", default=None, help="folder for the synthetic data (default: a temp folder)")
+    p.add_argument("--inline", action="store_true",
+                   help="run the stages in this process (quick checks only: the peak memory is then cumulative)")
+    p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    add_common_args(p, "scale")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, Path(args.dir), args)))
+        return 0
+
+    dev = setup(args.threads, args.device)
+    stages = [s for s in args.stages.split(",") if s]
+    sizes = {"1x": args.samples, f"{args.factor}x": args.samples * args.factor}
+    runs: dict[str, dict[str, Any]] = {}
+    passthrough = ["--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k), "--batch-tokens",
+                   str(args.batch_tokens), "--batch-rows", str(args.batch_rows), "--device", args.device,
+                   "--threads", str(args.threads)]
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for label, samples in sizes.items():
+            work = Path(tmp) / label
+            prepare(work, samples, args)
+            runs[label] = {}
+            for stage in stages:
+                if args.inline:
+                    runs[label][stage] = worker(stage, work, args)
+                    continue
+                cmd = [sys.executable, __file__, "--worker", stage, "--dir", str(work), *passthrough]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"error: {stage} at {label} failed:\n{proc.stderr[-3000:]}")
+                runs[label][stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+    small, big = runs["1x"], runs[f"{args.factor}x"]
+    ratios = {s: {"throughput": big[s]["tokens_per_s"] / small[s]["tokens_per_s"],
+                  "throughput_cpu": big[s]["tokens_per_cpu_s"] / small[s]["tokens_per_cpu_s"],
+                  "peak_rss": big[s]["peak_rss_mb"] / small[s]["peak_rss_mb"],
+                  "peak_increase": big[s]["peak_increase_mb"] / max(small[s]["peak_increase_mb"], 1.0)}
+              for s in stages}
+    parts = [f"{s} {small[s]['tokens_per_s']:,.0f} -> {big[s]['tokens_per_s']:,.0f} tok/s, peak RSS "
+             f"{small[s]['peak_rss_mb']:,.0f} -> {big[s]['peak_rss_mb']:,.0f} MB (x{ratios[s]['peak_rss']:.2f}; "
+             f"increase {small[s]['peak_increase_mb']:,.0f} -> {big[s]['peak_increase_mb']:,.0f} MB)" for s in stages]
+    line = (f"scale ({args.device}, {sizes['1x'] * 64:,} -> {sizes[f'{args.factor}x'] * 64:,} tokens, d_sae "
+            f"{args.d_sae}, k {args.k}): " + "; ".join(parts) + " (goal: memory flat)")
+    report("scale", line, {"ratios_big_over_small": ratios, "runs": runs,
+                           "sizes": {"samples": sizes, "tokens_per_sample": 64, "d_in": args.d_in, "d_sae": args.d_sae,
+                                     "k": args.k, "batch_tokens": args.batch_tokens},
+                           "machine": machine(dev, args.threads)}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

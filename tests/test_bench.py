@@ -1,0 +1,190 @@
+"""The benchmarks in bench/: each script runs at a tiny size, prints its one-line result with its ratio and
+writes a JSON result whose numbers agree with that line. No timing is asserted (the numbers themselves
+are measured by `make bench`, see bench/README.md); the helpers behind them are pinned on hand-built cases.
+
+SAELens lives in its own venv (bench/.venv-saelens, built by `make bench`), so the test drives
+sae_train.py's peer path with a stand-in `sae_lens` package that has the API the worker uses: it checks
+the orchestration (subprocesses, the clocked batch stream, the ratio), not SAELens itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name: str):
+    """Import bench/<name>.py (bench/ is a folder of scripts, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_script(name: str, argv: list[str], capsys, json_path: Path) -> tuple[str, dict]:
+    assert load(name).main([*argv, "--json", str(json_path)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    return line, json.loads(json_path.read_text())
+
+
+def test_step_clock_on_a_hand_made_clock(monkeypatch):
+    common = load("_common")
+    ticks = iter([0.0, 1.0, 1.5, 3.5, 4.0])  # wall marks of 5 batches; CPU advances half as fast
+    cpu = iter([0.0, 0.5, 0.75, 1.75, 2.0])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(common.time, "process_time", lambda: next(cpu))
+    clock = common.StepClock("cpu")
+    assert list(clock.wrap(range(5))) == [0, 1, 2, 3, 4]
+    s = clock.summary(batch=10)
+    # step 0 (0.0 -> 1.0) is left out: steps 0.5, 2.0, 0.5 over marks 1..4
+    assert s["timed_steps"] == 3 and s["loop_s"] == 3.0 and s["loop_cpu_s"] == 1.5
+    assert s["tokens_per_s"] == 10.0 and s["tokens_per_cpu_s"] == 20.0
+    assert s["best_step_s"] == 0.5 and s["median_step_s"] == 0.5 and s["tokens_per_s_best_step"] == 20.0
+    with pytest.raises(RuntimeError):
+        common.StepClock("cpu").summary(10)
+
+
+def test_matmul_flop_counts():
+    flops = load("sae_flops")
+    b, d, s, k = 2, 3, 4, 1
+    assert flops.step_flops("relu", b, d, s, k) == 10 * 2 * 3 * 4 == 240
+    assert flops.step_flops("topk", b, d, s, k) == 2 * 24 + 8 * 2 * 1 * 3 == 96
+
+
+def test_synthetic_store_is_deterministic_and_split_free(tmp_path):
+    data = load("_data")
+    a = data.write_store(tmp_path / "a", 5, 8, seed=3, samples_per_append=2)
+    b = data.write_store(tmp_path / "b", 5, 8, seed=3, samples_per_append=5)
+    np.testing.assert_array_equal(a.read(0), b.read(0))  # the same rows whatever the append size
+    assert a.n_tokens == 5 * 64
+    tok = a.tokens
+    first = tok[tok["sample_id"] == "s00000001"]
+    assert list(first["modality"][:2]) == ["special", "image"] and (first["modality"] == "image").sum() == 32
+    assert first["is_response"].sum() == data.RESPONSE_TOKENS and first["row"].iloc[0] == 64
+    c = data.synthetic_acts(64, 8, seed=3, start=64)  # rows 64..127 = sample 1
+    np.testing.assert_array_equal(c, a.read(0, 64, 128))
+
+
+FAKE_SAE_LENS = '''
+"""Stand-in for sae_lens in tests: the names bench/saelens_worker.py uses; fit() takes every batch."""
+import torch
+
+__version__ = "0.0-test"
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class StandardTrainingSAEConfig(_Cfg):
+    pass
+
+
+class TopKTrainingSAEConfig(_Cfg):
+    pass
+
+
+class _SAE:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.W = torch.zeros(cfg.d_in, cfg.d_sae)
+
+
+class StandardTrainingSAE(_SAE):
+    pass
+
+
+class TopKTrainingSAE(_SAE):
+    pass
+'''
+FAKE_TRAINER = '''
+class SAETrainer:
+    def __init__(self, cfg, sae, data_provider):
+        self.cfg, self.sae, self.data = cfg, sae, data_provider
+        self.n_training_steps = self.n_training_samples = 0
+
+    def fit(self):
+        for _ in range(self.cfg.total_training_samples // self.cfg.train_batch_size_samples):
+            x = next(self.data)
+            x @ self.sae.W
+            self.n_training_steps += 1
+            self.n_training_samples += len(x)
+        return self.sae
+'''
+
+
+def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
+    pkg = tmp_path / "fake" / "sae_lens"
+    (pkg / "training").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_SAE_LENS))
+    (pkg / "config.py").write_text("from sae_lens import _Cfg as SAETrainerConfig\n")
+    (pkg / "training" / "__init__.py").write_text("")
+    (pkg / "training" / "sae_trainer.py").write_text(textwrap.dedent(FAKE_TRAINER))
+    monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
+    line, res = run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--steps", "5",
+                                         "--samples", "6", "--k", "4", "--archs", "topk",
+                                         "--saelens-python", sys.executable, "--work", str(tmp_path)],
+                           capsys, tmp_path / "r.json")
+    assert re.search(r"topk mmsae [\d,]+ tok/s vs [\d,]+ = \d+\.\d\dx \(CPU-time \d+\.\d\dx", line), line
+    ours, peer = res["runs"]["mmsae_topk"], res["runs"]["saelens_topk"]
+    assert ours["steps"] == 5 and peer["steps"] == 5 and peer["version"] == "0.0-test"
+    assert ours["timed_steps"] == peer["timed_steps"] == 3  # steps 1..3 of 0..4, clocked alike
+    assert ours["d_sae"] == 64 and ours["l0_eval"] == pytest.approx(4.0)  # mmsae's own trainer: k = 4 latents
+    assert res["ratio_mmsae_over_saelens"]["topk"]["wall"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
+    assert res["sizes"]["store_tokens"] == 6 * 64
+
+
+def test_sae_flops_bench_prints_fraction_of_peak(tmp_path, capsys):
+    line, res = run_script("sae_flops", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--k", "4",
+                                         "--steps", "3", "--warmup", "1", "--peak-sizes", "64,96"],
+                           capsys, tmp_path / "r.json")
+    assert re.search(r"matmul peak [\d,.]+ GFLOP/s; relu [\d,.]+ GFLOP/s = \d+\.\d\d of peak", line), line
+    assert "topk" in line
+    relu = res["runs"]["relu"]
+    assert relu["flops_per_step"] == 10 * 32 * 16 * 64
+    assert relu["fraction_of_peak"] == pytest.approx(relu["flops_per_s"] / res["peak_flops_per_s"]["flops_per_s"])
+    assert relu["s_per_step"]["n"] == 3 and res["peak"]["best_size"] in (64, 96)
+    assert any(e["op"].startswith("aten::") for e in relu["profile_top"])
+
+
+def test_extract_bench_prints_overhead(tmp_path, capsys):
+    line, res = run_script("extract_overhead", [
+        "--samples", "4", "--batch", "2", "--hidden", "32", "--intermediate", "64", "--layers", "2",
+        "--heads", "2", "--vision-hidden", "16", "--vision-layers", "1", "--image-size", "16", "--patch", "8",
+        "--repeats", "2"], capsys, tmp_path / "r.json")
+    assert re.search(r"= [+-]\d+\.\d% overhead", line), line
+    # 4 samples of (4 image tokens + text): the tokens written are counted once per repeat
+    assert res["tokens"] > 4 * 4 and res["sizes"]["capture"] == [1]
+    best = {k: min(w for w, _ in v) for k, v in res["times_wall_cpu_s"].items()}
+    assert len(res["times_wall_cpu_s"]["bare"]) == 2
+    assert res["overhead"] == pytest.approx(best["extract"] / best["bare"] - 1)
+
+
+def test_scale_bench_prints_memory_ratios(tmp_path, capsys):
+    torch.set_num_threads(1)
+    line, res = run_script("scale", ["--samples", "3", "--factor", "2", "--d-in", "16", "--d-sae", "64", "--k", "4",
+                                     "--batch-tokens", "64", "--batch-rows", "256", "--chunk-tokens", "64",
+                                     "--inline", "--work", str(tmp_path)], capsys, tmp_path / "r.json")
+    assert re.search(r"encode [\d,]+ -> [\d,]+ tok/s, peak RSS [\d,]+ -> [\d,]+ MB \(x\d+\.\d\d", line), line
+    assert "features" in line and "score" in line
+    for label, samples in (("1x", 3), ("2x", 6)):
+        run = res["runs"][label]
+        assert run["encode"]["n_tokens"] == samples * 64
+        assert run["encode"]["nnz"] == samples * 64 * 4  # TopK: k codes per token, all > 0 here
+        assert run["score"]["n_samples"] == samples
+    r = res["ratios_big_over_small"]["encode"]
+    assert r["peak_rss"] == pytest.approx(res["runs"]["2x"]["encode"]["peak_rss_mb"]
+                                          / res["runs"]["1x"]["encode"]["peak_rss_mb"])
