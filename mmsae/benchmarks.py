@@ -92,6 +92,23 @@ def toy_benchmark(model: Any, processor: Any, heldout: pd.DataFrame, max_samples
     return frame, summary
 
 
+def toy_answer_logprob(adapter: ModelAdapter, frame: pd.DataFrame, heldout: pd.DataFrame,
+                       batch_size: int = 128) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Add `answer_logprob` (mean log-probability per token of the reference answer, EOS included,
+    given image and question; teacher-forced) to a `toy_benchmark` frame, and its summary overall and
+    per task. Unlike exact match it still moves when a model's argmax does not, so it shows what
+    training on bad data costs a model that answers almost everything right."""
+    from mmsae.data.schema import records_from_frame
+    from mmsae.models.loss import response_loss
+
+    rows = heldout.set_index(heldout["sample_id"].astype(str)).loc[frame["sample_id"]].reset_index(drop=True)
+    loss = response_loss(adapter, records_from_frame(rows), batch_size, progress=False)
+    frame = frame.assign(answer_logprob=-loss["loss"].to_numpy())
+    by_task = frame.groupby("task")["answer_logprob"].mean()
+    return frame, {"answer_logprob": round(float(frame["answer_logprob"].mean()), 6),
+                   "answer_logprob_by_task": {t: round(float(v), 6) for t, v in by_task.items()}}
+
+
 # --------------------------------------------------------------------------------------------------
 # LLaVA-Bench: data and generation
 

@@ -5,6 +5,9 @@
 - `auroc_table(scores, samples)`: per method and corruption kind, positives = clean samples, so
   AUROC = P(score(clean) > score(corrupted)): 1 = a perfect filter (clean data ranked first),
   0.5 = chance, < 0.5 = the score ranks bad data as good. "any" = all corrupted vs clean.
+- `filtering_curve(arms, samples)` / `curve_summary(curve)`: the filtering curve (benchmark score
+  against kept fraction, per selection method; random over several seeds), with the share of
+  known-bad samples left in each training subset when the data carry ground truth.
 - `premise_check(...)`: per toy-world concept word (colours, shapes), is there one SAE feature that
   fires on the word's text tokens AND on the image patches that show it?
 """
@@ -194,3 +197,98 @@ def premise_check(codes: Codes, tokens: pd.DataFrame, samples: pd.DataFrame, gri
         out[col] = out[col].astype("Int64")
     out.attrs.update(n_samples=len(pool), n_text_tokens=len(text), n_image_tokens=len(image), grid=grid)
     return out
+
+
+def benchmark_metrics(results: Mapping) -> dict[str, float]:
+    """The headline numbers of a benchmark stage's results.json: toy exact match and answer log-prob
+    (overall and per task), LLaVA-Bench relative score (overall and per category) when judged."""
+    out: dict[str, float] = {}
+    toy = results.get("toy")
+    if toy:
+        out["exact_match"] = float(toy["exact_match"])
+        out.update({f"exact_match.{t}": float(v) for t, v in toy.get("exact_match_by_task", {}).items()})
+        if "answer_logprob" in toy:
+            out["answer_logprob"] = float(toy["answer_logprob"])
+            out.update({f"answer_logprob.{t}": float(v) for t, v in toy.get("answer_logprob_by_task", {}).items()})
+    scores = (results.get("llava_bench") or {}).get("scores")
+    if scores:
+        out.update({f"llava_bench.{c}": float(v["relative"]) for c, v in scores.items()
+                    if v.get("relative") is not None})
+    return out
+
+
+def filtering_curve(arms: Sequence[Mapping], samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm: method, fraction, seed, n_train, bad_share (+ bad_share.<kind>) when `samples`
+    has the `corruption` ground truth, and the benchmark metrics.
+
+    Each arm: {"method", "fraction", "seed" (None unless random), "train_ids" (sample ids trained on;
+    None for the starting model, method "start"), "results" (the benchmark's results.json)}."""
+    truth = None
+    if "corruption" in samples.columns:
+        truth = pd.Series(samples["corruption"].to_numpy(), index=samples["sample_id"].astype(str))
+    rows = []
+    for arm in arms:
+        row: dict = {"method": arm["method"], "fraction": float(arm["fraction"]), "seed": arm.get("seed"),
+                     "n_train": 0}
+        ids = arm.get("train_ids")
+        if ids is not None:
+            ids = pd.Index([str(i) for i in ids])
+            row["n_train"] = len(ids)
+            if truth is not None:
+                if not ids.isin(truth.index).all():
+                    raise InputError("samples.parquet", "sample_id", f"arm {arm['method']} trained on unknown samples")
+                kinds = truth.reindex(ids)
+                row["bad_share"] = float(kinds.notna().mean()) if len(ids) else math.nan
+                for kind in sorted(truth.dropna().unique()):
+                    row[f"bad_share.{kind}"] = float((kinds == kind).mean()) if len(ids) else math.nan
+        row.update(benchmark_metrics(arm["results"]))
+        rows.append(row)
+    curve = pd.DataFrame(rows)
+    curve["seed"] = curve["seed"].astype("Int64")
+    return curve.sort_values(["method", "fraction", "seed"], kind="stable").reset_index(drop=True)
+
+
+def curve_summary(curve: pd.DataFrame, metric: str = "exact_match") -> pd.DataFrame:
+    """Per (method, fraction): mean, std (over seeds; 0 for one run), n runs of `metric` and of
+    bad_share; the starting model is left out (it is a reference line, not an arm)."""
+    arms = curve[curve["method"] != "start"]
+    cols = [c for c in (metric, "bad_share") if c in arms.columns]
+    g = arms.groupby(["method", "fraction"], sort=True)[cols]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).fillna(0.0).add_suffix("_std"))
+    out["n_runs"] = g.size()
+    return out.reset_index()
+
+
+def auroc_spread(reports: Mapping[str, Mapping]) -> pd.DataFrame:
+    """Spread of the AUROC table over runs (e.g. toy-world seeds), from each run's report.json dict.
+
+    One row per (method, kind, layer) found in any run: `layer` is <NA> for the report's main table
+    (`auroc`, the configured SAE) and the layer for its per-layer table (`auroc_by_layer`). Columns
+    n_runs (runs with a finite AUROC there), mean, sd (sample s.d., 0 for one run), min, max, and one
+    column `run:<name>` per run (NaN where that run lacks the row)."""
+    if not reports:
+        raise InputError("compare.runs", "runs", "no runs to compare")
+    values: dict[tuple, dict[str, float]] = {}
+    for run, report in reports.items():
+        for key, layered in (("auroc", False), ("auroc_by_layer", True)):
+            for r in report.get(key) or []:
+                missing = [c for c in ("method", "kind", "auroc", *(["layer"] if layered else [])) if c not in r]
+                if missing:
+                    raise InputError(f"{run}: report.json", f"{key}.{missing[0]}", "missing")
+                layer = int(r["layer"]) if layered else None
+                a = r["auroc"]
+                values.setdefault((str(r["method"]), str(r["kind"]), layer), {})[run] = (
+                    float(a) if a is not None else math.nan)
+    cols = ["method", "kind", "layer", "n_runs", "mean", "sd", "min", "max", *[f"run:{r}" for r in reports]]
+    rows = []
+    for (method, kind, layer), per_run in values.items():
+        v = np.array([per_run.get(r, math.nan) for r in reports], np.float64)
+        ok = v[np.isfinite(v)]
+        rows.append({"method": method, "kind": kind, "layer": layer, "n_runs": len(ok),
+                     "mean": ok.mean() if len(ok) else math.nan,
+                     "sd": ok.std(ddof=1) if len(ok) > 1 else (0.0 if len(ok) else math.nan),
+                     "min": ok.min() if len(ok) else math.nan, "max": ok.max() if len(ok) else math.nan,
+                     **{f"run:{r}": x for r, x in zip(reports, v, strict=True)}})
+    out = pd.DataFrame(rows, columns=cols)
+    out["layer"] = out["layer"].astype("Int64")
+    return out.sort_values(["layer", "method", "kind"], na_position="first", kind="stable").reset_index(drop=True)

@@ -1,21 +1,39 @@
-# The filtering curve's arms (target: `snakemake curve`, not part of `all` yet): fine-tune the model on
-# each (method, fraction) subset of the configured score and on the whole sample, then benchmark every
-# model, the starting one included. One hashed folder per arm.
+# The filtering curve's arms: fine-tune the model on each (method, fraction) subset of the configured
+# score, on seeded random subsets and on the whole sample, then benchmark every model, the starting one
+# included; the curve stage gathers them. One hashed folder per arm.
+
+
+def _arm_data(method, fraction, seed):
+    """(data parquet, extra finetune.py args) of one arm."""
+    samples = f"{stage_dir('sample')}/samples.parquet"
+    if method == "all":
+        return samples, ""
+    if method == "random":
+        return samples, f"--keep-fraction {fraction} --keep-by random:{seed}"
+    if method == "oracle":
+        return samples, f"--keep-fraction {fraction} --keep-by oracle"
+    if method == "ifd":
+        return samples, f"--keep-fraction {fraction} --keep-by {stage_dir('baseline_scores')}/ifd.parquet:ifd_score"
+    return f"{stage_dir('score')}/subsets/{method}/top{int(round(fraction * 100)):03d}.parquet", ""
 
 
 def _arms():
-    """{finetune folder name: (subset label, parquet path)}."""
-    score, arms = stage_dir("score"), {}
-    for method in config["curve"]["methods"]:
-        for fraction in config["curve"]["fractions"]:
-            pct = int(round(fraction * 100))
-            arms[(method, pct)] = f"{score}/subsets/{method}/top{pct:03d}.parquet"
-    arms[("all", 100)] = f"{stage_dir('sample')}/samples.parquet"
-    parents = [Path(stage_dir("score")).name, Path(model_path()).parent.name]
+    """{finetune folder name: (method, fraction, seed or None)}."""
+    cfg = config["curve"]
+    specs = [(m, f, None) for m in cfg["methods"] for f in cfg["fractions"]]
+    specs += [("random", f, s) for s in cfg["random_seeds"] for f in cfg["fractions"]]
+    specs.append(("all", 1.0, None))
     return {
-        stage_dirname("finetune", {**config["finetune"], "arm": list(arm)}, parents): (arm, data)
-        for arm, data in arms.items()
+        stage_dirname("finetune", {**stage_params("finetune"), "arm": [m, f, s]},
+                      [Path(stage_dir(p)).name for p in _arm_parents(m)]): (m, f, s)
+        for m, f, s in specs
     }
+
+
+def _arm_parents(method):
+    """The stages an arm reads, and no more: a new SAE does not redo the random arms."""
+    reads = {"all": [], "random": [], "oracle": [], "ifd": ["baseline_scores"]}.get(method, ["score"])
+    return ["sample", *reads] + (["toy_model"] if TOY_MODEL else [])
 
 
 ARMS = _arms()
@@ -27,13 +45,24 @@ BENCHMARKS = {
         "start": _START, **{f: (f"{RESULTS}/{f}/model", f"{RESULTS}/{f}/manifest.json") for f in ARMS}
     }.items()
 }
+BENCH_OF = {model: folder for folder, (model, _) in BENCHMARKS.items()}
+
+
+def _launcher(wildcards, resources):
+    """One process per GPU the job was given: `accelerate launch` with finetune.accelerate_config."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus <= 1:
+        return "python"
+    cfg = config["finetune"]["accelerate_config"]
+    if cfg is None:
+        raise ValueError(f"config finetune.accelerate_config: the finetune job has {gpus} GPUs; name an accelerate "
+                         "config (config/accelerate/deepspeed_zero3.yaml or fsdp.yaml) or give it one GPU")
+    return f"accelerate launch --config_file {workflow.basedir}/{cfg} --num_processes {gpus}"
 
 
 rule finetune:
     input:
-        score=manifest("score"),
-        sample=manifest("sample"),
-        **({"toy_model": manifest("toy_model")} if TOY_MODEL else {}),
+        lambda wc: [manifest(p) for p in _arm_parents(ARMS[wc.folder][0])],
     output:
         f"{RESULTS}/{{folder}}/manifest.json",
     wildcard_constraints:
@@ -41,8 +70,12 @@ rule finetune:
     params:
         cfg=slice_json("finetune"),
         model=model_path(),
-        data=lambda wc: ARMS[wc.folder][1],
+        data=lambda wc: _arm_data(*ARMS[wc.folder])[0],
+        keep=lambda wc: _arm_data(*ARMS[wc.folder])[1],
         out=lambda wc: f"{RESULTS}/{wc.folder}",
+        launch=_launcher,
+    resources:
+        gpu=0,  # the profile sets it (profiles/slurm: finetune gpu); more than 1 launches accelerate
     conda:
         ENV
     log:
@@ -50,7 +83,8 @@ rule finetune:
     benchmark:
         f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
-        "python {SCRIPTS}/finetune.py --model {params.model:q} --data {params.data} --out {params.out}"
+        "{params.launch} {SCRIPTS}/finetune.py --model {params.model:q} --data {params.data} {params.keep}"
+        " --out {params.out}"
         " --params {params.cfg:q} > {log} 2>&1"
 
 
@@ -99,5 +133,24 @@ rule baseline_scores:
 
 rule curve:
     input:
-        [f"{RESULTS}/{folder}/manifest.json" for folder in BENCHMARKS],
-        manifest("baseline_scores"),
+        **inputs("curve"),
+        arms=[f"{RESULTS}/{folder}/manifest.json" for folder in ARMS],
+        benchmarks=[f"{RESULTS}/{folder}/manifest.json" for folder in BENCHMARKS],
+    output:
+        manifest("curve"),
+    params:
+        cfg=slice_json("curve"),
+        samples=stage_dir("sample"),
+        start=f"{RESULTS}/{BENCH_OF[model_path()]}",
+        arms=" ".join(
+            f"--arm {m} {f} {'-' if s is None else s} {RESULTS}/{folder} {RESULTS}/{BENCH_OF[f'{RESULTS}/{folder}/model']}"
+            for folder, (m, f, s) in ARMS.items()
+        ),
+        out=stage_dir("curve"),
+    conda:
+        ENV
+    log:
+        log_file("curve"),
+    shell:
+        "python {SCRIPTS}/curve.py --samples {params.samples} --start {params.start} {params.arms}"
+        " --out {params.out} --params {params.cfg:q} > {log} 2>&1"

@@ -1,3 +1,8 @@
+def _curve_args(wildcards):
+    args = f"--baseline-scores {stage_dir('baseline_scores')}"
+    return args + (f" --curve {stage_dir('curve')}" if "curve" in PARENTS["report"] else "")
+
+
 def _toy_args(wildcards):
     if "premise" not in PARENTS["report"]:
         return ""
@@ -8,6 +13,7 @@ rule report:
     input:
         **inputs("report"),
         layer_scores=[f"{d}/manifest.json" for d in layer_dirs("score").values()],
+        baseline_scores=manifest("baseline_scores"),
     output:
         manifest("report"),
     params:
@@ -17,6 +23,7 @@ rule report:
         features=stage_dir("features"),
         score=stage_dir("score"),
         toy=_toy_args,
+        curve=_curve_args,
         sae_eval=stage_dir("evaluate_sae"),
         layer_scores=" ".join(f"--layer-score {layer}={d}" for layer, d in layer_dirs("score").items()),
         out=stage_dir("report"),
@@ -27,6 +34,7 @@ rule report:
     shell:
         "python {SCRIPTS}/report.py --samples {params.samples} --train-sae {params.train_sae}"
         " --features {params.features} --score {params.score} {params.toy} --sae-eval {params.sae_eval}"
+        " {params.curve}"
         " {params.layer_scores}"
         " --out {params.out} --params {params.cfg:q} > {log} 2>&1"
 

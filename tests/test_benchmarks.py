@@ -21,6 +21,7 @@ from helpers import records_frame, tiny_llava, tiny_records, tiny_tokenizer
 from mmsae import benchmarks as bm
 from mmsae.cli import run
 from mmsae.data import toyworld
+from mmsae.data.schema import records_from_frame
 from mmsae.errors import InputError
 from mmsae.models import format_response, load_model
 
@@ -237,7 +238,9 @@ def test_benchmark_script_toy_and_llava_bench(tmp_path):
     per_q = pd.read_parquet(out / "llava_bench.parquet")
     assert per_q["judge_ok"].tolist() == [True, False, True] and per_q["answer"].map(type).eq(str).all()
     toy = pd.read_parquet(out / "toy.parquet")
-    assert list(toy.columns) == ["sample_id", "task", "question", "answer", "reference", "correct"]
+    assert list(toy.columns) == ["sample_id", "task", "question", "answer", "reference", "correct", "answer_logprob"]
+    assert results["toy"]["answer_logprob"] == pytest.approx(toy["answer_logprob"].mean(), abs=1e-6)
+    assert (toy["answer_logprob"] < 0).all()
     assert json.loads((out / "manifest.json").read_text())["counts"]["llava_bench_judge_failures"] == 1
 
 
@@ -291,6 +294,19 @@ def test_toy_benchmark_hand_checkable():
     assert summary == {"exact_match": 0.5, "exact_match_by_task": {"caption": 0.0, "color_of_shape": 1.0,
                                                                    "color_on_side": 0.5},
                        "n_eval": 4, "n_not_clean_skipped": 1}
+
+
+def test_toy_answer_logprob_is_minus_the_response_loss_of_each_question(tmp_path):
+    from mmsae.models.loss import response_loss
+
+    adapter = load_model(tiny_llava(tmp_path))
+    df = toyworld.generate(0, 10, 0.0, [], 10, 6)["heldout"].iloc[::-1].reset_index(drop=True)
+    frame = pd.DataFrame({"sample_id": df["sample_id"].iloc[[2, 0]].astype(str), "task": ["a", "b"]})
+    out, summary = bm.toy_answer_logprob(adapter, frame, df, batch_size=1)
+    manual = response_loss(adapter, records_from_frame(df.iloc[[2, 0]]), 4, progress=False)["loss"].to_numpy()
+    assert out["answer_logprob"].to_numpy() == pytest.approx(-manual, rel=1e-5)  # per question, in frame order
+    assert summary["answer_logprob"] == pytest.approx(-manual.mean(), abs=1e-6)
+    assert summary["answer_logprob_by_task"] == pytest.approx({"a": -manual[0], "b": -manual[1]}, abs=1e-6)
 
 
 # -- IFD and CLIP -------------------------------------------------------------------------------

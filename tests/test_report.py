@@ -61,3 +61,43 @@ def test_report_script(tmp_path):
     assert report["toy_model"]["exact_match"] == 0.93
     assert report["subsets"]["cosine"]["top050.parquet"] == 2
     assert report["artifacts"]["score"].endswith("scores.parquet")
+
+
+def test_report_shows_the_filtering_curve_and_ifd(tmp_path):
+    import pandas as pd
+
+    from mmsae.evaluation import curve_summary, filtering_curve
+
+    a = build_artifacts(tmp_path)
+    assert run_score(a, tmp_path / "score", {"fractions": [0.5, 1.0]}) == 0
+    samples = pd.read_parquet(a["samples"] / "samples.parquet")
+    ids = samples["sample_id"].astype(str).tolist()
+    base = tmp_path / "baseline_scores"
+    base.mkdir()
+    # IFD selection that ranks the clean samples first: AUROC 1 against every corruption kind
+    clean = samples["corruption"].isna().to_numpy()
+    pd.DataFrame({"sample_id": ids, "ifd_score": clean.astype(float)}).to_parquet(base / "ifd.parquet")
+    curve_dir = tmp_path / "curve"
+    curve_dir.mkdir()
+    arms = [{"method": m, "fraction": f, "seed": s, "train_ids": t,
+             "results": {"toy": {"exact_match": em, "answer_logprob": em - 1}}}
+            for m, f, s, t, em in (("start", 0.0, None, None, 0.99), ("cosine", 0.5, None, ids[:2], 0.9),
+                                   ("random", 0.5, 0, ids[1:3], 0.8), ("all", 1.0, None, ids, 0.7))]
+    curve = filtering_curve(arms, samples)
+    curve.to_parquet(curve_dir / "curve.parquet")
+    curve_summary(curve, "answer_logprob").to_parquet(curve_dir / "summary.parquet")
+    write_json(curve_dir / "curve.json", {"metric": "answer_logprob", "best_by_fraction": {"0.5": "cosine"}})
+    out = tmp_path / "report"
+    rc = load_script("report").main([
+        "--samples", str(a["samples"]), "--train-sae", str(a["train_sae"]), "--features", str(a["features"]),
+        "--score", str(tmp_path / "score"), "--curve", str(curve_dir), "--baseline-scores", str(base),
+        "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    aur = {(r["method"], r["kind"]): r["auroc"] for r in report["auroc"]}
+    assert aur["ifd", "any"] == 1.0
+    assert report["curve"]["best_by_fraction"] == {"0.5": "cosine"}
+    assert {r["method"] for r in report["curve"]["summary"]} == {"cosine", "random", "all"}
+    page = (out / "index.html").read_text()
+    assert "Filtering curve" in page and "0.5: cosine" in page
+    assert page.count("data:image/png;base64,") == 5  # + the curve plot

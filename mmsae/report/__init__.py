@@ -111,10 +111,12 @@ def build_report(title: str, samples: pd.DataFrame, scores: pd.DataFrame, featur
                  artifacts: Mapping[str, str] | None = None, feature_rule: str = "",
                  n_examples: int = 3, sae_eval: Mapping[str, pd.DataFrame] | None = None,
                  layer_scores: Mapping[int, pd.DataFrame] | None = None,
+                 curve: Mapping[str, Any] | None = None,
                  ) -> tuple[dict[str, Any], dict[str, str | None]]:
     """(report dict, figures {name: base64 PNG}). `premise` is premise.json's content; `sae_eval` holds
     evaluate_sae's tables (ce, reconstruction, summary); `layer_scores` the scores.parquet of an SAE
-    trained at each layer (the AUROC-per-layer table)."""
+    trained at each layer (the AUROC-per-layer table); `curve` the curve stage's {"curve": DataFrame,
+    "summary": DataFrame, "metric", "best_by_fraction"}."""
     methods = methods_in(scores)
     groups = _groups(scores, samples)
     table = auroc_table(scores, samples)
@@ -148,6 +150,9 @@ def build_report(title: str, samples: pd.DataFrame, scores: pd.DataFrame, featur
         "examples": _examples(scores, samples, methods, n_examples) if n_examples else {},
         "sae_eval": {k: v.to_dict("records") for k, v in (sae_eval or {}).items()},
         "auroc_by_layer": by_layer.to_dict("records"),
+        "curve": ({"metric": curve["metric"], "best_by_fraction": dict(curve["best_by_fraction"]),
+                   "summary": curve["summary"].to_dict("records"), "arms": curve["curve"].to_dict("records")}
+                  if curve else None),
     }
     figures = {
         "sae_metrics": plots.sae_metrics(_plotted_metrics(flat_sae)),
@@ -156,6 +161,7 @@ def build_report(title: str, samples: pd.DataFrame, scores: pd.DataFrame, featur
         "auroc": plots.auroc_heatmap(table),
         "sae_eval": plots.sae_comparison(sae_eval["ce"]) if sae_eval else None,
         "auroc_by_layer": plots.auroc_by_layer(by_layer) if len(by_layer) else None,
+        "curve": plots.filtering_curve(curve["curve"], curve["metric"]) if curve else None,
     }
     return json_safe(report), figures
 

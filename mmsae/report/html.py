@@ -133,6 +133,22 @@ def render(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> str:
             table(["method", "corruption", *[f"layer {layer}" for layer in layers]],
                   [(m, k, *(cell.get((m, k, layer)) for layer in layers)) for m, k in keys])))
 
+    curve = report.get("curve")
+    if curve:
+        metric = curve["metric"]
+        start = [r.get(metric) for r in curve["arms"] if r["method"] == "start"]
+        rows = [(r["method"], r["fraction"], r["n_runs"], r.get(f"{metric}_mean"), r.get(f"{metric}_std"),
+                 r.get("bad_share_mean"), r.get("bad_share_std")) for r in curve["summary"]]
+        parts.append(section(
+            "Filtering curve: fine-tune on the kept data, then benchmark",
+            para(f"{metric} of the model fine-tuned on each method's top fraction of the data set (random: mean "
+                 f"and sd over seeds; 'all' = the whole data set), against the starting model "
+                 f"({fmt(start[0]) if start else 'n/a'}). Bad share = known-bad samples in the training subset. "
+                 f"Best selective method per fraction: "
+                 + ", ".join(f"{f}: {m}" for f, m in curve["best_by_fraction"].items()) + ".", "note"),
+            figure(figures.get("curve"), "filtering curve"),
+            table(["method", "kept fraction", "runs", f"{metric} mean", "sd", "bad share mean", "sd"], rows)))
+
     subsets = report.get("subsets", {})
     if subsets:
         names = sorted({f for v in subsets.values() for f in v})

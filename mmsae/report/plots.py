@@ -147,3 +147,34 @@ def auroc_by_layer(table: pd.DataFrame) -> str | None:
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     return to_png(fig)
+
+
+def filtering_curve(curve: pd.DataFrame, metric: str = "exact_match") -> str | None:
+    """The paper's Figure 7 shape: `metric` against kept fraction per method (random: mean +- std over
+    seeds), the whole data set and the starting model as reference lines; beside it, the share of
+    known-bad samples in each training subset when the data carry ground truth."""
+    if curve is None or curve.empty or metric not in curve.columns:
+        return None
+    panels = [metric] + (["bad_share"] if "bad_share" in curve.columns else [])
+    fig, axes = _grid(len(panels), cols=len(panels), size=(4.6, 3.4))
+    arms = curve[~curve["method"].isin(["start", "all"])]
+    for ax, col in zip(axes, panels, strict=False):
+        for method in dict.fromkeys(arms["method"]):
+            g = arms[arms["method"] == method].groupby("fraction")[col]
+            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+            n = int(g.size().max())
+            label = f"{method} (mean ± sd, {n} seeds)" if n > 1 else method
+            line = ax.errorbar(mean.index, mean.to_numpy(), yerr=std.to_numpy() if n > 1 else None, marker="o",
+                               capsize=3, label=label, ls="--" if method == "random" else "-")
+            if n > 1:
+                ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line[0].get_color())
+        for ref, style in (("all", "k-"), ("start", "k:")):
+            vals = curve.loc[curve["method"] == ref, col].dropna()
+            if len(vals):
+                ax.axhline(float(vals.mean()), color="k", ls=style[1:], lw=1,
+                           label="whole data set" if ref == "all" else "starting model")
+        ax.set_xlabel("kept fraction of the data set")
+        ax.set_ylabel(col.replace("_", " "))
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return to_png(fig)

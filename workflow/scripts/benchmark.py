@@ -10,7 +10,8 @@
 
 Writes, atomically:
   OUT/results.json          {"toy": {...}, "llava_bench": {... "judge": <setup>, "scores": {...}}}
-  OUT/toy.parquet           per question: sample_id, task, question, answer, reference, correct
+  OUT/toy.parquet           per question: sample_id, task, question, answer, reference, correct,
+                            answer_logprob (mean log-prob per token of the reference answer)
   OUT/llava_bench.parquet   per question: ids, category, question, reference, answer, scores, judge reply/error
   OUT/manifest.json
 
@@ -66,9 +67,12 @@ def body(args, params: dict) -> None:
             heldout = read_frame(args.toy_heldout)
             frame, summary = bm.toy_benchmark(adapter.model, adapter.processor, heldout, params["toy_max_samples"],
                                               params["toy_batch_size"])
+            frame, logprob = bm.toy_answer_logprob(adapter, frame, heldout, params["toy_batch_size"])
+            summary.update(logprob)
         frames["toy"], results["toy"] = frame, summary
         counts["toy_questions"] = summary["n_eval"]
-        log.info("toy benchmark: exact match %.4f %s", summary["exact_match"], summary["exact_match_by_task"])
+        log.info("toy benchmark: exact match %.4f %s, answer log-prob %.4f", summary["exact_match"],
+                 summary["exact_match_by_task"], summary["answer_logprob"])
     if args.llava_bench:
         bench = bm.read_llava_bench(args.llava_bench)
         with timer("llava_bench_generate"):

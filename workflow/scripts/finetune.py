@@ -8,6 +8,7 @@ is `max_steps` optimizer steps of `batch_size` samples, seeded. Writes, atomical
   OUT/model/         save_pretrained weights (safetensors; LoRA merged) + processor: loadable by
                      mmsae.models.load_model and AutoModelForImageTextToText
   OUT/metrics.json   method, steps, losses (final 20% of logged steps and the whole log), layout check
+  OUT/train_ids.parquet  sample_id of every record trained on (the kept subset), best first
   OUT/manifest.json
 
 Example (CPU, one process):
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
 from mmsae.cli import parser, run
+from mmsae.errors import InputError
 
 STAGE = "finetune"
 
@@ -36,6 +38,11 @@ def build_parser():
     p = parser(STAGE, __doc__)
     p.add_argument("--model", required=True, help="model folder (or hub id) to start from")
     p.add_argument("--data", required=True, help="parquet file in the mmsae record schema (e.g. a score subset)")
+    p.add_argument("--keep-fraction", type=float, default=None,
+                   help="train on the best ceil(F * N) records of --data only, ranked by --keep-by")
+    p.add_argument("--keep-by", default=None,
+                   help="'random:SEED' (a seeded random subset) or 'PATH:COLUMN' (a parquet with sample_id and a "
+                        "score, higher = kept first, e.g. baseline_scores' ifd.parquet:ifd_score)")
     return p
 
 
@@ -43,10 +50,17 @@ def body(args, params: dict) -> None:
     # heavy imports here, so --help answers at once
     from mmsae.data.schema import read_frame
     from mmsae.finetune import MODEL_DIR, finetune
+    from mmsae.scoring import keep_top
 
     timer = Timer()
     with timer("read"):
         df = read_frame(args.data)
+    if (args.keep_fraction is None) != (args.keep_by is None):
+        raise InputError("arguments", "--keep-fraction/--keep-by", "give both or neither")
+    if args.keep_fraction is not None:
+        if not 0 < args.keep_fraction <= 1:
+            raise InputError("arguments", "--keep-fraction", f"must be in (0, 1], got {args.keep_fraction}")
+        df = keep_top(df, args.keep_fraction, args.keep_by)
     out = Path(args.out)
     staging = out.parent / f".{out.name}.staging"  # the same path on every rank
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: a worker rank
@@ -56,9 +70,13 @@ def body(args, params: dict) -> None:
         with timer("finetune"):
             metrics = finetune(args.model, df, tmp / MODEL_DIR, params, staging, args.data)
         write_json(tmp / "metrics.json", metrics)
+        df[["sample_id"]].astype(str).to_parquet(tmp / "train_ids.parquet", index=False)
         counts = {"n_records": len(df), "steps": metrics["global_step"], "train_loss": metrics["train_loss"],
                   "processes": metrics["processes"], "layout_identical": metrics["layout_check"]["identical"]}
-        write_manifest(tmp, STAGE, params, inputs={"model": args.model, "data": args.data}, counts=counts,
+        inputs = {"model": args.model, "data": args.data}
+        if args.keep_by:
+            inputs["keep"] = f"{args.keep_fraction}:{args.keep_by}"
+        write_manifest(tmp, STAGE, params, inputs=inputs, counts=counts,
                        timings={**timer.timings, **{f"finetune.{k}": v for k, v in metrics["timings_s"].items()}})
 
 

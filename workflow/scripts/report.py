@@ -20,7 +20,7 @@ from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.errors import InputError
 from mmsae.features import FEATURES, read_columns
 from mmsae.report import build_report, write_report
-from mmsae.scoring import SCORES, read_samples
+from mmsae.scoring import SCORES, rank, read_samples
 
 
 def read_json(path: Path) -> dict:
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     argp.add_argument("--premise", default=None, help="premise artifact folder (premise.json), optional")
     argp.add_argument("--toy-model", default=None, help="toy_model artifact folder (metrics.json), optional")
     argp.add_argument("--sae-eval", default=None, help="evaluate_sae artifact folder, optional")
+    argp.add_argument("--curve", default=None, help="curve artifact folder (the filtering curve), optional")
+    argp.add_argument("--baseline-scores", default=None,
+                      help="baseline_scores artifact folder: its IFD selection joins the AUROC table as 'ifd'")
     argp.add_argument("--layer-score", action="append", default=[], metavar="LAYER=FOLDER",
                       help="score artifact of an SAE at another layer (AUROC per layer); repeatable")
 
@@ -63,12 +66,28 @@ def main(argv: list[str] | None = None) -> int:
             sae_eval = ({name: pd.read_parquet(Path(args.sae_eval) / f"{name}.parquet")
                          for name in ("ce", "reconstruction", "summary")} if args.sae_eval else None)
             rule = read_manifest(args.features).get("params", {}).get("rule", "")
+            if args.baseline_scores:
+                ifd = read_columns(Path(args.baseline_scores) / "ifd.parquet", ("sample_id", "ifd_score"))
+                scores = scores.merge(ifd[["sample_id", "ifd_score"]].rename(columns={"ifd_score": "score_ifd"}),
+                                      on="sample_id", how="left", validate="one_to_one")
+                if scores["score_ifd"].isna().any():
+                    raise InputError(Path(args.baseline_scores) / "ifd.parquet", "sample_id",
+                                     "a scored sample has no IFD score")
+                scores["rank_ifd"] = rank(scores["score_ifd"].to_numpy())
+            curve = None
+            if args.curve:
+                cj = read_json(Path(args.curve) / "curve.json")
+                curve = {"curve": pd.read_parquet(Path(args.curve) / "curve.parquet"),
+                         "summary": pd.read_parquet(Path(args.curve) / "summary.parquet"),
+                         "metric": cj["metric"], "best_by_fraction": cj["best_by_fraction"]}
 
         inputs = {"samples": args.samples, "train_sae": args.train_sae, "features": args.features, "score": args.score}
         inputs.update({k: v for k, v in (("premise", args.premise), ("toy_model", args.toy_model),
-                                         ("sae_eval", args.sae_eval)) if v})
+                                         ("sae_eval", args.sae_eval), ("curve", args.curve),
+                                         ("baseline_scores", args.baseline_scores)) if v})
         files = {"samples": "samples.parquet", "train_sae": "metrics.json", "features": FEATURES, "score": SCORES,
-                 "premise": "premise.json", "toy_model": "metrics.json", "sae_eval": "summary.parquet"}
+                 "premise": "premise.json", "toy_model": "metrics.json", "sae_eval": "summary.parquet",
+                 "curve": "curve.parquet", "baseline_scores": "ifd.parquet"}
         out_parent = Path(args.out).resolve().parent
         links = {k: os.path.relpath(Path(v).resolve() / files[k], out_parent / Path(args.out).name)
                  for k, v in inputs.items()}
@@ -77,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 params["title"], samples, scores, features, sae_metrics, premise=premise, toy_metrics=toy,
                 subsets=score_manifest.get("counts", {}).get("subsets", {}), artifacts=links,
                 feature_rule=f"feature rule: {rule}" if rule else "", n_examples=params["examples"], sae_eval=sae_eval,
-                layer_scores=layer_scores,
+                layer_scores=layer_scores, curve=curve,
             )
         with atomic_dir(args.out) as tmp:
             write_report(tmp, report, figures)
