@@ -31,6 +31,18 @@ from features.parquet, the token ids and the codes (see `ScoringContext.concept_
                       median. Higher = more typical. 0 for a sample without image tokens.
 - `consistency_gated` `consistency`, minus 2 where the offdist |z| exceeds `consistency.gate_z`:
                       every off-distribution image ranks below every other sample.
+- `consistency_binding` text coverage x (1 - D), D = binding deficit: does the image show the concepts
+                      of neighbouring words TOGETHER ("red square": one image token both red and
+                      square), not just somewhere? A text token is a concept token if some XMc feature
+                      reaches `bind_min_text` on it (text side on the feature's own word only,
+                      `bind_own_word`; coverage likewise). Per concept token t and image token r,
+                      C_t(r) = sum_f a_tf b_rf / sum_f a_tf (how much of t's concept r shows), g_t =
+                      max_r C_t(r). Neighbouring concept tokens t, u (<= `bind_max_gap` positions
+                      apart) have deficit min(g_t, g_u) - max_r min(C_t(r), C_u(r)): present apart but
+                      not together. A token's deficit is its best neighbour's (a caption's "square
+                      blue" spans two objects, "red square" binds), D = their mean (`bind_aggregate`);
+                      0 without pairs. Higher = clean.
+- `consistency_binding_gated` `consistency_binding` minus 2 where the offdist |z| exceeds `gate_z`.
 
 "Text" is modality `text` (special tokens excluded) unless `text_modalities` says otherwise (the
 score stage passes ("text", "special") for features built with the release rule, whose "text" is
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +66,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from mmsae.data.schema import REQUIRED_COLUMNS, validate_frame
 from mmsae.errors import InputError
@@ -63,7 +77,8 @@ SCORES = "scores.parquet"
 SUBSETS = "subsets"
 # config score.consistency (schema defaults); see ScoringContext.concept_features
 CONSISTENCY_DEFAULTS = {"min_per_modality": 5, "min_selectivity": 0.6, "max_doc_freq": 0.5, "min_balance": 0.25,
-                        "per_modality_norm": True, "gate_z": 3.0}
+                        "per_modality_norm": True, "gate_z": 3.0, "bind_min_text": 0.5, "bind_max_gap": 8,
+                        "bind_own_word": True, "bind_aggregate": "mean"}
 CONCEPT_COLUMNS = ("feature", "n_text", "n_image", "top_text_rows", "top_text_acts", "top_image_acts", "weight")
 
 
@@ -299,6 +314,47 @@ class ScoringContext:
                 "min": bc(sc, np.minimum(tv[it], iv[ii])), "dot": bc(sc, tv[it] * iv[ii]),
                 "text_sq": bc(tk // n_sel, tv * tv), "image_sq": bc(ik // n_sel, iv * iv)}
 
+    @cached_property
+    def binding(self) -> dict[str, np.ndarray]:
+        """Per sample, over the XMc features (see `consistency_binding`): `coverage` (text coverage, the
+        text side counted only on a feature's own word when `bind_own_word`), `deficit` (the binding
+        deficit D) and `n_pairs` (neighbouring concept-token pairs checked). One pass over the codes,
+        XMc features only; then one small dense problem per sample."""
+        cf, cfg = self.concept_features, self.consistency
+        sel = cf["feature"].to_numpy()[cf["selected"].to_numpy()]
+        n_sel = len(sel)
+        pos = np.full(len(cf), -1, np.int64)
+        pos[sel] = np.arange(n_sel)
+        top = cf["top_token"].to_numpy()[sel]
+        norms = (cf["norm_text"].to_numpy()[sel], cf["norm_image"].to_numpy()[sel])
+        parts: list[tuple[np.ndarray, ...]] = []
+        for b in iter_codes(self.need("codes", "consistency"), ("row", "position", "feature", "activation"),
+                            self.batch_rows):
+            s, side, tid = self._code_tokens(b)
+            j = pos[b["feature"].astype(np.int64)]
+            act = b["activation"].astype(np.float64)
+            m = (act > self.delta) & (s >= 0) & (side >= 0) & (j >= 0)
+            if cfg["bind_own_word"]:  # a concept feature's text side counts on its own word only
+                m &= (side == 1) | (tid == top[np.clip(j, 0, None)] if n_sel else False)
+            # text tokens are keyed by position (their order), image tokens by store row
+            key = np.where(side == 0, b["position"].astype(np.int64), b["row"].astype(np.int64))
+            parts.append((s[m], side[m], key[m], j[m], act[m]))
+        s, side, key, j, act = (np.concatenate([p[i] for p in parts] + [np.zeros(0, d)])
+                                for i, d in enumerate((np.int64, np.int64, np.int64, np.int64, np.float64)))
+        if self.consistency["per_modality_norm"] and n_sel:
+            act = np.minimum(act / np.where(side == 0, norms[0][j], norms[1][j]), 1.0)
+        order = np.lexsort((key, side, s))
+        s, side, key, j, act = s[order], side[order], key[order], j[order], act[order]
+        bounds = np.searchsorted(s, np.arange(self.n + 1))
+        out = {"coverage": np.zeros(self.n), "deficit": np.zeros(self.n), "n_pairs": np.zeros(self.n, np.int64)}
+        todo = [i for i in range(self.n) if bounds[i + 1] > bounds[i]]
+        for i in tqdm(todo, desc="binding", disable=len(todo) < 10000, file=sys.stderr):
+            sl = slice(bounds[i], bounds[i + 1])
+            out["coverage"][i], out["deficit"][i], out["n_pairs"][i] = _binding_sample(
+                side[sl], key[sl], j[sl], act[sl], float(cfg["bind_min_text"]), int(cfg["bind_max_gap"]),
+                str(cfg["bind_aggregate"]))
+        return out
+
     # ---- off-distribution images --------------------------------------------------------------------
     @cached_property
     def image_stats(self) -> dict[str, np.ndarray]:
@@ -356,6 +412,41 @@ def _max_by_key(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndar
     keys, vals = keys[order], vals[order]
     first = np.r_[True, keys[1:] != keys[:-1]]
     return keys[first].astype(np.int64), vals[first].astype(np.float64)
+
+
+def _binding_sample(side: np.ndarray, key: np.ndarray, j: np.ndarray, act: np.ndarray, min_text: float,
+                    max_gap: int, aggregate: str) -> tuple[float, float, int]:
+    """(coverage, deficit D, pairs checked) of one sample from its XMc codes: side 0 = text (key =
+    position), 1 = image (key = store row); j = the feature's index among the XMc; act = normalised."""
+    feats, jj = np.unique(j, return_inverse=True)
+    text = side == 0
+    if not text.any():
+        return 0.0, 0.0, 0
+    tpos, ti = np.unique(key[text], return_inverse=True)
+    a = np.zeros((len(tpos), len(feats)))
+    np.maximum.at(a, (ti, jj[text]), act[text])
+    rows, ri = np.unique(key[~text], return_inverse=True)
+    b = np.zeros((len(rows), len(feats)))
+    np.maximum.at(b, (ri, jj[~text]), act[~text])
+    a_f, b_f = a.max(0), b.max(0) if len(rows) else np.zeros(len(feats))
+    coverage = float(np.minimum(a_f, b_f).sum() / a_f.sum()) if a_f.sum() > 0 else 0.0
+    concept = a.max(1) >= min_text
+    if concept.sum() < 2 or not len(rows):
+        return coverage, 0.0, 0
+    ac, pc = a[concept], tpos[concept]
+    c = ac @ b.T / ac.sum(1, keepdims=True)  # [concept token, image token]: how much of its concept it shows
+    g = c.max(1)
+    best = np.full(len(pc), np.inf)  # per token: its smallest deficit over its neighbours
+    n_pairs = 0
+    for k in np.flatnonzero(np.diff(pc) <= max_gap):
+        d = min(g[k], g[k + 1]) - float(np.minimum(c[k], c[k + 1]).max())  # present apart, not together
+        best[k], best[k + 1] = min(best[k], d), min(best[k + 1], d)
+        n_pairs += 1
+    paired = np.isfinite(best)
+    if not paired.any():
+        return coverage, 0.0, 0
+    d = best[paired].max() if aggregate == "max" else best[paired].mean()
+    return coverage, float(np.clip(d, 0.0, 1.0)), n_pairs
 
 
 def _robust_z(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -490,6 +581,17 @@ def score_consistency_gated(ctx: ScoringContext) -> np.ndarray:
     return score_consistency(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency["gate_z"]))
 
 
+@register("consistency_binding")
+def score_consistency_binding(ctx: ScoringContext) -> np.ndarray:
+    bd = ctx.binding
+    return bd["coverage"] * (1.0 - bd["deficit"])
+
+
+@register("consistency_binding_gated")
+def score_consistency_binding_gated(ctx: ScoringContext) -> np.ndarray:
+    return score_consistency_binding(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency["gate_z"]))
+
+
 def rank(scores: np.ndarray) -> np.ndarray:
     """1 = best: by (-score, position), positions being sorted sample ids (deterministic ties)."""
     scores = np.asarray(scores, np.float64)
@@ -525,6 +627,41 @@ def subset_size(fraction: float, n: int) -> int:
 
 def subset_name(fraction: float) -> str:
     return f"top{int(round(fraction * 100)):03d}.parquet"
+
+
+def keep_top(frame: pd.DataFrame, fraction: float, by: str, source: str = "--keep-by") -> pd.DataFrame:
+    """The best ceil(fraction * N) rows of a record frame, best first. `by` is 'random:SEED' (seeded
+    uniform scores over the sorted sample ids: the `random` method's subset for that seed),
+    'PATH:COLUMN' (a parquet with sample_id and a score column, higher = kept first, e.g. IFD's
+    ifd.parquet:ifd_score) or 'oracle' (clean samples first, from the `corruption` ground truth).
+    Ties go by sample_id, as in `rank`."""
+    ids = frame["sample_id"].astype(str).to_numpy()
+    order = np.argsort(ids, kind="stable")  # the frame's rows in sorted-id order
+    if by == "oracle":  # the ground truth as a selection: clean first (the curve's ceiling on the toy world)
+        if "corruption" not in frame.columns:
+            raise InputError(source, "oracle", "the data have no 'corruption' ground-truth column")
+        scores = frame["corruption"].isna().to_numpy(np.float64)[order]
+    elif by.startswith("random:"):
+        try:
+            seed = int(by[len("random:"):])
+        except ValueError:
+            raise InputError(source, "random seed", f"not an integer in {by!r}") from None
+        scores = np.random.default_rng(seed).random(len(ids))
+    else:
+        path, sep, column = by.rpartition(":")
+        if not sep or not path:
+            raise InputError(source, "value", f"expected 'random:SEED' or 'PATH:COLUMN', got {by!r}")
+        table = pd.read_parquet(path)
+        require_columns(path, list(table.columns), ("sample_id", column))
+        lookup = pd.Series(table[column].to_numpy(np.float64), index=table["sample_id"].astype(str))
+        if lookup.index.has_duplicates:
+            raise InputError(path, "sample_id", "duplicate sample ids")
+        scores = lookup.reindex(ids[order]).to_numpy()
+        if np.isnan(scores).any():
+            missing = ids[order][np.isnan(scores)][0]
+            raise InputError(path, column, f"no finite score for sample {missing!r}")
+    best = order[np.argsort(rank(scores), kind="stable")]
+    return frame.iloc[best[:subset_size(fraction, len(ids))]].reset_index(drop=True)
 
 
 def write_subsets(samples: pa.Table, scores: pd.DataFrame, methods: Sequence[str], fractions: Sequence[float],

@@ -354,3 +354,122 @@ def test_score_script_consistency_with_sae(tmp_path):
     argv[argv.index(str(tmp_path / "sae"))] = str(tmp_path / "sae2")
     argv[argv.index(str(tmp_path / "out"))] = str(tmp_path / "out2")
     assert load_script("score").main(argv) == 2
+
+
+# ---- binding-aware consistency ---------------------------------------------------------------------
+# Eight samples, each: pos 0 special, pos 1-2 image (two patches), pos 3-6 text. Concept features, one
+# per word: f0 red, f1 blue, f2 square, f3 circle (all activations 1 unless stated, norms 1).
+BIDS = [f"b{i}" for i in range(8)]
+RED_, BLUE_, SQUARE, CIRCLE, THE_ = 10, 11, 12, 13, 14
+WORD = {RED_: 0, BLUE_: 1, SQUARE: 2, CIRCLE: 3}  # token id -> its feature
+BTEXT = {  # text tokens at positions 3-6
+    "b0": [THE_, THE_, RED_, SQUARE], "b1": [THE_, THE_, RED_, SQUARE], "b2": [RED_, SQUARE, BLUE_, CIRCLE],
+    "b3": [RED_, CIRCLE, BLUE_, SQUARE], "b4": [THE_, RED_, THE_, SQUARE], "b5": [THE_, THE_, RED_, SQUARE],
+    "b6": [THE_, THE_, RED_, SQUARE], "b7": [THE_, THE_, RED_, SQUARE],
+}
+BIMAGE = {  # (patch 1, patch 2): {feature: activation}
+    "b0": ({0: 1, 2: 1}, {1: 1, 3: 1}),  # red square + blue circle: text "red square" is bound
+    "b1": ({0: 1, 3: 1}, {1: 1, 2: 1}),  # red circle + blue square: "red square" names both, bound wrongly
+    "b2": ({0: 1, 2: 1}, {1: 1, 3: 1}),  # caption "red square blue circle" of this image
+    "b3": ({0: 1, 2: 1}, {1: 1, 3: 1}),  # caption "red circle blue square": colours and shapes swapped
+    "b4": ({0: 1, 3: 1}, {1: 1, 2: 1}),  # as b1, with "red" and "square" two positions apart
+    "b5": ({0: 1, 2: 1}, {}),  # as b0, plus f1 (blue) firing on "the" (not its word) in the text
+    "b6": ({0: 1, 2: 0.5}, {2: 1}),  # the square half on the red patch: half bound
+    "b7": ({}, {}),  # no codes at all
+}
+BTOKENS = pd.DataFrame({
+    "sample_id": np.repeat(BIDS, 7),
+    "position": np.tile(np.arange(7), len(BIDS)),
+    "modality": np.tile(["special", "image", "image", "text", "text", "text", "text"], len(BIDS)),
+    "token_id": np.array([[1, 4, 4, *BTEXT[s]] for s in BIDS]).ravel(),
+})
+BR = {(s, p): 7 * i + p for i, s in enumerate(BIDS) for p in range(7)}
+
+
+def binding_entries() -> list[tuple[int, int, float]]:
+    out = []
+    for s in BIDS[:-1]:
+        for p, acts in zip((1, 2), BIMAGE[s], strict=True):
+            out += [(BR[s, p], f, float(a)) for f, a in acts.items()]
+        out += [(BR[s, 3 + k], WORD[t], 1.0) for k, t in enumerate(BTEXT[s]) if t in WORD]
+    out.append((BR["b5", 4], 1, 1.0))
+    return out
+
+
+def binding_frame() -> pd.DataFrame:
+    """features.parquet: top text rows on each feature's own word, every top activation 1 (norms 1)."""
+    own = {f: [BR[s, 3 + k] for s in BIDS for k, t in enumerate(BTEXT[s]) if WORD.get(t) == f] for f in range(4)}
+    return pd.DataFrame({
+        "feature": range(4), "n_text": [len(own[f]) for f in range(4)], "n_image": [5] * 4,
+        "top_text_rows": [own[f] for f in range(4)], "top_text_acts": [[1.0] * len(own[f]) for f in range(4)],
+        "top_image_rows": [[0]] * 4, "top_image_acts": [[1.0]] * 4, "weight": [0.5] * 4, "class": "cross-modal",
+    })
+
+
+def bctx(tmp_path, **cfg) -> ScoringContext:
+    states = np.tile(np.array([[1.0, 0.0]], np.float32), (len(BTOKENS), 1))
+    states[[BR["b5", 1], BR["b5", 2]]] = [0.0, 1.0]  # b5's image: far from the pool's
+    store = make_store(tmp_path / "bextract", BTOKENS, states)
+    return ScoringContext(BIDS, codes=make_codes(BTOKENS, binding_entries()), store=store, layer=0,
+                          features=binding_frame(), consistency={"min_per_modality": 1, "max_doc_freq": 1.0, **cfg})
+
+
+def test_binding_selection_is_the_four_words(tmp_path):
+    cf = bctx(tmp_path).concept_features
+    assert cf["selected"].tolist() == [True] * 4
+    assert cf["top_token"].tolist() == [RED_, BLUE_, SQUARE, CIRCLE]
+    np.testing.assert_allclose(cf["selectivity"], [1.0, 2 / 3, 1.0, 1.0])  # blue: 1 of its 3 on "the"
+
+
+def test_consistency_binding_scores(tmp_path):
+    c = bctx(tmp_path)
+    bd = c.binding
+    # b3: tokens red / circle / blue / square; pairs (red, circle) and (blue, square) unbound (deficit 1),
+    # (circle, blue) bound apart (0): each token's deficit is its best neighbour's -> [1, 0, 0, 1], mean 0.5.
+    # b6: red on patch 1 only, square half there and whole on patch 2: together 0.5 of 1 -> deficit 0.5.
+    np.testing.assert_allclose(bd["deficit"], [0, 1, 0, 0.5, 1, 0, 0.5, 0])
+    np.testing.assert_array_equal(bd["n_pairs"], [1, 1, 3, 3, 1, 1, 1, 0])
+    np.testing.assert_allclose(bd["coverage"], [1, 1, 1, 1, 1, 1, 1, 0])  # own word: b5's "the" not counted
+    np.testing.assert_allclose(METHODS["consistency_binding"](c), [1, 0, 1, 0.5, 0, 1, 0.5, 0])
+    # the bag-of-concepts score cannot tell b0 from b1 (or b2 from b3); binding can
+    cons = METHODS["consistency"](c)
+    np.testing.assert_allclose(cons, [1, 1, 1, 1, 1, 2 / 3, 1, 0])
+    df = score_samples(c, ["consistency_binding"])
+    r = dict(zip(df["sample_id"], df["rank_consistency_binding"], strict=True))
+    assert r["b0"] < r["b1"] and r["b2"] < r["b3"]
+
+
+def test_consistency_binding_options(tmp_path):
+    # max over tokens: b3's worst token decides
+    np.testing.assert_allclose(bctx(tmp_path / "a", bind_aggregate="max").binding["deficit"],
+                               [0, 1, 0, 1, 1, 0, 0.5, 0])
+    # neighbours at most 1 position apart: b4's "red the square" is no pair, nothing to check
+    bd = bctx(tmp_path / "b", bind_max_gap=1).binding
+    assert bd["n_pairs"][4] == 0 and bd["deficit"][4] == 0
+    # text side on every token: b5's "the" adds blue (absent from the image) -> coverage 2/3, = consistency
+    c = bctx(tmp_path / "c", bind_own_word=False)
+    np.testing.assert_allclose(c.binding["coverage"], METHODS["consistency"](c))
+    assert c.binding["coverage"][5] == pytest.approx(2 / 3)
+    # a token needs a concept activation >= bind_min_text: at 1.5 none does, so no pair anywhere
+    assert bctx(tmp_path / "d", bind_min_text=1.5).binding["n_pairs"].sum() == 0
+
+
+def test_consistency_binding_gated(tmp_path):
+    c = bctx(tmp_path)
+    flagged = c.offdist_z > 3.0
+    # b5's image states lie far from the pool's; b7's image fires no feature (image L0 0 vs median 2)
+    assert flagged.tolist() == [False] * 5 + [True, False, True]
+    np.testing.assert_allclose(METHODS["consistency_binding_gated"](c), [1, 0, 1, 0.5, 0, -1, 0.5, -2])
+
+
+def test_score_script_binding(tmp_path):
+    a = build_artifacts(tmp_path)
+    out = tmp_path / "score"
+    params = {"fractions": [1.0], "methods": ["consistency", "consistency_binding", "consistency_binding_gated"],
+              "consistency": {"min_per_modality": 1, "max_doc_freq": 1.0}}
+    assert run_score(a, out, params) == 0
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert np.isfinite(scores["score_consistency_binding"]).all()
+    # no concept token pairs in this case: the binding score is the own-word text coverage, <= 1
+    assert scores["score_consistency_binding"].between(0, 1).all()
+    assert (scores["score_consistency_binding_gated"] <= scores["score_consistency_binding"]).all()
