@@ -1,0 +1,419 @@
+"""Feature steering: clamp SAE features to given values while the model generates, keeping the error term.
+
+At the SAE's hook (the residual stream after decoder layer L, cfg.json `metadata.hook_layer`) and at the
+chosen positions, with z = codes of h and z' = z with z[f] := v_f for every clamped feature f:
+
+    h' = sae.decode(z') + (h - sae.decode(z))          the SAE's error term h - x_hat is kept
+       = h + sum_f (v_f - z_f) W_dec[f] / factor(h)    factor: the SAE's input scaling (1 for a saved,
+                                                       unnormalised SAE)
+
+so clamping a feature to its own value leaves h unchanged bit for bit, and a feature that is off
+(z_f = 0) moves h by exactly v_f W_dec[f]. Dropping the error term (the companion paper's release) would
+replace h by the SAE's reconstruction everywhere, a change of its own before any feature is touched.
+
+Positions (`positions`): `image` = the prompt's image tokens; `text` = the prompt's text tokens and every
+generated token; `all` = both (the default). Special tokens (BOS, image sentinels) are never steered: an
+SAE is not trained on them (as in evaluate_sae's splice). Generation is greedy, one prompt at a time (no
+padding), through the model's own `generate` with its KV cache; the hook tells the prompt (prefill) from
+the generated tokens by counting the positions it has seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmsae.data.schema import Record, decode_image, read_frame, records_from_frame
+from mmsae.errors import InputError
+from mmsae.models.adapters import IMAGE, TEXT, BatchMeta, ModelAdapter
+from mmsae.sae.io import CFG, check_d_in
+from mmsae.sae.model import SAE
+
+log = logging.getLogger("mmsae.steering")
+
+POSITIONS = ("all", "image", "text")
+STEERING = "steering.parquet"
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """Set SAE feature `feature` to `value` (in the SAE's code units, as in codes.parquet)."""
+
+    feature: int
+    value: float
+
+
+def sae_layer(sae: SAE) -> int:
+    """The decoder layer an SAE reads (cfg.json metadata.hook_layer); InputError when it is unknown."""
+    layer = sae.cfg.metadata.get("hook_layer")
+    if layer is None:
+        raise InputError(Path(getattr(sae, "source", ".")) / CFG, "metadata.hook_layer",
+                         "missing: cannot tell which decoder layer the SAE reads")
+    return int(layer)
+
+
+def check_clamps(sae: SAE, clamps: Sequence[Clamp]) -> None:
+    bad = [c.feature for c in clamps if not 0 <= c.feature < sae.cfg.d_sae]
+    if bad:
+        raise InputError("steer", "features", f"feature(s) {bad} out of range: the SAE has {sae.cfg.d_sae} latents")
+    dup = {c.feature for c in clamps if sum(d.feature == c.feature for d in clamps) > 1}
+    if dup:
+        raise InputError("steer", "features", f"feature(s) {sorted(dup)} clamped twice")
+
+
+def steering_delta(sae: SAE, x: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """h' - h for raw activations x [n, d_in] with `features` [k] clamped to `values` [k] or [n, k]:
+    (v - z_f) W_dec[f] / factor(x), summed over the clamped features; exactly 0 where v == z_f."""
+    factor = sae.input_factor(x)
+    z = sae.encode_normalised(x * factor)
+    dz = values.to(z) - z[:, features]
+    return (dz @ sae.W_dec[features]) / factor
+
+
+def position_mask(meta: BatchMeta, positions: str) -> torch.Tensor:
+    """[B, T] bool: the prompt positions that `positions` (all | image | text) steers."""
+    if positions not in POSITIONS:
+        raise InputError("steer", "positions", f"{positions!r} is not one of {POSITIONS}")
+    kinds = {"all": (IMAGE, TEXT), "image": (IMAGE,), "text": (TEXT,)}[positions]
+    return torch.from_numpy(np.isin(meta.modality, kinds) & meta.attention_mask)
+
+
+class SteeringHook:
+    """Forward hook on one decoder layer adding `steering_delta` at the steered positions.
+
+    `begin(prompt_mask, steer_generated)` arms it for one forward or generation: the first call covers
+    the prompt's positions [0, T0) (`prompt_mask` [B, T0]); with a KV cache, later calls cover the
+    positions after it (generated tokens), steered iff `steer_generated`. `n_steered` counts the
+    positions changed since `begin`.
+    """
+
+    def __init__(self, layer: torch.nn.Module, sae: SAE, clamps: Sequence[Clamp]) -> None:
+        check_clamps(sae, clamps)
+        self.sae = sae
+        self.features = torch.tensor([c.feature for c in clamps], dtype=torch.long, device=sae.W_dec.device)
+        self.values = torch.tensor([c.value for c in clamps], dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+        self.prompt_mask: torch.Tensor | None = None
+        self.steer_generated = False
+        self.offset = 0
+        self.n_steered = 0
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def begin(self, prompt_mask: torch.Tensor, steer_generated: bool) -> None:
+        self.prompt_mask, self.steer_generated, self.offset, self.n_steered = prompt_mask.bool(), steer_generated, 0, 0
+
+    def end(self) -> None:
+        self.prompt_mask = None
+
+    def _mask(self, batch: int, length: int) -> torch.Tensor:
+        assert self.prompt_mask is not None
+        t0 = self.prompt_mask.shape[1]
+        cols = torch.arange(self.offset, self.offset + length)
+        if self.offset == 0 and length < t0:
+            raise RuntimeError(f"steering: the first forward covers {length} positions, the prompt has {t0}")
+        self.offset += length
+        mask = torch.full((batch, length), self.steer_generated, dtype=torch.bool)
+        in_prompt = cols < t0
+        mask[:, in_prompt] = self.prompt_mask[:, cols[in_prompt]]
+        return mask
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> object:
+        if self.prompt_mask is None or len(self.features) == 0:
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        mask = self._mask(h.shape[0], h.shape[1]).to(h.device)
+        if not bool(mask.any()):
+            return None
+        x = h[mask].to(self.sae.W_dec.dtype)
+        delta = steering_delta(self.sae, x, self.features, self.values)
+        h = h.clone()
+        h[mask] = h[mask] + delta.to(h.dtype)
+        self.n_steered += int(mask.sum())
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@contextlib.contextmanager
+def steering(adapter: ModelAdapter, sae: SAE, clamps: Sequence[Clamp], layer: int | None = None) -> Iterator[SteeringHook]:
+    """A SteeringHook on the SAE's layer of `adapter` for the duration of the block."""
+    layer = sae_layer(sae) if layer is None else int(layer)
+    adapter.check_layers([layer], "steer.layer")
+    check_d_in(sae, adapter.d_model, adapter.path)
+    hook = SteeringHook(adapter.decoder_layers()[layer], sae, clamps)
+    try:
+        yield hook
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def generate(adapter: ModelAdapter, record: Record, max_new_tokens: int, hook: SteeringHook | None = None,
+             positions: str = "all") -> str:
+    """Greedy answer to one record's prompt (pipeline prompt format, no padding); steered when `hook`
+    is given (at `positions`), plain otherwise."""
+    inputs, meta = adapter.build_batch([Record(record.sample_id, record.question, record.image, [], -1)],
+                                       include_response=False)
+    tok = adapter.tokenizer
+    if hook is not None:
+        hook.begin(position_mask(meta, positions), steer_generated=positions in ("all", "text"))
+    try:
+        out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    finally:
+        if hook is not None:
+            hook.end()
+    text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class SteeringRun:
+    """One setting to compare with the unsteered model: the clamps and a label (e.g. the multiple)."""
+
+    clamps: tuple[Clamp, ...]
+    label: str = ""
+    multiple: float | None = None
+
+
+def steer_records(adapter: ModelAdapter, sae: SAE, records: Sequence[Record], runs: Sequence[SteeringRun],
+                  positions: str = "all", max_new_tokens: int = 8, target: str | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Before/after table: one row per (record, run).
+
+    Columns: sample_id, question, run, multiple, features, values, positions, n_steered (positions
+    changed), before, after, changed; with a `target` answer (e.g. the clamped concept word) also
+    before_hit / after_hit (answer == target).
+    """
+    from tqdm import tqdm
+
+    layer = sae_layer(sae)
+    if positions not in POSITIONS:
+        raise InputError("steer", "positions", f"{positions!r} is not one of {POSITIONS}")
+    rows = []
+    with contextlib.ExitStack() as stack:
+        hooks = [stack.enter_context(steering(adapter, sae, run.clamps, layer)) for run in runs]
+        bar = tqdm(records, unit="prompt", desc="steer", disable=not progress, file=sys.stderr, mininterval=1.0)
+        for record in bar:
+            before = generate(adapter, record, max_new_tokens)
+            for run, hook in zip(runs, hooks, strict=True):
+                after = generate(adapter, record, max_new_tokens, hook, positions)
+                row = {"sample_id": record.sample_id, "question": record.question, "run": run.label,
+                       "multiple": run.multiple, "features": [c.feature for c in run.clamps],
+                       "values": [float(c.value) for c in run.clamps], "positions": positions,
+                       "n_steered": hook.n_steered, "before": before, "after": after, "changed": after != before}
+                if target is not None:
+                    row.update(target=target, before_hit=before == target, after_hit=after == target)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def flip_summary(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per run: n prompts, share changed; with a target: share answering the target before and after,
+    and the flip rate = share answering the target among the prompts that did not before."""
+    out = []
+    for label, g in table.groupby("run", sort=False):
+        multiple = g["multiple"].iloc[0]
+        row: dict[str, Any] = {"run": label, "multiple": None if pd.isna(multiple) else float(multiple),
+                               "values": [float(v) for v in g["values"].iloc[0]],
+                               "n": len(g), "changed": float(g["changed"].mean())}
+        if "target" in g.columns:
+            not_before = g[~g["before_hit"]]
+            row.update(target_before=float(g["before_hit"].mean()), target_after=float(g["after_hit"].mean()),
+                       n_flippable=len(not_before),
+                       flip_rate=float(not_before["after_hit"].mean()) if len(not_before) else float("nan"))
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs: records and feature resolution (shared with mmsae.attribution)
+
+
+def select_records(samples: str | os.PathLike, sample_ids: Sequence[str] | None = None, task: str | None = None,
+                   n: int | None = None, clean_only: bool = True) -> list[Record]:
+    """Records of {samples}/samples.parquet: the given ids (in that order), else the first `n` (null = all)
+    in file order, of task `task` (column `task`; null = any) and not corrupted (when `corruption` exists)."""
+    path = Path(samples) / "samples.parquet"
+    df = read_frame(path, check_images=False)
+    if sample_ids:
+        missing = [s for s in sample_ids if s not in set(df["sample_id"])]
+        if missing:
+            raise InputError(path, "sample_id", f"no sample {missing[0]!r}")
+        df = df.set_index("sample_id", drop=False).loc[list(sample_ids)].reset_index(drop=True)
+    else:
+        if task is not None:
+            if "task" not in df.columns:
+                raise InputError(path, "task", f"no task column to select task {task!r}")
+            df = df[df["task"] == task]
+        if clean_only and "corruption" in df.columns:
+            df = df[df["corruption"].isna()]
+        if n is not None:
+            df = df.iloc[:n]
+    if len(df) == 0:
+        raise InputError(path, "sample_id", f"no sample selected (task={task!r})")
+    return records_from_frame(df.reset_index(drop=True), path)
+
+
+def image_record(image: str | os.PathLike, question: str) -> Record:
+    """A record for an image file and a question (no responses)."""
+    path = Path(image)
+    if not path.exists():
+        raise InputError(path, "image", "file does not exist")
+    return Record(path.stem, question, decode_image(path.read_bytes(), path, path.stem), [], -1)
+
+
+def concept_feature(premise: str | os.PathLike, word: str) -> int:
+    """The feature the premise stage found for a concept word (max of min(text, image AUROC))."""
+    import json
+
+    path = Path(premise) / "premise.json"
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    concepts = {c["word"]: c for c in json.loads(path.read_text())["concepts"]}
+    if word not in concepts:
+        raise InputError(path, "concepts", f"no concept {word!r}; have {sorted(concepts)}")
+    if concepts[word].get("feature") is None:
+        raise InputError(path, "feature", f"no feature found for concept {word!r}")
+    return int(concepts[word]["feature"])
+
+
+def max_activations(features: str | os.PathLike, ids: Sequence[int]) -> dict[int, float]:
+    """Each feature's largest activation on the encoded data (features.parquet top text / image acts)."""
+    from mmsae.features import FEATURES
+
+    path = Path(features) / FEATURES
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    df = pd.read_parquet(path, columns=["feature", "top_text_acts", "top_image_acts"]).set_index("feature")
+    out = {}
+    for f in ids:
+        if f not in df.index:
+            raise InputError(path, "feature", f"no feature {f}")
+        acts = [a for col in ("top_text_acts", "top_image_acts") for a in (df.at[f, col] if df.at[f, col] is not None else [])]
+        if not acts or max(acts) <= 0:
+            raise InputError(path, "top_text_acts", f"feature {f} never fires: no max activation to scale")
+        out[f] = float(max(acts))
+    return out
+
+
+def parse_clamps(items: Sequence[str]) -> list[Clamp]:
+    """'F=V' strings -> Clamps (the CLI's --clamp)."""
+    out = []
+    for item in items:
+        feature, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out.append(Clamp(int(feature), float(value)))
+        except ValueError as exc:
+            raise InputError("--clamp", "clamp", f"{item!r} is not FEATURE=VALUE") from exc
+    return out
+
+
+def build_runs(params: dict[str, Any], features: Sequence[int], max_acts: dict[int, float] | None) -> list[SteeringRun]:
+    """The steer config's runs: one per entry of `values` (every feature set to it), else one per entry
+    of `multiples` (each feature set to multiple x its max activation)."""
+    if not features:
+        raise InputError("steer", "features", "nothing to clamp: give features or a concept")
+    if params.get("values"):
+        return [SteeringRun(tuple(Clamp(f, float(v)) for f in features), f"value={v:g}") for v in params["values"]]
+    if not params.get("multiples") or max_acts is None:
+        raise InputError("steer", "multiples", "give values, or multiples with a features artifact")
+    return [SteeringRun(tuple(Clamp(f, float(m) * max_acts[f]) for f in features), f"x{m:g}", float(m))
+            for m in params["multiples"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# command line (workflow/scripts/steer.py, console script mmsae-steer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stage steer: clamp SAE features while generating; before/after answers per prompt.
+
+    Prompts: --image + --question, or --samples with --sample-id (repeatable) or the config's task /
+    n_samples selection. Clamps: --clamp FEATURE=VALUE (repeatable; one run), or the config's
+    features / concept (toy world: the premise stage's feature for that word, --premise) at each of
+    `values`, or at each of `multiples` x the feature's max activation (--features). Writes
+    steering.parquet (sample_id, question, run, multiple, features, values, positions, n_steered,
+    before, after, changed [, target, before_hit, after_hit]) and prints before / after per prompt.
+    """
+    from mmsae import cli
+    from mmsae.artifacts import Timer, atomic_dir, write_manifest
+    from mmsae.config import stage_params
+    from mmsae.models import load_model
+    from mmsae.sae.io import load_sae
+
+    argp = cli.parser("steer", main.__doc__)
+    argp.add_argument("--model", required=True, help="model folder or hub id")
+    argp.add_argument("--model-params", default="{}", help="the 'model' config slice: dtype, device, trust_remote_code")
+    argp.add_argument("--sae", required=True, help="SAE folder (SAELens layout) or train_sae artifact folder")
+    argp.add_argument("--samples", help="sample artifact folder (samples.parquet)")
+    argp.add_argument("--sample-id", action="append", default=[], help="a sample to steer (repeatable)")
+    argp.add_argument("--image", help="an image file (with --question) instead of --samples")
+    argp.add_argument("--question", help="question for --image, or in place of the samples' own questions")
+    argp.add_argument("--clamp", action="append", default=[], help="FEATURE=VALUE (repeatable): one run with these clamps")
+    argp.add_argument("--features", help="features artifact folder (max activations, for `multiples`)")
+    argp.add_argument("--premise", help="premise artifact folder (toy world: the feature of `concept`)")
+
+    def body(args, params):
+        timer = Timer()
+        model_params = stage_params("model", args.model_params, source="--model-params")
+        if args.image:
+            if not args.question:
+                raise InputError("--question", "question", "--image needs --question")
+            records = [image_record(args.image, args.question)]
+        elif args.samples:
+            records = select_records(args.samples, args.sample_id or params["sample_ids"], params["task"],
+                                     params["n_samples"])
+            if args.question or params["question"]:
+                q = args.question or params["question"]
+                records = [Record(r.sample_id, q, r.image, r.responses, r.preferred, r.extras) for r in records]
+        else:
+            raise InputError("--samples", "samples", "give --samples or --image")
+        with timer("load"):
+            sae = load_sae(args.sae)
+            adapter = load_model(args.model, dtype=model_params["dtype"], device=model_params["device"],
+                                 trust_remote_code=model_params["trust_remote_code"])
+            sae = sae.to(adapter.device)
+        target = params["concept"]
+        if args.clamp:
+            runs = [SteeringRun(tuple(parse_clamps(args.clamp)), "clamp")]
+            target = None
+        else:
+            features = list(params["features"])
+            if params["concept"] is not None:
+                if not args.premise:
+                    raise InputError("--premise", "premise", f"concept {params['concept']!r} needs --premise (toy world); "
+                                     "set steer.concept: null and give steer.features")
+                features.append(concept_feature(args.premise, params["concept"]))
+            features = list(dict.fromkeys(features))
+            max_acts = max_activations(args.features, features) if args.features and not params["values"] else None
+            runs = build_runs(params, features, max_acts)
+        with timer("steer"):
+            table = steer_records(adapter, sae, records, runs, params["positions"], params["max_new_tokens"], target)
+        for r in table.itertuples(index=False):
+            print(f"[{r.sample_id}] {r.question}  ({r.run}: {dict(zip(r.features, r.values, strict=True))}, "
+                  f"{r.positions})\n  before: {r.before}\n  after:  {r.after}")
+        summary = flip_summary(table)
+        for s in summary:
+            log.info("steer %s", s)
+        with atomic_dir(args.out) as tmp:
+            table.to_parquet(tmp / STEERING, index=False)
+            write_manifest(tmp, "steer", params,
+                           {k: v for k, v in {"model": args.model, "sae": args.sae, "samples": args.samples,
+                                              "features": args.features, "premise": args.premise,
+                                              "image": args.image}.items() if v},
+                           {"n_prompts": len(records), "layer": sae_layer(sae), "runs": summary}, timer.timings)
+
+    return cli.run("steer", argp, body, argv)
