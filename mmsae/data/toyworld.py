@@ -65,20 +65,33 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(objects)
 
 
+def draw_object(draw: ImageDraw.ImageDraw, o: dict, fill: int | tuple[int, ...]) -> None:
+    """Draw one object's shape inside its bbox (render's pixels; also its ground-truth mask)."""
+    x0, y0, x1, y1 = o["bbox"]
+    if o["shape"] == "square":
+        draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=fill)
+    elif o["shape"] == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def object_mask(objects: list[dict], size: int = IMAGE_SIZE) -> np.ndarray:
+    """bool [size, size]: the pixels the objects cover, drawn exactly as render draws them."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        draw_object(draw, o, 255)
+    return np.asarray(img) > 0
+
+
 def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     bg = rng.integers(20, 60, size=3)
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(int(c) for c in bg))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         base = np.array(COLOURS[o["colour"]])
-        fill = tuple(int(c) for c in np.clip(base + rng.integers(-25, 26, size=3), 0, 255))
-        x0, y0, x1, y1 = o["bbox"]
-        if o["shape"] == "square":
-            draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=fill)
-        elif o["shape"] == "circle":
-            draw.ellipse([x0, y0, x1, y1], fill=fill)
-        else:
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        draw_object(draw, o, tuple(int(c) for c in np.clip(base + rng.integers(-25, 26, size=3), 0, 255)))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
