@@ -17,10 +17,17 @@ include: "rules/sae.smk"
 include: "rules/features.smk"
 include: "rules/score.smk"
 include: "rules/report.smk"
+include: "rules/browser.smk"
+include: "rules/patches.smk"
 include: "rules/finetune.smk"
+include: "rules/explain.smk"
+include: "rules/steer.smk"
+include: "rules/compare.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/report/index.html",
+        f"{RESULTS}/browser.html",
+        *([manifest("patch_filter")] if PATCH_FILTER else []),
     default_target: True

@@ -35,9 +35,38 @@ PARENTS = {
     + (["model_loss"] if "model_loss" in config["score"]["methods"] else []),
     "baseline_scores": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "evaluate_sae": ["sample", "train_sae"] + (["toy_model"] if TOY_MODEL else []),
+    "browser": ["sample", "extract", "encode", "features"] + (["toy_model"] if TOY_MODEL else []),
+    # image-patch filtering: toy held-out images unless patch_filter.images names an ImageFolder
+    "patch_filter": (["toyworld"] if config["patch_filter"]["images"] is None else [])
+    + (["toy_model"] if TOY_MODEL else []) + ["train_sae", "features"],
+    # the filtering curve's arms (rules/finetune.smk) read these; its folder hashes them
+    "curve": ["sample", "score"]
+    + (["baseline_scores"] if "ifd" in config["curve"]["methods"] else [])
+    + (["toy_model"] if TOY_MODEL else []),
     "report": ["sample", "train_sae", "features", "score", "evaluate_sae"]
-    + (["premise", "toy_model"] if TOY_DATA and TOY_MODEL else []),
+    + (["premise", "toy_model"] if TOY_DATA and TOY_MODEL else [])
+    + (["curve"] if config["curve"]["enabled"] else []),
 }
+
+
+def _check_curve():
+    """Curve arms must name subsets the score stage writes."""
+    cfg, score = config["curve"], config["score"]
+    extra = ("ifd", "oracle")  # selections that are not score methods
+    for m in cfg["methods"]:
+        if m not in score["methods"] and m not in extra:
+            raise ValueError(f"config curve.methods: {m!r} is not in score.methods (nor one of {extra})")
+        if m == "oracle" and not TOY_DATA:
+            raise ValueError("config curve.methods: 'oracle' needs the toy world's ground truth")
+    for f in cfg["fractions"] if any(m not in extra for m in cfg["methods"]) else []:
+        if not any(abs(f - g) < 1e-9 for g in score["fractions"]):
+            raise ValueError(f"config curve.fractions: {f} is not in score.fractions {score['fractions']}")
+    if cfg["enabled"] and not TOY_DATA and not config["benchmark"]["llava_bench"]:
+        raise ValueError("config curve.enabled: the curve needs a benchmark: set benchmark.llava_bench (and "
+                         "benchmark.judge) or curve.enabled: false")
+
+
+_check_curve()
 
 # Variants: the SAE recipe with some train_sae keys overridden ({"scope": "text"} for the SAE that
 # evaluate_sae compares with the SAE-V, {"layer": L} for the per-layer AUROC table). A variant flows
@@ -53,16 +82,23 @@ VARIANTS = {
 }
 
 
+# Keys that only change how a stage's work is cut into jobs, never its result: left out of the hash.
+EXECUTION_KEYS = {"extract": ("shards", "part_batches"), "score": ("shards",), "finetune": ("accelerate_config",)}
+
+
 def stage_params(stage, **variant):
-    """The config a stage depends on: its own slice (plus the model slice for stages that run it);
-    a variant overrides train_sae keys."""
-    params = dict(config.get(stage, {}))
+    """The config a stage depends on: its own slice (plus the model slice for stages that run it),
+    without its execution keys; a variant overrides train_sae keys."""
+    params = {k: v for k, v in config.get(stage, {}).items() if k not in EXECUTION_KEYS.get(stage, ())}
     if stage == "train_sae":
         params.update(variant)
-    if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores"):
+    if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
+                 "steer", "attribute"):
         params["model"] = config["model"]
     if stage == "sample":
         params["data"] = config["data"]
+    if stage == "curve":  # the arms' recipe: fine-tuning and benchmarking
+        params.update(finetune=stage_params("finetune"), benchmark=config["benchmark"], model=config["model"])
     return params
 
 

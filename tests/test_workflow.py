@@ -17,7 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 ALL_STAGES = {"toyworld", "sample", "toy_model", "extract", "model_loss", "train_sae", "encode",
-              "features", "premise", "score", "evaluate_sae", "report", "latest_report"}
+              "features", "premise", "score", "evaluate_sae", "report", "latest_report",
+              "baseline_scores", "finetune", "benchmark", "curve", "patch_filter", "browser", "latest_browser"}
 
 
 def smk(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -62,11 +63,16 @@ def test_every_stage_script_answers_help_outside_snakemake():
 
 
 def test_curve_target_plans_one_finetune_and_benchmark_per_arm(tmp_path):
-    r = smk("-n", "curve", "--directory", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"))
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text()).get("curve", {})
-    arms = len(cfg.get("methods", [1] * 4)) * len(cfg.get("fractions", [1] * 2)) + 1  # + the whole sample
+    r = smk("-n", "-p", "curve", "--directory", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"))
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]["curve"]["properties"]
+    cfg = {k: v["default"] for k, v in schema.items() if "default" in v}
+    cfg.update(yaml.safe_load((REPO / "config/config.yaml").read_text()).get("curve", {}))
+    # every method and every random seed at every fraction, plus the whole sample
+    arms = (len(cfg["methods"]) + len(cfg["random_seeds"])) * len(cfg["fractions"]) + 1
     text = r.stdout + r.stderr
-    assert planned_jobs(r) >= {"finetune", "benchmark", "baseline_scores"}
+    assert planned_jobs(r) >= {"finetune", "benchmark", "baseline_scores", "curve"}
+    assert re.search(r"--keep-fraction 0\.3 --keep-by random:2\b", text)
+    assert re.search(r"--keep-by \S+/baseline_scores-\w+/ifd\.parquet:ifd_score", text)
     assert re.search(rf"^finetune\s+{arms}$", text, re.M) and re.search(rf"^benchmark\s+{arms + 1}$", text, re.M)
 
 
@@ -88,6 +94,32 @@ def _config(tmp_path: Path, name: str, **overrides) -> Path:
     return path
 
 
+def _job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
+    block = (result.stdout + result.stderr).split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
+
+
+def test_dry_run_with_three_shards(tmp_path):
+    """extract.shards / score.shards = 3: extract_shard x3 (one GPU each) + extract_gather, score_shard x3 per
+    score folder; the artifact folders keep the names of the unsharded run (shards are not hashed)."""
+    profile = ("--workflow-profile", str(REPO / "profiles/slurm"))
+    one = smk("-n", "-p", "--directory", str(tmp_path), "--configfile", str(_config(tmp_path, "one.yaml")), *profile)
+    cfg = _config(tmp_path, "three.yaml", extract__shards=3, score__shards=3)
+    three = smk("-n", "-p", "--directory", str(tmp_path), "--configfile", str(cfg), *profile)
+    assert planned_jobs(three) == planned_jobs(one) - {"extract"} | {"extract_shard", "extract_gather", "score_shard"}
+    counts = _job_counts(three)
+    assert counts["extract_shard"] == 3 and counts["extract_gather"] == 1
+    assert counts["score_shard"] == 3 * counts["score"] == 3 * _job_counts(one)["score"]
+    text = three.stdout + three.stderr
+    for k in range(3):
+        assert re.search(rf"extract\.py .*--shard {k} ", text) and re.search(rf"score\.py .*--shard {k} ", text)
+    assert re.search(r"extract\.py .*--gather ", text) and re.search(r"score\.py .*--gather ", text)
+    for section in text.split("rule extract_shard:")[1:]:
+        assert "gpu=1" in section.split("rule ")[0]
+    folders = lambda r: set(re.findall(r"results/test/(\w+-[0-9a-f]{8})/manifest\.json", r.stdout + r.stderr))  # noqa: E731
+    assert folders(three) == folders(one)
+
+
 @pytest.mark.slow
 def test_end_to_end_tiny_config(tmp_path):
     cfg = _config(tmp_path, "test.yaml")
@@ -95,17 +127,26 @@ def test_end_to_end_tiny_config(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     results = tmp_path / "results" / "test"
     assert (results / "report" / "index.html").exists() and (results / "report" / "report.json").exists()
-    for stage in ALL_STAGES - {"latest_report"}:
+    assert "browser-" in (results / "browser.html").read_text()  # forwards to the newest feature browser
+    for stage in ALL_STAGES - {"latest_report", "latest_browser"}:
         folders = list(results.glob(f"{stage}-????????"))
         # layers [0, 1] extracted: an SAE per layer for the AUROC-per-layer table (the configured SAE-V at
         # layer 0 is one of them), plus the text-only SAE that evaluate_sae compares with the SAE-V
-        expected = {"train_sae": 3, "encode": 2, "features": 2, "score": 2}.get(stage, 1)
+        # the curve: cosine and ifd subsets, one random seed, the whole sample (+ the starting model's benchmark)
+        expected = {"train_sae": 3, "encode": 2, "features": 2, "score": 2, "finetune": 4, "benchmark": 5}.get(stage, 1)
         assert len(folders) == expected, (stage, folders)
         for folder in folders:
             assert (folder / "manifest.json").exists() and (results / "logs" / f"{folder.name}.log").exists()
     report = json.loads((results / "report" / "report.json").read_text())
     assert {r["layer"] for r in report["auroc_by_layer"]} == {0, 1}
     assert {r["sae"] for r in report["sae_eval"]["summary"]} == {"all", "text"}
+    arms = {(r["method"], r["fraction"]): r for r in report["curve"]["arms"]}
+    assert set(arms) == {("start", 0.0), ("cosine", 0.5), ("ifd", 0.5), ("random", 0.5), ("all", 1.0)}
+    assert arms[("all", 1.0)]["n_train"] == 120 and arms[("cosine", 0.5)]["n_train"] == 60
+    bad = pd.read_parquet(next(results.glob("sample-*")) / "samples.parquet")["corruption"].notna().mean()
+    assert arms[("all", 1.0)]["bad_share"] == pytest.approx(bad)
+    assert all(0 <= r["exact_match"] <= 1 for r in arms.values())
+    assert any(r["method"] == "ifd" for r in report["auroc"])
     score_dir = results / Path(report["artifacts"]["score"]).parent.name  # the configured SAE's scores
     scores = pd.read_parquet(score_dir / "scores.parquet")
     assert len(scores) == 120 and {"sample_id", "score_cosine", "rank_cosine"} <= set(scores.columns)
@@ -121,8 +162,12 @@ def test_end_to_end_tiny_config(tmp_path):
 
     # An SAE hyperparameter reruns the SAE and what follows it, nothing upstream; both coexist on disk.
     cfg2 = _config(tmp_path, "test2.yaml", train_sae__l1_coefficient=0.1)
-    assert planned_jobs(smk("-n", "--directory", str(tmp_path), "--configfile", str(cfg2))) == {
-        "train_sae", "encode", "features", "premise", "score", "evaluate_sae", "report", "latest_report"}
+    # (of the curve, only the arm that trains on the SAE's subset: random/ifd/whole-sample arms stay)
+    r = smk("-n", "--directory", str(tmp_path), "--configfile", str(cfg2))
+    assert planned_jobs(r) == {"train_sae", "encode", "features", "premise", "score", "evaluate_sae", "report",
+                               "latest_report", "curve", "finetune", "benchmark", "patch_filter", "browser",
+                               "latest_browser"}
+    assert re.search(r"^finetune\s+1$", r.stdout + r.stderr, re.M)
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config/presets").glob("*.yaml")))
@@ -136,9 +181,18 @@ def test_presets_dry_run_on_the_slurm_profile(tmp_path, preset):
     r = smk("-n", "-p", "--directory", str(tmp_path), "--configfile", str(path),
             "--workflow-profile", str(REPO / "profiles/slurm"))
     expected = {"sample", "extract", "model_loss", "train_sae", "encode", "features", "score", "evaluate_sae",
-                "report", "latest_report"}
+                "baseline_scores", "report", "latest_report", "browser", "latest_browser"}
     assert planned_jobs(r) == expected
     # the paper's hyperparameters reach the SAE training command
     train_cmd = next(line for line in (r.stdout + r.stderr).splitlines() if "train_sae.py" in line)
     for key in ("layer", "expansion", "l1_coefficient", "steps", "batch_size"):
         assert f'"{key}": {cfg["train_sae"][key]}' in train_cmd, key
+
+
+def test_finetune_with_several_gpus_runs_under_accelerate(tmp_path):
+    r = smk("-n", "-p", "curve", "--directory", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+            "--set-resources", "finetune:gpu=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    launches = [line for line in (r.stdout + r.stderr).splitlines() if "finetune.py" in line]
+    assert launches and all("accelerate launch --config_file" in line and "--num_processes 4" in line
+                            and "config/accelerate/deepspeed_zero3.yaml" in line for line in launches)
