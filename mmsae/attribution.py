@@ -293,39 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     """
     from mmsae import cli
     from mmsae.artifacts import Timer, atomic_dir, write_manifest
-    from mmsae.config import stage_params
-    from mmsae.models import load_model
-    from mmsae.sae.io import load_sae
-    from mmsae.steering import image_record, select_records
+    from mmsae.steering import add_prompt_args, load_model_and_sae, prompt_records
 
     argp = cli.parser("attribute", main.__doc__)
-    argp.add_argument("--model", required=True, help="model folder or hub id")
-    argp.add_argument("--model-params", default="{}", help="the 'model' config slice: dtype, device, trust_remote_code")
-    argp.add_argument("--sae", required=True, help="SAE folder (SAELens layout) or train_sae artifact folder")
-    argp.add_argument("--samples", help="sample artifact folder (samples.parquet)")
-    argp.add_argument("--sample-id", action="append", default=[], help="a sample to attribute (repeatable)")
-    argp.add_argument("--image", help="an image file (with --question) instead of --samples")
+    add_prompt_args(argp, "attribute")
     argp.add_argument("--question", help="question for --image")
     argp.add_argument("--answer-a", help="answer A (overrides the config)")
     argp.add_argument("--answer-b", help="answer B (overrides the config)")
 
     def body(args, params):
         timer = Timer()
-        model_params = stage_params("model", args.model_params, source="--model-params")
-        if args.image:
-            if not args.question:
-                raise InputError("--question", "question", "--image needs --question")
-            records = [image_record(args.image, args.question)]
-        elif args.samples:
-            records = select_records(args.samples, args.sample_id or params["sample_ids"], params["task"],
-                                     params["n_samples"])
-        else:
-            raise InputError("--samples", "samples", "give --samples or --image")
-        with timer("load"):
-            sae = load_sae(args.sae)
-            adapter = load_model(args.model, dtype=model_params["dtype"], device=model_params["device"],
-                                 trust_remote_code=model_params["trust_remote_code"])
-            sae = sae.to(adapter.device)
+        records = prompt_records(args, params)
+        adapter, sae = load_model_and_sae(args, timer)
         answer_a, answer_b = args.answer_a or params["answer_a"], args.answer_b or params["answer_b"]
         results = []
         with timer("attribute"):

@@ -338,6 +338,41 @@ def build_runs(params: dict[str, Any], features: Sequence[int], max_acts: dict[i
 # command line (workflow/scripts/steer.py, console script mmsae-steer)
 
 
+def add_prompt_args(argp, what: str) -> None:
+    """The arguments steer and attribute share: model, SAE and which prompts."""
+    argp.add_argument("--model", required=True, help="model folder or hub id")
+    argp.add_argument("--model-params", default="{}", help="the 'model' config slice: dtype, device, trust_remote_code")
+    argp.add_argument("--sae", required=True, help="SAE folder (SAELens layout) or train_sae artifact folder")
+    argp.add_argument("--samples", help="sample artifact folder (samples.parquet)")
+    argp.add_argument("--sample-id", action="append", default=[], help=f"a sample to {what} (repeatable)")
+    argp.add_argument("--image", help="an image file (with --question) instead of --samples")
+
+
+def prompt_records(args, params: dict[str, Any]) -> list[Record]:
+    """--image + --question, or the --sample-id / config-selected records of --samples."""
+    if args.image:
+        if not args.question:
+            raise InputError("--question", "question", "--image needs --question")
+        return [image_record(args.image, args.question)]
+    if args.samples:
+        return select_records(args.samples, args.sample_id or params["sample_ids"], params["task"], params["n_samples"])
+    raise InputError("--samples", "samples", "give --samples or --image")
+
+
+def load_model_and_sae(args, timer) -> tuple[ModelAdapter, SAE]:
+    """The adapter of --model (with --model-params) and the SAE of --sae on the model's device."""
+    from mmsae.config import stage_params
+    from mmsae.models import load_model
+    from mmsae.sae.io import load_sae
+
+    model_params = stage_params("model", args.model_params, source="--model-params")
+    with timer("load"):
+        sae = load_sae(args.sae)
+        adapter = load_model(args.model, dtype=model_params["dtype"], device=model_params["device"],
+                             trust_remote_code=model_params["trust_remote_code"])
+    return adapter, sae.to(adapter.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stage steer: clamp SAE features while generating; before/after answers per prompt.
 
@@ -350,17 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     from mmsae import cli
     from mmsae.artifacts import Timer, atomic_dir, write_manifest
-    from mmsae.config import stage_params
-    from mmsae.models import load_model
-    from mmsae.sae.io import load_sae
 
     argp = cli.parser("steer", main.__doc__)
-    argp.add_argument("--model", required=True, help="model folder or hub id")
-    argp.add_argument("--model-params", default="{}", help="the 'model' config slice: dtype, device, trust_remote_code")
-    argp.add_argument("--sae", required=True, help="SAE folder (SAELens layout) or train_sae artifact folder")
-    argp.add_argument("--samples", help="sample artifact folder (samples.parquet)")
-    argp.add_argument("--sample-id", action="append", default=[], help="a sample to steer (repeatable)")
-    argp.add_argument("--image", help="an image file (with --question) instead of --samples")
+    add_prompt_args(argp, "steer")
     argp.add_argument("--question", help="question for --image, or in place of the samples' own questions")
     argp.add_argument("--clamp", action="append", default=[], help="FEATURE=VALUE (repeatable): one run with these clamps")
     argp.add_argument("--features", help="features artifact folder (max activations, for `multiples`)")
@@ -368,24 +395,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args, params):
         timer = Timer()
-        model_params = stage_params("model", args.model_params, source="--model-params")
-        if args.image:
-            if not args.question:
-                raise InputError("--question", "question", "--image needs --question")
-            records = [image_record(args.image, args.question)]
-        elif args.samples:
-            records = select_records(args.samples, args.sample_id or params["sample_ids"], params["task"],
-                                     params["n_samples"])
-            if args.question or params["question"]:
-                q = args.question or params["question"]
-                records = [Record(r.sample_id, q, r.image, r.responses, r.preferred, r.extras) for r in records]
-        else:
-            raise InputError("--samples", "samples", "give --samples or --image")
-        with timer("load"):
-            sae = load_sae(args.sae)
-            adapter = load_model(args.model, dtype=model_params["dtype"], device=model_params["device"],
-                                 trust_remote_code=model_params["trust_remote_code"])
-            sae = sae.to(adapter.device)
+        records = prompt_records(args, params)
+        if not args.image and (args.question or params["question"]):
+            q = args.question or params["question"]
+            records = [Record(r.sample_id, q, r.image, r.responses, r.preferred, r.extras) for r in records]
+        adapter, sae = load_model_and_sae(args, timer)
         target = params["concept"]
         if args.clamp:
             runs = [SteeringRun(tuple(parse_clamps(args.clamp)), "clamp")]
