@@ -9,14 +9,13 @@ import logging
 import math
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import records_frame, tiny_llava, tiny_records, tiny_tokenizer
+from helpers import Stub, completion, records_frame, tiny_llava, tiny_records, tiny_tokenizer
 
 from mmsae import benchmarks as bm
 from mmsae.cli import run
@@ -42,40 +41,16 @@ def _script(name: str):
 @contextlib.contextmanager
 def stub_judge(replies: list):
     """Serve POST /v1/chat/completions from `replies` in order (a str = the reply text, an int = that
-    HTTP error status); records every request. Port chosen by the OS; shut down on exit."""
-    requests: list[dict] = []
+    HTTP error status; 500 once they run out); records every request. Yields (base URL, requests)."""
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                reply = replies.pop(0) if replies else 500
-            if isinstance(reply, int):
-                self.send_response(reply)
-                self.end_headers()
-                self.wfile.write(b'{"error": "stub"}')
-                return
-            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def reply(n, body):
+        with lock:
+            r = replies.pop(0) if replies else 500
+        return (r, {"error": "stub"}) if isinstance(r, int) else completion(r)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with Stub(reply) as stub:
+        yield stub.url, stub.requests
 
 
 def _bench() -> pd.DataFrame:

@@ -7,13 +7,11 @@ import base64
 import io
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import tiny_tokenizer
+from helpers import Stub, completion, tiny_tokenizer
 from PIL import Image, ImageDraw
 from test_features import load_script, make_codes, make_store, write_encode
 
@@ -43,49 +41,6 @@ from mmsae.explain import (
     upsample,
 )
 from mmsae.features import FEATURE_SCHEMA, write_features
-
-# --------------------------------------------------------------------------------------------------
-# A stub OpenAI-compatible server
-# --------------------------------------------------------------------------------------------------
-
-
-class Stub:
-    """POST /v1/chat/completions on localhost; `reply(n, body)` -> (status, payload) for request n."""
-
-    def __init__(self, reply):
-        self.requests: list[dict] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's name)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, payload = reply(len(stub.requests) - 1, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def completion(text: str) -> tuple[int, dict]:
-    return 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
 
 def check_request(body: dict, prompt: str = DEFAULT_PROMPT) -> tuple[list[Image.Image], str]:
