@@ -249,11 +249,22 @@ class ActivationStore:
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         name = f"layer_{layer}"
-        cuts = np.searchsorted(srt, self._starts)
-        parts = [self._groups[i][name].get_orthogonal_selection((srt[a:b] - self._starts[i], slice(None)))
-                 for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)) if b > a]
         out = np.empty((len(rows), self.d_model), np.float32)
-        out[order] = _from_storage(parts[0] if len(parts) == 1 else np.concatenate(parts), self.dtype)
+        cuts = np.searchsorted(srt, self._starts)
+        # One store chunk at a time, copying its rows out: zarr's orthogonal selection of scattered rows
+        # holds about every shard it touches at once, so its memory grew with the number of rows asked for.
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            if b == a:
+                continue
+            arr = self._groups[i][name]
+            local = srt[a:b] - self._starts[i]
+            ct = int(arr.chunks[0])
+            chunk = local // ct
+            bounds = np.r_[0, np.flatnonzero(np.diff(chunk)) + 1, len(chunk)]
+            for j0, j1 in zip(bounds[:-1], bounds[1:], strict=True):
+                c0 = int(chunk[j0]) * ct
+                block = arr[c0 : min(c0 + ct, int(arr.shape[0]))]
+                out[order[a + j0 : a + j1]] = _from_storage(block[local[j0:j1] - c0], self.dtype)
         return out
 
     def iter_blocks(self, layer: int, block_tokens: int) -> Iterator[tuple[int, np.ndarray]]:

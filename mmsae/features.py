@@ -110,7 +110,9 @@ def iter_codes(codes: Codes, columns: Sequence[str], batch_rows: int = 1 << 20) 
     path = Path(codes)
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
-    pf = pq.ParquetFile(path)
+    # pre_buffer off: with it, arrow caches the column chunks of every row group the iteration will read,
+    # so memory grew with the size of codes.parquet rather than with batch_rows
+    pf = pq.ParquetFile(path, pre_buffer=False)
     require_columns(path, pf.schema_arrow.names, columns)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
         yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}

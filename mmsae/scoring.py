@@ -80,6 +80,15 @@ CONSISTENCY_DEFAULTS = {"min_per_modality": 5, "min_selectivity": 0.6, "max_doc_
                         "per_modality_norm": True, "gate_z": 3.0, "bind_min_text": 0.5, "bind_max_gap": 8,
                         "bind_own_word": True, "bind_aggregate": "mean"}
 CONCEPT_COLUMNS = ("feature", "n_text", "n_image", "top_text_rows", "top_text_acts", "top_image_acts", "weight")
+# offdist runs the SAE on at most this many image tokens at a time, fewer for a wide SAE, so that its
+# dense [rows, d_sae] fp32 codes stay near 64 MB (256 rows at d_sae 65,536)
+SAE_MAX_ROWS, SAE_MIN_ROWS, SAE_CODE_ELEMENTS = 4096, 64, 1 << 24
+
+
+def sae_rows(d_sae: int) -> int:
+    """Tokens per SAE call in offdist's pass: a function of the SAE only, so sharded and unsharded
+    scoring cut every store block the same way."""
+    return min(SAE_MAX_ROWS, max(SAE_MIN_ROWS, SAE_CODE_ELEMENTS // max(d_sae, 1)))
 
 
 def read_samples(folder: str | os.PathLike) -> pa.Table:
@@ -143,17 +152,25 @@ class ScoringContext:
     @cached_property
     def code_stats(self) -> dict[str, np.ndarray]:
         """One streaming pass over the codes: per-sample active counts / sums (position > 0), active
-        (token, feature) pairs on image tokens, and the co-occurring (sample, feature) pairs."""
+        (token, feature) pairs on image tokens, and the co-occurring (sample, feature) pairs.
+
+        The co-occurring pairs are settled sample by sample (`CoocStream`) when each sample's codes are
+        one run of the stream, as encode writes them; otherwise a second pass keeps every pair."""
+        return self._code_pass(stream=True) or self._code_pass(stream=False)
+
+    def _code_pass(self, stream: bool) -> dict[str, np.ndarray] | None:
+        """code_stats, or None when `stream` and a sample's codes are not one run."""
         codes = self.need("codes", "codes")
         n = self.n
         l0, l1, image_l0 = np.zeros(n, np.float64), np.zeros(n, np.float64), np.zeros(n, np.float64)
         text_keys, image_keys, modalities = [], [], set()
+        cooc_stream = CoocStream(n) if stream else None
         for b in iter_codes(codes, ("sample_id", "position", "modality", "feature", "activation"), self.batch_rows):
             modalities.update(pd.unique(b["modality"]).tolist())
-            s = self.index.get_indexer(b["sample_id"].astype(str))
+            s_all = self._sample_index(b["sample_id"])
             feat = b["feature"].astype(np.int64)
-            keep = (s >= 0) & (b["activation"] > self.delta)
-            s, feat, act = s[keep], feat[keep], b["activation"][keep].astype(np.float64)
+            keep = (s_all >= 0) & (b["activation"] > self.delta)
+            s, feat, act = s_all[keep], feat[keep], b["activation"][keep].astype(np.float64)
             mod, pos = b["modality"][keep], b["position"][keep]
             counted = pos > 0
             l0 += np.bincount(s[counted], minlength=n)
@@ -161,10 +178,18 @@ class ScoringContext:
             is_text = np.isin(mod, self.text_modalities)
             is_image = mod == "image"
             image_l0 += np.bincount(s[is_image], minlength=n)
-            text_keys.append(np.unique(s[is_text].astype(np.int64) << 32 | feat[is_text]))
-            image_keys.append(np.unique(s[is_image].astype(np.int64) << 32 | feat[is_image]))
-        cat = lambda ks: np.unique(np.concatenate(ks)) if ks else np.zeros(0, np.int64)  # noqa: E731
-        cooc = np.intersect1d(cat(text_keys), cat(image_keys), assume_unique=True)
+            tk = np.unique(s[is_text].astype(np.int64) << 32 | feat[is_text])
+            ik = np.unique(s[is_image].astype(np.int64) << 32 | feat[is_image])
+            if cooc_stream is None:
+                text_keys.append(tk)
+                image_keys.append(ik)
+            elif not cooc_stream.add(s_all, tk, ik):
+                return None
+        if cooc_stream is None:
+            cat = lambda ks: np.unique(np.concatenate(ks)) if ks else np.zeros(0, np.int64)  # noqa: E731
+            cooc = np.intersect1d(cat(text_keys), cat(image_keys), assume_unique=True)
+        else:
+            cooc = cooc_stream.finish()
         return {
             "l0": l0, "l1": l1, "image_l0": image_l0, "cooc_sample": (cooc >> 32).astype(np.int64),
             "cooc_feature": (cooc & 0xFFFFFFFF).astype(np.int64), "modalities": np.array(sorted(modalities)),
@@ -176,7 +201,7 @@ class ScoringContext:
         tok = self.tokens
         require_columns("tokens.parquet", list(tok.columns), ("sample_id", "position", "modality"))
         m = (tok["position"].to_numpy() > 0) & tok["modality"].isin(self.code_stats["modalities"].tolist()).to_numpy()
-        s = self.index.get_indexer(tok["sample_id"].astype(str).to_numpy()[m])
+        s = self._sample_index(tok["sample_id"])[m]
         return np.bincount(s[s >= 0], minlength=self.n).astype(np.float64)
 
     # ---- cross-modal consistency (see the module docstring) ----------------------------------------
@@ -186,15 +211,34 @@ class ScoringContext:
         `side` (0 text, 1 image, -1 neither) and `token_id`."""
         tok = self.tokens
         require_columns("tokens.parquet", list(tok.columns), ("row", "sample_id", "modality", "token_id"))
-        tok = tok.sort_values("row", kind="stable")
-        if not np.array_equal(tok["row"].to_numpy(), np.arange(len(tok))):
+        return {**self._token_sides(tok), "token_id": self._row_order(tok, tok["token_id"].to_numpy(np.int64))}
+
+    @staticmethod
+    def _row_order(tok: pd.DataFrame, values: np.ndarray) -> np.ndarray:
+        """`values` (one per row of `tok`) in store-row order; the frame is not copied when already in order."""
+        row = tok["row"].to_numpy()
+        if np.array_equal(row, np.arange(len(row))):
+            return values
+        order = np.argsort(row, kind="stable")
+        if not np.array_equal(row[order], np.arange(len(row))):
             raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
-        mod = tok["modality"].to_numpy()
-        return {
-            "sample": self.index.get_indexer(tok["sample_id"].astype(str).to_numpy()),
-            "side": np.where(mod == "image", 1, np.where(np.isin(mod, self.text_modalities), 0, -1)),
-            "token_id": tok["token_id"].to_numpy(np.int64),
-        }
+        return values[order]
+
+    def _sample_index(self, sample_id) -> np.ndarray:
+        """Index into ids of each value (-1: not scored), looked up once per distinct value: no per-token
+        Python strings, whose memory grew with the data."""
+        codes, uniques = pd.factorize(sample_id)
+        lookup = self.index.get_indexer(np.asarray(uniques, dtype=object).astype(str))
+        return np.where(codes >= 0, lookup[codes], -1) if len(lookup) else np.full(len(codes), -1, np.intp)
+
+    def _token_sides(self, tok: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Per store row: `sample` (index into ids, -1 = not scored) and `side` (0 text, 1 image, -1 neither)."""
+        codes, uniques = pd.factorize(tok["modality"])
+        mod = np.asarray(uniques, dtype=object)
+        side = np.where(mod == "image", 1, np.where(np.isin(mod, self.text_modalities), 0, -1))
+        side = np.where(codes >= 0, side[codes], -1) if len(side) else np.full(len(codes), -1, np.int64)
+        return {"sample": self._row_order(tok, self._sample_index(tok["sample_id"])),
+                "side": self._row_order(tok, side)}
 
     def _code_tokens(self, b: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sample, side, token_id) of a codes batch's rows, from tokens.parquet."""
@@ -368,20 +412,27 @@ class ScoringContext:
         count = np.zeros(n)
         unit = torch.zeros(n, store.d_model, dtype=torch.float64)
         error = np.zeros(n) if self.sae is not None else None
+        sub = sae_rows(int(self.sae.cfg.d_sae)) if self.sae is not None else SAE_MAX_ROWS
         for start, x in store.iter_blocks(layer, store.chunk_tokens * 8):
             s, side = ti["sample"][start : start + len(x)], ti["side"][start : start + len(x)]
             m = (s >= 0) & (side == 1)
             if not m.any():
                 continue
-            s, xt = s[m], torch.from_numpy(np.ascontiguousarray(x[m])).float()
-            norms = xt.norm(dim=1)
+            s, rows = s[m], np.flatnonzero(m)
             count += np.bincount(s, minlength=n)
-            unit.index_add_(0, torch.from_numpy(s), (xt / norms.clamp_min(1e-12)[:, None]).double())
+            rel = np.zeros(len(rows))
+            # sub-batches: the SAE's dense [rows, d_sae] codes of a whole block (up to 65,536 rows) would
+            # not fit; each row's values do not depend on the batch, and the sums run in the same order
+            for a in range(0, len(rows), sub):
+                xt = torch.from_numpy(np.ascontiguousarray(x[rows[a : a + sub]])).float()
+                norms = xt.norm(dim=1)
+                unit.index_add_(0, torch.from_numpy(s[a : a + sub]), (xt / norms.clamp_min(1e-12)[:, None]).double())
+                if error is not None:
+                    with torch.no_grad():
+                        recon, _ = self.sae(xt.to(self.sae.W_enc.dtype))
+                    rel[a : a + sub] = ((recon.float() - xt).pow(2).sum(1) / norms.pow(2).clamp_min(1e-12)).double().numpy()
             if error is not None:
-                with torch.no_grad():
-                    recon, _ = self.sae(xt.to(self.sae.W_enc.dtype))
-                rel = (recon.float() - xt).pow(2).sum(1) / norms.pow(2).clamp_min(1e-12)
-                error += np.bincount(s, weights=rel.double().numpy(), minlength=n)
+                error += np.bincount(s, weights=rel, minlength=n)
         out = {"count": count, "unit_sum": unit.numpy()}
         if error is not None:
             out["error"] = error
@@ -402,6 +453,46 @@ class ScoringContext:
             stats.append(st["error"] / c)
         z = np.max(np.abs(np.stack([_robust_z(x, has) for x in stats])), axis=0)
         return np.where(has, z, 0.0)
+
+
+class CoocStream:
+    """The co-occurring (sample, feature) keys (sample << 32 | feature, present on >= 1 text and >= 1 image
+    token) of a stream of code batches in which each sample's codes form one run, as in codes.parquet
+    (ordered by row; a sample's tokens are contiguous in the store). A sample is settled as soon as the
+    stream has moved past it, so besides the result only the open sample's (text and image) keys are
+    held, not every active pair of the data. `add` returns False once a settled sample comes back."""
+
+    def __init__(self, n: int) -> None:
+        self.settled = np.zeros(n, bool)
+        self.open = -1  # the sample the last batch ended in (-1: none, or not scored)
+        self.text, self.image = np.zeros(0, np.int64), np.zeros(0, np.int64)  # the open sample's keys
+        self.done: list[np.ndarray] = []
+
+    def add(self, sample: np.ndarray, text_keys: np.ndarray, image_keys: np.ndarray) -> bool:
+        """One batch: `sample` = every code's sample index in stream order (-1 = not scored, every code,
+        filtered or not), text_keys / image_keys = the batch's unique keys. False if a sample comes back."""
+        if not len(sample):
+            return True
+        present = np.unique(sample[sample >= 0])
+        if self.settled[present].any():
+            return False
+        last = int(sample[-1])
+        self.settled[present] = True
+        if self.open >= 0:
+            self.settled[self.open] = True
+        if last >= 0:
+            self.settled[last] = False
+        text, image = np.union1d(self.text, text_keys), np.union1d(self.image, image_keys)
+        t_open, i_open = (text >> 32) == last, (image >> 32) == last
+        self.done.append(np.intersect1d(text[~t_open], image[~i_open], assume_unique=True))
+        self.text, self.image, self.open = text[t_open], image[i_open], last
+        return True
+
+    def finish(self) -> np.ndarray:
+        """The sorted co-occurring keys (as np.intersect1d of all text and all image keys gives them)."""
+        self.done.append(np.intersect1d(self.text, self.image, assume_unique=True))
+        self.text, self.image = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.sort(np.concatenate(self.done))
 
 
 def _max_by_key(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -514,12 +605,8 @@ def score_nosae_cosine(ctx: ScoringContext) -> np.ndarray:
     tok = ctx.tokens
     require_columns(Path(getattr(store, "folder", "")) / "tokens.parquet", list(tok.columns),
                     ("row", "sample_id", "modality"))
-    tok = tok.sort_values("row", kind="stable")
-    if not np.array_equal(tok["row"].to_numpy(), np.arange(len(tok))):
-        raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
-    s_all = ctx.index.get_indexer(tok["sample_id"].astype(str).to_numpy())
-    mod = tok["modality"].to_numpy()
-    side_all = np.where(mod == "image", 1, np.where(np.isin(mod, ctx.text_modalities), 0, -1))
+    sides = ctx._token_sides(tok)
+    s_all, side_all = sides["sample"], sides["side"]
     sums = torch.zeros(2, ctx.n, store.d_model, dtype=torch.float64)
     block = store.chunk_tokens * 8
     for start, x in store.iter_blocks(layer, block):

@@ -407,3 +407,38 @@ def test_sae_training_on_sharded_store_is_identical_and_resumes(shard_setup, sin
     for w in weights[1:]:
         assert all(torch.equal(weights[0][k], w[k]) for k in weights[0])
     assert resumed["curve"] == full["curve"] == ref["curve"]
+
+
+class _RecordingArray:
+    """A zarr array that records the row ranges read from it (and has no orthogonal selection)."""
+
+    def __init__(self, arr, reads: list[tuple[int, int]]) -> None:
+        self.arr, self.reads, self.chunks, self.shape = arr, reads, arr.chunks, arr.shape
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        self.reads.append((key.start, key.stop))
+        return self.arr[key]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_read_rows_reads_one_chunk_at_a_time(tmp_path, dtype):
+    n, d, chunk = 50, 3, 8
+    states = torch.arange(n * d, dtype=torch.float32).reshape(n, d) / 7
+    writer = ActivationWriter(tmp_path / "s", [2], d, dtype=dtype, chunk_tokens=chunk, shard_chunks=2)
+    tokens = pd.DataFrame({"sample_id": "a", "position": np.arange(n, dtype=np.int32), "modality": "text",
+                           "token_id": np.zeros(n, np.int32), "is_response": False, "patch": np.int32(-1)})
+    writer.append({2: states}, tokens)
+    writer.close()
+    store = ActivationStore(tmp_path / "s")
+    rows = np.array([49, 3, 17, 3, 0, 16, 48, 9, 10])  # unsorted, a duplicate, both ends, across chunks
+    want = store.read(2)[rows]
+    if dtype == "float32":
+        assert np.array_equal(want, states.numpy()[rows])
+    reads: list[tuple[int, int]] = []
+    arr = store._groups[0]["layer_2"]
+    store._groups = [{"layer_2": _RecordingArray(arr, reads)}]
+    got = store.read_rows(2, rows)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    # the chunks holding the rows, each read once, whole (the last one is short)
+    assert reads == [(0, 8), (8, 16), (16, 24), (48, 50)]
+    assert store.read_rows(2, np.zeros(0, np.int64)).shape == (0, d)

@@ -473,3 +473,80 @@ def test_score_script_binding(tmp_path):
     # no concept token pairs in this case: the binding score is the own-word text coverage, <= 1
     assert scores["score_consistency_binding"].between(0, 1).all()
     assert (scores["score_consistency_binding_gated"] <= scores["score_consistency_binding"]).all()
+
+
+# ---- memory: co-occurrence settled sample by sample, offdist's SAE in sub-batches --------------------
+def _all_pairs_cooc(codes: pd.DataFrame, ids: list[str], delta: float = 0.0) -> set[tuple[int, int]]:
+    """Brute force: (sample index, feature) active on >= 1 text and >= 1 image token."""
+    c = codes[codes["activation"] > delta]
+    s = pd.Index(sorted(ids)).get_indexer(c["sample_id"])
+    text = {(a, f) for a, f, m in zip(s, c["feature"], c["modality"], strict=True) if m == "text"}
+    image = {(a, f) for a, f, m in zip(s, c["feature"], c["modality"], strict=True) if m == "image"}
+    return text & image
+
+
+def test_cooc_stream_holds_only_the_open_sample_and_detects_a_returning_one():
+    from mmsae.scoring import CoocStream
+
+    key = lambda s, f: s << 32 | f  # noqa: E731
+    st = CoocStream(3)
+    # batch 1: sample 0 (f1 text, f1 + f2 image), then sample 1 starts (f5 text)
+    assert st.add(np.array([0, 0, 0, 1]), np.array([key(0, 1), key(1, 5)]), np.array([key(0, 1), key(0, 2)]))
+    assert st.open == 1 and st.text.tolist() == [key(1, 5)] and st.image.tolist() == []  # sample 0 settled
+    # batch 2: sample 1 goes on (f5 image: co-occurs across the batch boundary), an unscored token, sample 2
+    assert st.add(np.array([1, -1, 2]), np.zeros(0, np.int64), np.array([key(1, 5), key(2, 7)]))
+    assert st.open == 2 and st.text.tolist() == [] and st.image.tolist() == [key(2, 7)]
+    assert st.finish().tolist() == [key(0, 1), key(1, 5)]
+    # a sample that comes back after the stream moved past it cannot be settled early
+    st = CoocStream(3)
+    assert st.add(np.array([0, 1]), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert not st.add(np.array([0]), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_code_stats_streamed_equal_brute_force(tmp_path, shuffle):
+    rng = np.random.default_rng(0)
+    ids = [f"q{i}" for i in range(12)]
+    tokens = pd.DataFrame({"sample_id": np.repeat(ids, 6), "position": np.tile(np.arange(6), 12),
+                           "modality": np.tile(["special", "image", "image", "image", "text", "text"], 12)})
+    entries = [(r, int(f), float(a)) for r in range(len(tokens)) for f, a in
+               zip(rng.choice(5, 3, replace=False), rng.uniform(0.0, 1.0, 3), strict=True)]
+    codes = make_codes(tokens, entries)  # in row order, as encode writes them: each sample one run
+    if shuffle:  # samples interleaved: streaming must give up and keep every pair
+        codes = codes.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    want = _all_pairs_cooc(codes, ids, delta=0.3)
+    for batch_rows in (1, 5, 17, 10_000):  # batches cut inside samples, and one batch
+        c = ScoringContext(ids, codes=codes, delta=0.3, batch_rows=batch_rows)
+        st = c.code_stats
+        assert set(zip(st["cooc_sample"].tolist(), st["cooc_feature"].tolist(), strict=True)) == want
+        keys = st["cooc_sample"] << 32 | st["cooc_feature"]
+        assert np.array_equal(keys, np.unique(keys))  # sorted, as before
+    assert len(want) > 10
+
+
+def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monkeypatch):
+    import torch
+
+    import mmsae.scoring as S
+    from mmsae.sae.model import SAEConfig, build_sae
+
+    assert S.sae_rows(1024) == 4096 and S.sae_rows(65536) == 256 and S.sae_rows(1 << 30) == 64
+    sae = build_sae(SAEConfig(d_in=2, d_sae=8, architecture="topk", k=2), seed=0)
+    calls: list[int] = []
+    forward = sae.forward
+    monkeypatch.setattr(sae, "forward", lambda x: (calls.append(len(x)), forward(x))[1])
+    c = cctx(tmp_path / "a", sae=sae)
+    whole = c.image_stats  # 8 image tokens in one SAE call
+    assert calls == [8]
+    calls.clear()
+    monkeypatch.setattr(S, "SAE_MAX_ROWS", 3)
+    monkeypatch.setattr(S, "SAE_MIN_ROWS", 1)
+    split = cctx(tmp_path / "b", sae=sae).image_stats
+    assert calls == [3, 3, 2]
+    for key in ("count", "unit_sum", "error"):
+        assert np.array_equal(split[key], whole[key]), key
+    with torch.no_grad():
+        x = torch.from_numpy(c.store.read(0)[CTOKENS["modality"].to_numpy() == "image"])
+        recon, _ = forward(x)
+    rel = ((recon - x) ** 2).sum(1) / (x**2).sum(1)
+    np.testing.assert_allclose(split["error"].sum(), rel.sum().item(), rtol=1e-6)
