@@ -54,6 +54,9 @@ def _check_curve():
     cfg, score = config["curve"], config["score"]
     extra = ("ifd", "oracle")  # selections that are not score methods
     for m in cfg["methods"]:
+        if m in ("random", "all"):
+            raise ValueError(f"config curve.methods: {m!r} is always an arm: random subsets come from curve.random_seeds, "
+                             "the whole sample is always fine-tuned on")
         if m not in score["methods"] and m not in extra:
             raise ValueError(f"config curve.methods: {m!r} is not in score.methods (nor one of {extra})")
         if m == "oracle" and not TOY_DATA:

@@ -196,3 +196,13 @@ def test_finetune_with_several_gpus_runs_under_accelerate(tmp_path):
     launches = [line for line in (r.stdout + r.stderr).splitlines() if "finetune.py" in line]
     assert launches and all("accelerate launch --config_file" in line and "--num_processes 4" in line
                             and "config/accelerate/deepspeed_zero3.yaml" in line for line in launches)
+
+
+@pytest.mark.parametrize(("curve", "field"), [({"methods": ["random"]}, "curve.methods"),
+                                               ({"methods": ["nope"]}, "curve.methods"),
+                                               ({"fractions": [0.4]}, "curve.fractions")])
+def test_bad_curve_config_fails_naming_the_field(tmp_path, curve, field):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"curve": curve}))
+    r = smk("-n", "--directory", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"), str(bad))
+    assert r.returncode != 0 and f"config {field}" in r.stdout + r.stderr
