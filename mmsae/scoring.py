@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -315,21 +315,94 @@ class ScoringContext:
                              "balance": balance, "doc_freq": doc_freq, "selectivity": selectivity,
                              "selected": selected})
 
-    @cached_property
-    def concept_maxima(self) -> dict[str, np.ndarray | int]:
-        """A second pass over the codes, XMc features only: A / B = per (sample, selected feature) the
-        largest activation over the sample's text / image tokens, divided by the feature's norm_text /
-        norm_image and capped at 1 when `per_modality_norm`. Sparse: sorted keys sample * F + j (j = the
-        feature's position among the F selected ones) with their values; absent = 0."""
+    def _sample_groups(self, columns: Sequence[str], stream: bool
+                       ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
+        """(codes columns, sample, side, token_id) of the codes, batch by batch. With `stream`, each
+        group holds whole samples: the rows of the sample a batch ends in are carried to the next one, so
+        only one sample's codes are held beyond the batch (codes.parquet is in row order, a sample's tokens
+        contiguous). Raises _Unsorted when a sample comes back after the stream moved past it."""
+        cols = list(dict.fromkeys(["row", *columns]))
+        settled = np.zeros(self.n, bool)
+        carry: tuple | None = None
+        for b in iter_codes(self.need("codes", "consistency"), cols, self.batch_rows):
+            s, side, tid = self._code_tokens(b)
+            if not stream:
+                yield b, s, side, tid
+                continue
+            if carry is not None:
+                b = {c: np.concatenate([carry[0][c], b[c]]) for c in cols}
+                s, side, tid = (np.concatenate([x, y]) for x, y in zip(carry[1:], (s, side, tid), strict=True))
+                carry = None
+            if not len(s):
+                continue
+            present = np.unique(s[s >= 0])
+            if settled[present].any():
+                raise _Unsorted
+            settled[present] = True
+            last = int(s[-1])
+            if last >= 0:  # the open sample may go on in the next batch
+                settled[last] = False
+                op = s == last
+                carry = ({c: v[op] for c, v in b.items()}, s[op], side[op], tid[op])
+                done = ~op
+                b, s, side, tid = {c: v[done] for c, v in b.items()}, s[done], side[done], tid[done]
+            yield b, s, side, tid
+        if carry is not None:
+            yield carry
+
+    def _selected(self) -> tuple[np.ndarray, np.ndarray]:
+        """(XMc feature ids, each feature's index among them or -1)."""
         cf = self.concept_features
         sel = cf["feature"].to_numpy()[cf["selected"].to_numpy()]
-        n_sel = len(sel)
         pos = np.full(len(cf), -1, np.int64)
-        pos[sel] = np.arange(n_sel)
+        pos[sel] = np.arange(len(sel))
+        return sel, pos
+
+    @cached_property
+    def concept_sums(self) -> dict[str, np.ndarray]:
+        """Per sample: sum_f A, sum_f B, sum_f min(A, B), A.B, |A|^2, |B|^2 over the XMc features, where
+        A / B = per (sample, selected feature) the largest activation over the sample's text / image tokens,
+        divided by the feature's norm_text / norm_image and capped at 1 when `per_modality_norm` (absent =
+        0). A second pass over the codes, XMc features only, settled sample by sample (`_sample_groups`;
+        a whole-pool pass when the codes are out of order)."""
+        try:
+            return self._concept_pass(stream=True)
+        except _Unsorted:
+            return self._concept_pass(stream=False)
+
+    def _concept_pass(self, stream: bool) -> dict[str, np.ndarray]:
+        cf, n = self.concept_features, self.n
+        sel, pos = self._selected()
+        n_sel = len(sel)
+        norms = {0: cf["norm_text"].to_numpy()[sel], 1: cf["norm_image"].to_numpy()[sel]}
+        names = ("text", "image", "min", "dot", "text_sq", "image_sq")
+        out = {k: np.zeros(n) for k in names}
         keys: dict[int, list[np.ndarray]] = {0: [], 1: []}
         vals: dict[int, list[np.ndarray]] = {0: [], 1: []}
-        for b in iter_codes(self.need("codes", "consistency"), ("row", "feature", "activation"), self.batch_rows):
-            s, side, _ = self._code_tokens(b)
+
+        def settle() -> None:
+            """Add the samples of keys / vals (whole samples: each sample's sums start from 0 and run in
+            key order, so the result does not depend on how the samples were grouped)."""
+            kv = {}
+            for sd in (0, 1):
+                k, v = _max_by_key(np.concatenate(keys[sd] + [np.zeros(0, np.int64)]),
+                                   np.concatenate(vals[sd] + [np.zeros(0)]))
+                if self.consistency["per_modality_norm"] and n_sel:
+                    v = np.minimum(v / norms[sd][k % n_sel], 1.0)
+                kv[sd] = (k, v)
+                keys[sd].clear()
+                vals[sd].clear()
+            (tk, tv), (ik, iv) = kv[0], kv[1]
+            d = max(n_sel, 1)
+            common, it, ii = np.intersect1d(tk, ik, assume_unique=True, return_indices=True)
+            sc = common // d
+            bc = lambda s, w: np.bincount(s, weights=w, minlength=n).astype(np.float64)  # noqa: E731
+            for name, part in (("text", bc(tk // d, tv)), ("image", bc(ik // d, iv)),
+                               ("min", bc(sc, np.minimum(tv[it], iv[ii]))), ("dot", bc(sc, tv[it] * iv[ii])),
+                               ("text_sq", bc(tk // d, tv * tv)), ("image_sq", bc(ik // d, iv * iv))):
+                out[name] += part
+
+        for b, s, side, _ in self._sample_groups(("feature", "activation"), stream):
             j = pos[b["feature"].astype(np.int64)]
             act = b["activation"].astype(np.float64)
             m = (act > self.delta) & (s >= 0) & (side >= 0) & (j >= 0)
@@ -337,44 +410,51 @@ class ScoringContext:
                 k, v = _max_by_key(s[m & (side == sd)] * n_sel + j[m & (side == sd)], act[m & (side == sd)])
                 keys[sd].append(k)
                 vals[sd].append(v)
-        out: dict[str, np.ndarray | int] = {"n_selected": n_sel}
-        for sd, name, norm in ((0, "text", cf["norm_text"]), (1, "image", cf["norm_image"])):
-            k, v = _max_by_key(np.concatenate(keys[sd] + [np.zeros(0, np.int64)]), np.concatenate(vals[sd] + [np.zeros(0)]))
-            if self.consistency["per_modality_norm"] and n_sel:
-                v = np.minimum(v / norm.to_numpy()[sel][k % n_sel], 1.0)
-            out[f"{name}_key"], out[f"{name}_val"] = k, v
+            if stream:
+                settle()
+        settle()
         return out
-
-    @cached_property
-    def concept_sums(self) -> dict[str, np.ndarray]:
-        """Per sample: sum_f A, sum_f B, sum_f min(A, B), A.B, |A|^2, |B|^2 over the XMc features."""
-        mx, n = self.concept_maxima, self.n
-        n_sel = max(int(mx["n_selected"]), 1)
-        tk, tv, ik, iv = mx["text_key"], mx["text_val"], mx["image_key"], mx["image_val"]
-        common, it, ii = np.intersect1d(tk, ik, assume_unique=True, return_indices=True)
-        sc = common // n_sel
-        bc = lambda s, w: np.bincount(s, weights=w, minlength=n).astype(np.float64)  # noqa: E731
-        return {"text": bc(tk // n_sel, tv), "image": bc(ik // n_sel, iv),
-                "min": bc(sc, np.minimum(tv[it], iv[ii])), "dot": bc(sc, tv[it] * iv[ii]),
-                "text_sq": bc(tk // n_sel, tv * tv), "image_sq": bc(ik // n_sel, iv * iv)}
 
     @cached_property
     def binding(self) -> dict[str, np.ndarray]:
         """Per sample, over the XMc features (see `consistency_binding`): `coverage` (text coverage, the
         text side counted only on a feature's own word when `bind_own_word`), `deficit` (the binding
         deficit D) and `n_pairs` (neighbouring concept-token pairs checked). One pass over the codes,
-        XMc features only; then one small dense problem per sample."""
+        XMc features only, settled sample by sample (`_sample_groups`; a whole-pool pass when the codes are
+        out of order); one small dense problem per sample."""
+        try:
+            return self._binding_pass(stream=True)
+        except _Unsorted:
+            return self._binding_pass(stream=False)
+
+    def _binding_pass(self, stream: bool) -> dict[str, np.ndarray]:
         cf, cfg = self.concept_features, self.consistency
-        sel = cf["feature"].to_numpy()[cf["selected"].to_numpy()]
+        sel, pos = self._selected()
         n_sel = len(sel)
-        pos = np.full(len(cf), -1, np.int64)
-        pos[sel] = np.arange(n_sel)
         top = cf["top_token"].to_numpy()[sel]
         norms = (cf["norm_text"].to_numpy()[sel], cf["norm_image"].to_numpy()[sel])
+        out = {"coverage": np.zeros(self.n), "deficit": np.zeros(self.n), "n_pairs": np.zeros(self.n, np.int64)}
         parts: list[tuple[np.ndarray, ...]] = []
-        for b in iter_codes(self.need("codes", "consistency"), ("row", "position", "feature", "activation"),
-                            self.batch_rows):
-            s, side, tid = self._code_tokens(b)
+        bar = tqdm(total=self.n, desc="binding", disable=self.n < 10000, file=sys.stderr)
+
+        def settle() -> None:
+            """Solve the samples of `parts` (whole samples; each sample's rows keep their stream order)."""
+            s, side, key, j, act = (np.concatenate([p[i] for p in parts] + [np.zeros(0, d)])
+                                    for i, d in enumerate((np.int64, np.int64, np.int64, np.int64, np.float64)))
+            parts.clear()
+            if self.consistency["per_modality_norm"] and n_sel:
+                act = np.minimum(act / np.where(side == 0, norms[0][j], norms[1][j]), 1.0)
+            order = np.lexsort((key, side, s))
+            s, side, key, j, act = s[order], side[order], key[order], j[order], act[order]
+            starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, np.int64)
+            for a, z in zip(starts, np.r_[starts[1:], len(s)] if len(s) else starts, strict=True):
+                i = s[a]
+                out["coverage"][i], out["deficit"][i], out["n_pairs"][i] = _binding_sample(
+                    side[a:z], key[a:z], j[a:z], act[a:z], float(cfg["bind_min_text"]), int(cfg["bind_max_gap"]),
+                    str(cfg["bind_aggregate"]))
+            bar.update(len(starts))
+
+        for b, s, side, tid in self._sample_groups(("position", "feature", "activation"), stream):
             j = pos[b["feature"].astype(np.int64)]
             act = b["activation"].astype(np.float64)
             m = (act > self.delta) & (s >= 0) & (side >= 0) & (j >= 0)
@@ -383,20 +463,10 @@ class ScoringContext:
             # text tokens are keyed by position (their order), image tokens by store row
             key = np.where(side == 0, b["position"].astype(np.int64), b["row"].astype(np.int64))
             parts.append((s[m], side[m], key[m], j[m], act[m]))
-        s, side, key, j, act = (np.concatenate([p[i] for p in parts] + [np.zeros(0, d)])
-                                for i, d in enumerate((np.int64, np.int64, np.int64, np.int64, np.float64)))
-        if self.consistency["per_modality_norm"] and n_sel:
-            act = np.minimum(act / np.where(side == 0, norms[0][j], norms[1][j]), 1.0)
-        order = np.lexsort((key, side, s))
-        s, side, key, j, act = s[order], side[order], key[order], j[order], act[order]
-        bounds = np.searchsorted(s, np.arange(self.n + 1))
-        out = {"coverage": np.zeros(self.n), "deficit": np.zeros(self.n), "n_pairs": np.zeros(self.n, np.int64)}
-        todo = [i for i in range(self.n) if bounds[i + 1] > bounds[i]]
-        for i in tqdm(todo, desc="binding", disable=len(todo) < 10000, file=sys.stderr):
-            sl = slice(bounds[i], bounds[i + 1])
-            out["coverage"][i], out["deficit"][i], out["n_pairs"][i] = _binding_sample(
-                side[sl], key[sl], j[sl], act[sl], float(cfg["bind_min_text"]), int(cfg["bind_max_gap"]),
-                str(cfg["bind_aggregate"]))
+            if stream:
+                settle()
+        settle()
+        bar.close()
         return out
 
     # ---- off-distribution images --------------------------------------------------------------------
@@ -453,6 +523,10 @@ class ScoringContext:
             stats.append(st["error"] / c)
         z = np.max(np.abs(np.stack([_robust_z(x, has) for x in stats])), axis=0)
         return np.where(has, z, 0.0)
+
+
+class _Unsorted(Exception):
+    """A sample's codes are not one run of the stream: settle nothing early, take the whole-pool pass."""
 
 
 class CoocStream:

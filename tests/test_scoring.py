@@ -550,3 +550,33 @@ def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monk
         recon, _ = forward(x)
     rel = ((recon - x) ** 2).sum(1) / (x**2).sum(1)
     np.testing.assert_allclose(split["error"].sum(), rel.sum().item(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"bind_own_word": False, "per_modality_norm": False}])
+def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
+    from mmsae.scoring import _Unsorted
+
+    ref = bctx(tmp_path / "ref", **cfg)
+    want_b, want_c = ref._binding_pass(stream=False), ref._concept_pass(stream=False)  # one whole-pool pass
+    assert want_b["n_pairs"].sum() > 0 and want_c["min"].sum() > 0
+    # in row order, as encode writes them (binding_entries appends b5's extra code at the end)
+    codes = make_codes(BTOKENS, binding_entries()).sort_values("row", kind="stable").reset_index(drop=True)
+    for batch_rows in (1, 3, 7, 10_000):  # batches cut inside samples, and one batch
+        c = bctx(tmp_path / f"s{batch_rows}", **cfg)
+        c.codes, c.batch_rows = codes, batch_rows
+        # each group of the stream holds whole samples: no sample is in two groups
+        seen = [set(s[s >= 0].tolist()) for _, s, _, _ in c._sample_groups(("feature",), stream=True)]
+        assert sum(len(x) for x in seen) == len(set().union(*seen)) == 7  # b7 has no codes
+        for k, v in want_b.items():
+            assert np.array_equal(c.binding[k], v), (batch_rows, k)  # bit-identical
+        for k, v in want_c.items():
+            assert np.array_equal(c.concept_sums[k], v), (batch_rows, k)
+    # interleaved samples: the stream gives up, and the whole-pool pass gives the same answer
+    shuffled = bctx(tmp_path / "shuf", **cfg)
+    shuffled.codes, shuffled.batch_rows = codes.sample(frac=1.0, random_state=0).reset_index(drop=True), 5
+    with pytest.raises(_Unsorted):
+        list(shuffled._sample_groups(("feature",), stream=True))
+    for k, v in want_b.items():
+        assert np.array_equal(shuffled.binding[k], v), k
+    for k, v in want_c.items():
+        np.testing.assert_allclose(shuffled.concept_sums[k], v, rtol=1e-12)
