@@ -79,16 +79,10 @@ class Grid:
 # -- the model's side: tokenizer and patch grid, without loading weights ---------------------------
 def model_view(path: str | os.PathLike, trust_remote_code: bool = False) -> tuple[Any, Grid | None]:
     """(tokenizer, patch grid or None) of the model at `path`, through its adapter's own rules."""
-    from transformers import AutoConfig
-
-    from mmsae.models import adapter_class
+    from mmsae.models import load_config
 
     path = str(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "model.path", f"cannot load a model config ({exc.__class__.__name__})") from exc
-    cls = adapter_class(config, path)
+    config, cls = load_config(path, trust_remote_code)
     try:
         processor = cls.load_processor(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

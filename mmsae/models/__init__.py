@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -55,19 +56,25 @@ def adapter_class(config, path: str = "<config>") -> type[ModelAdapter]:
     return cls
 
 
+def load_config(path: str | os.PathLike, trust_remote_code: bool = False) -> tuple[Any, type[ModelAdapter]]:
+    """(transformers config, adapter class) of the model at `path`, without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "model.path", f"cannot load a model config: {_first_line(exc)}") from exc
+    return config, adapter_class(config, str(path))
+
+
 def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> ModelAdapter:
     """Load model + processor (tokenizer for a text-only LLM) from a local folder or hub id and wrap
     them in the family's adapter."""
     import transformers
-    from transformers import AutoConfig
 
     path = str(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, "model.path", f"cannot load a model config: {_first_line(exc)}") from exc
-    cls = adapter_class(config, path)
+    config, cls = load_config(path, trust_remote_code)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     auto_model = getattr(transformers, cls.auto_model)
