@@ -365,10 +365,7 @@ class ScoringContext:
         divided by the feature's norm_text / norm_image and capped at 1 when `per_modality_norm` (absent =
         0). A second pass over the codes, XMc features only, settled sample by sample (`_sample_groups`;
         a whole-pool pass when the codes are out of order)."""
-        try:
-            return self._concept_pass(stream=True)
-        except _Unsorted:
-            return self._concept_pass(stream=False)
+        return _streamed(self._concept_pass)
 
     def _concept_pass(self, stream: bool) -> dict[str, np.ndarray]:
         cf, n = self.concept_features, self.n
@@ -422,10 +419,7 @@ class ScoringContext:
         deficit D) and `n_pairs` (neighbouring concept-token pairs checked). One pass over the codes,
         XMc features only, settled sample by sample (`_sample_groups`; a whole-pool pass when the codes are
         out of order); one small dense problem per sample."""
-        try:
-            return self._binding_pass(stream=True)
-        except _Unsorted:
-            return self._binding_pass(stream=False)
+        return _streamed(self._binding_pass)
 
     def _binding_pass(self, stream: bool) -> dict[str, np.ndarray]:
         cf, cfg = self.concept_features, self.consistency
@@ -527,6 +521,14 @@ class ScoringContext:
 
 class _Unsorted(Exception):
     """A sample's codes are not one run of the stream: settle nothing early, take the whole-pool pass."""
+
+
+def _streamed(pass_fn: Callable[..., dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`pass_fn(stream=True)`, settling sample by sample; the whole-pool pass when codes are out of order."""
+    try:
+        return pass_fn(stream=True)
+    except _Unsorted:
+        return pass_fn(stream=False)
 
 
 class CoocStream:
