@@ -7,7 +7,9 @@ forward + backward only (elementwise work, Adam and clipping count 0), with B = 
 S = d_sae, k = active latents:
 
 - relu: encoder x W_enc (2BDS), its weight gradient (2BDS; x needs no gradient), decoder f W_dec
-  (2BDS) and its two gradients (4BDS): 10 BDS.
+  (2BDS) and its two gradients (4BDS): 10 BDS. This is the dense step (train_sae.sparse_max_density 0
+  here), the one a fresh SAE takes; once codes are sparse, the trainer's sparse path does less matmul
+  work (sae_train.py times that regime).
 - topk: encoder forward (2BDS, dense: the top-k needs every pre-activation), its weight gradient at the
   k selected latents only (2BkD, sparse: mmsae/sae/model.py _SelectedPreGrad), the sparse decoder
   gather (2BkD) and its two gradients (4BkD): 2 BDS + 8 BkD (AuxK off: no latent is dead yet). So few
@@ -52,7 +54,8 @@ def time_steps(arch: str, args: argparse.Namespace, dev: torch.device) -> dict[s
     cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, architecture=arch,
                     apply_b_dec_to_input=arch == "topk", k=args.k if arch == "topk" else None)
     sae = build_sae(cfg, seed=args.seed).to(dev)
-    sae.configure_training({})
+    # relu: the dense step, whose FLOPs are counted above (a sparse batch would take the sparse path)
+    sae.configure_training({"sparse_max_density": 0.0} if arch == "relu" else {})
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     xs = [torch.from_numpy(synthetic_acts(args.batch, args.d_in, args.seed, i * args.batch)).to(dev)
           for i in range(4)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,9 +44,12 @@ SAELENS_PY = BENCH / ".venv-saelens" / "bin" / "python"
 
 def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train with mmsae's trainer on --store; the JSON of the run."""
+    from safetensors.torch import load_file
+
     import mmsae.sae.train as T
     from mmsae.activations import ActivationStore
     from mmsae.config import stage_params
+    from mmsae.sae.io import WEIGHTS
 
     dev = setup(args.threads, args.device)
     clock = StepClock(dev)
@@ -55,6 +59,15 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
         return clock.wrap(schedule_batches(self, *a, **kw))
 
     T.BatchSchedule.iter_batches = clocked
+    if args.init_weights:  # start from given weights (a trained SAE) instead of the seeded init
+        build = T.build_sae
+
+        def build_from(cfg, seed=0):
+            sae = build(cfg, seed=seed)
+            sae.load_state_dict(load_file(args.init_weights))
+            return sae
+
+        T.build_sae = build_from
     store = ActivationStore(args.store)
     params = stage_params("train_sae", json.dumps({
         "architecture": args.arch, "k": args.k, "layer": 0, "expansion": args.d_sae / store.d_model,
@@ -65,6 +78,8 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
     }))
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         m = T.train_sae(store, params, Path(tmp) / "out", Path(tmp) / "ckpt", progress=False)
+        if args.save_weights:
+            shutil.copyfile(Path(tmp) / "out" / "sae" / WEIGHTS, args.save_weights)
     return {"impl": "mmsae", "arch": args.arch, "d_in": m["d_in"], "d_sae": m["d_sae"], "batch": args.batch,
             "steps": m["steps"], **clock.summary(args.batch), "trainer_train_s": m["timings_s"]["train"],
             "final_loss": m["final_loss"], "l0_eval": m["l0"]}
@@ -95,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--l1", type=float, default=0.3, help="relu: L1 coefficient")
     p.add_argument("--archs", default="relu,topk")
+    p.add_argument("--relu-init-steps", type=int, default=1000,
+                   help="relu: also time both trainers starting from an SAE mmsae trained for this many steps "
+                        "(untimed; L0 << d_sae, the regime of most of a real run, where mmsae's sparse path runs); "
+                        "0 = only from the fresh init")
     p.add_argument("--eval-fraction", type=float, default=0.02, help="mmsae holds these samples out (not timed)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="cuda: fp32 = strict fp32 on both sides; bf16 = mmsae's train_sae.precision bf16 (its CUDA "
@@ -106,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=("mmsae",), help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
+    p.add_argument("--init-weights", help=argparse.SUPPRESS)
+    p.add_argument("--save-weights", help=argparse.SUPPRESS)
     add_common_args(p, "sae_train")
     args = p.parse_args(argv)
     if args.worker:
@@ -125,21 +146,33 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--d-sae", str(args.d_sae), "--batch", str(args.batch), "--steps", str(args.steps),
                   "--k", str(args.k), "--lr", str(args.lr), "--l1", str(args.l1), "--device", args.device,
                   "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision]
+        # (name, architecture, initial weights): relu also from a trained SAE (--relu-init-steps)
+        variants: list[tuple[str, str, str | None]] = [(a, a, None) for a in archs]
+        init_run: dict[str, Any] | None = None
+        if "relu" in archs and args.relu_init_steps > 0:
+            trained = str(Path(work) / "relu_trained.safetensors")
+            init_run = run_json([sys.executable, __file__, "--worker", "mmsae", "--store", str(store.folder), "--arch",
+                            "relu", "--work", work, "--eval-fraction", str(args.eval_fraction), *common,
+                            "--steps", str(args.relu_init_steps), "--save-weights", trained])
+            variants.insert(archs.index("relu") + 1, ("relu_trained", "relu", trained))
         runs: dict[str, dict[str, Any]] = {}
-        for arch in archs:
-            runs[f"mmsae_{arch}"] = run_json([sys.executable, __file__, "--worker", "mmsae", "--store",
+        for name, arch, init in variants:
+            init_args = ["--init-weights", init] if init else []
+            runs[f"mmsae_{name}"] = run_json([sys.executable, __file__, "--worker", "mmsae", "--store",
                                               str(store.folder), "--arch", arch, "--work", work,
-                                              "--eval-fraction", str(args.eval_fraction), *common])
+                                              "--eval-fraction", str(args.eval_fraction), *common, *init_args])
             if args.peer == "saelens":
-                peer = [args.saelens_python, str(BENCH / "saelens_worker.py"), "--npy", str(npy), "--arch", arch, *common]
-                runs[f"saelens_{arch}"] = run_json(peer)
+                peer = [args.saelens_python, str(BENCH / "saelens_worker.py"), "--npy", str(npy), "--arch", arch,
+                        *common, *init_args]
+                runs[f"saelens_{name}"] = run_json(peer)
                 if arch == "topk" and args.saelens_sparse:
                     runs["saelens_topk_sparse"] = run_json([*peer, "--sparse"], optional=True)
 
     def ratio(ours: str, peer: str, key: str) -> float:
         return runs[ours][key] / runs[peer][key]
 
-    pairs = {a: (f"mmsae_{a}", f"saelens_{a}") for a in archs if f"saelens_{a}" in runs}
+    names = [name for name, _, _ in variants]
+    pairs = {n: (f"mmsae_{n}", f"saelens_{n}") for n in names if f"saelens_{n}" in runs}
     if "tokens_per_s" in runs.get("saelens_topk_sparse", {}):
         pairs["topk_vs_sparse"] = ("mmsae_topk", "saelens_topk_sparse")
     ratios = {name: {"wall": ratio(o, q, "tokens_per_s"), "cpu": ratio(o, q, "tokens_per_cpu_s"),
@@ -147,17 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     parts = []
     for name, (o, q) in pairs.items():
         r = ratios[name]
-        label = "topk vs SAELens sparse" if name == "topk_vs_sparse" else f"{name} mmsae"
+        label = {"topk_vs_sparse": "topk vs SAELens sparse",
+                 "relu_trained": f"relu from {args.relu_init_steps} steps mmsae"}.get(name, f"{name} mmsae")
         parts.append(f"{label} {runs[o]['tokens_per_s']:,.0f} tok/s vs {runs[q]['tokens_per_s']:,.0f} = "
                      f"{r['wall']:.2f}x (CPU-time {r['cpu']:.2f}x, best step {r['best_step']:.2f}x)")
-    parts += [f"{a} mmsae {runs[f'mmsae_{a}']['tokens_per_s']:,.0f} tok/s" for a in archs if a not in pairs]
+    parts += [f"{n} mmsae {runs[f'mmsae_{n}']['tokens_per_s']:,.0f} tok/s" for n in names if n not in pairs]
     if "error" in runs.get("saelens_topk_sparse", {}):
         parts.append(f"SAELens sparse topk failed: {runs['saelens_topk_sparse']['error'][:80]}")
     line = (f"sae_train ({args.device}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, {args.steps} steps): "
             + "; ".join(parts) + " (goal >= 2x)")
     report("sae_train", line, {"ratio_mmsae_over_saelens": ratios, "runs": runs,
                                "sizes": {"d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch,
-                                         "steps": args.steps, "store_tokens": args.samples * 64, "k": args.k},
+                                         "steps": args.steps, "store_tokens": args.samples * 64, "k": args.k,
+                                         "relu_init_steps": args.relu_init_steps if "relu_trained" in names else 0},
+                               "relu_init_run": init_run,
                                "machine": machine(dev, args.threads)}, args.json)
     return 0
 

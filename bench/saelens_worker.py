@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-weights", help="start from these weights (safetensors) instead of SAELens's init")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast + TF32 (cuda)")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -74,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                                     apply_b_dec_to_input=True, normalize_activations="none",
                                     aux_loss_coefficient=args.aux_coefficient, use_sparse_activations=args.sparse)
         sae = TopKTrainingSAE(cfg)
+    if args.init_weights:  # the same starting weights as mmsae's run (W_enc, b_enc, W_dec, b_dec: same names)
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            for name, w in load_file(args.init_weights).items():
+                getattr(sae, name).copy_(w.to(getattr(sae, name)))
     torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
     tcfg = SAETrainerConfig(total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch,
                             autocast=args.precision == "bf16", lr=args.lr, lr_end=args.lr, device=str(dev),

@@ -100,7 +100,8 @@ class TopKTrainingSAEConfig(_Cfg):
 class _SAE:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.W = torch.zeros(cfg.d_in, cfg.d_sae)
+        self.W_enc, self.b_enc = torch.zeros(cfg.d_in, cfg.d_sae), torch.zeros(cfg.d_sae)
+        self.W_dec, self.b_dec = torch.zeros(cfg.d_sae, cfg.d_in), torch.zeros(cfg.d_in)
 
 
 class StandardTrainingSAE(_SAE):
@@ -119,14 +120,14 @@ class SAETrainer:
     def fit(self):
         for _ in range(self.cfg.total_training_samples // self.cfg.train_batch_size_samples):
             x = next(self.data)
-            x @ self.sae.W
+            x @ self.sae.W_enc
             self.n_training_steps += 1
             self.n_training_samples += len(x)
         return self.sae
 '''
 
 
-def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
+def fake_sae_lens(tmp_path, monkeypatch) -> None:
     pkg = tmp_path / "fake" / "sae_lens"
     (pkg / "training").mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_SAE_LENS))
@@ -134,6 +135,10 @@ def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
     (pkg / "training" / "__init__.py").write_text("")
     (pkg / "training" / "sae_trainer.py").write_text(textwrap.dedent(FAKE_TRAINER))
     monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
+
+
+def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
+    fake_sae_lens(tmp_path, monkeypatch)
     line, res = run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--steps", "5",
                                          "--samples", "6", "--k", "4", "--archs", "topk",
                                          "--saelens-python", sys.executable, "--work", str(tmp_path)],
@@ -145,6 +150,22 @@ def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
     assert ours["d_sae"] == 64 and ours["l0_eval"] == pytest.approx(4.0)  # mmsae's own trainer: k = 4 latents
     assert res["ratio_mmsae_over_saelens"]["topk"]["wall"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
     assert res["sizes"]["store_tokens"] == 6 * 64
+
+
+def test_sae_train_bench_times_relu_also_from_a_trained_sae(tmp_path, capsys, monkeypatch):
+    fake_sae_lens(tmp_path, monkeypatch)
+    line, res = run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--steps", "4",
+                                         "--samples", "6", "--archs", "relu", "--relu-init-steps", "30",
+                                         "--saelens-python", sys.executable, "--work", str(tmp_path)],
+                           capsys, tmp_path / "r.json")
+    assert re.search(r"relu mmsae .*; relu from 30 steps mmsae [\d,]+ tok/s vs [\d,]+ = \d+\.\d\dx", line), line
+    runs = res["runs"]
+    assert set(runs) == {"mmsae_relu", "saelens_relu", "mmsae_relu_trained", "saelens_relu_trained"}
+    assert res["relu_init_run"]["steps"] == 30 and res["sizes"]["relu_init_steps"] == 30
+    assert runs["mmsae_relu_trained"]["steps"] == runs["saelens_relu_trained"]["steps"] == 4
+    # the timed run starts from the 30-step SAE: after the same 4 steps its loss is below the fresh run's
+    assert runs["mmsae_relu_trained"]["final_loss"] < 0.8 * runs["mmsae_relu"]["final_loss"], runs
+    assert set(res["ratio_mmsae_over_saelens"]) == {"relu", "relu_trained"}
 
 
 def test_sae_flops_bench_prints_fraction_of_peak(tmp_path, capsys):

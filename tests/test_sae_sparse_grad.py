@@ -71,3 +71,60 @@ def test_relu_sparsity_matvec_and_fused_bias_keep_the_loss():
     params = list(sae.parameters())
     for a, b in zip(_grads(out.loss, params), _grads(ref, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _sparse_relu(apply_b_dec: bool, normalize: str) -> tuple:
+    """A relu SAE whose codes are sparse (negative b_enc: 3-10% of 40 latents active), taking the sparse path
+    at up to 25% active."""
+    sae = build_sae(SAEConfig(d_in=6, d_sae=40, dtype="float64", apply_b_dec_to_input=apply_b_dec,
+                              normalize_activations=normalize), seed=3)
+    sae.input_scale = 1.3
+    sae.sparse_max_density = 0.25
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.3, -0.1, 40, dtype=torch.float64))
+        sae.b_dec.copy_(torch.linspace(0.3, -0.3, 6, dtype=torch.float64))
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x[3] = 0.0  # no latent active (all pre-activations = b_enc < 0) unless b_dec is applied
+    return sae, x
+
+
+def _reference_loss(sae, x, l1):
+    """Paper Eq. 1-3 written out densely, plain autograd."""
+    x_in = x * sae.input_factor(x)
+    f = torch.relu((x_in - (sae.b_dec if sae.cfg.apply_b_dec_to_input else 0)) @ sae.W_enc + sae.b_enc)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    return (x_hat - x_in).pow(2).sum(-1).mean() + l1 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean(), f
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale"])
+def test_relu_sparse_step_has_the_dense_loss_and_gradients(apply_b_dec, normalize, monkeypatch):
+    sae, x = _sparse_relu(apply_b_dec, normalize)
+    ref, f = _reference_loss(sae, x, 0.7)
+    density = float((f > 0).double().mean())
+    assert 0 < density <= sae.sparse_max_density  # the sparse path's regime
+    assert ((f > 0).sum(-1) == 0).any()  # a token with no active latent (an empty bag)
+
+    def no_dense(*a, **kw):
+        raise AssertionError("the dense path ran")
+
+    monkeypatch.setattr(type(sae), "_dense_loss", no_dense)
+    out = sae.loss(x, 0.7)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(out.codes, f.detach(), rtol=0, atol=1e-12)
+    params = list(sae.parameters())
+    ours, dense = _grads(out.loss, params), _grads(ref, params)
+    for name, a, b in zip(("W_enc", "b_enc", "W_dec", "b_dec"), ours, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert ours[0].abs().sum() > 0 and ours[2].abs().sum() > 0
+
+
+def test_relu_dense_batches_take_the_dense_path(monkeypatch):
+    sae = build_sae(SAEConfig(d_in=6, d_sae=40, dtype="float64"), seed=3)  # b_enc 0: about half active
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    calls = []
+    dense_loss = type(sae)._dense_loss
+    monkeypatch.setattr(type(sae), "_dense_loss", lambda self, *a: calls.append(1) or dense_loss(self, *a))
+    ref, _ = _reference_loss(sae, x, 0.7)
+    assert sae.loss(x, 0.7).loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert calls == [1]
