@@ -59,15 +59,18 @@ def test_precision_context_is_fp32_off_cuda():
     assert tiny_params()["precision"] == "bf16"
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", [*sorted(ARCHITECTURES), "relu_sparse"])
 def test_bf16_autocast_step_works_for_every_architecture(arch):
     """What precision bf16 does on CUDA, on the CPU's autocast: the loss under autocast, the backward
-    outside it; weights and Adam state stay fp32 and the loss stays close to the fp32 one."""
+    outside it; weights and Adam state stay fp32 and the loss stays close to the fp32 one.
+    relu_sparse: relu with its sparse training step forced (sparse_max_density 1)."""
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     losses = {}
+    extra = {"sparse_max_density": 1.0} if arch == "relu_sparse" else {}
+    arch = arch.removesuffix("_sparse")
     for mode in ("fp32", "bf16"):
         sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4 if arch == "topk" else None), seed=0)
-        sae.configure_training(tiny_params(architecture=arch, k=4))
+        sae.configure_training(tiny_params(architecture=arch, k=4, **extra))
         sae.init_from_batch(x)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else torch.autocast("cpu", enabled=False)
