@@ -8,6 +8,15 @@ the pipeline runs it:
 - features: `mmsae.features.feature_table` + `write_features` (top-K per modality, cross-modal weights);
 - score:    `mmsae.scoring.score_samples` with every method that needs no model loss, the SAE given
             (offdist's reconstruction error), as workflow/scripts/score.py builds its ScoringContext.
+            The scored sample ids are read (from tokens.parquet's sample_id column, as a dictionary)
+            before the memory baseline: the pipeline takes them from samples.parquet, one per sample.
+
+The concept-feature set XMc (score.consistency) of the schema's defaults is empty on this synthetic store
+(a random SAE's features fire on many words: no cross-modal feature passes min_selectivity with the rest),
+so the consistency passes (concept_sums, binding) would hold nothing. score therefore runs with
+--consistency, by default a loose selection (min_per_modality 1, min_selectivity 0, max_doc_freq 1,
+min_balance 0: every cross-modal feature, 898 -> 1,008 of 1,024 at the default sizes), which makes those
+passes as heavy as they get. The XMc size is printed and recorded (`n_concept_features`).
 
 Memory: the subprocess's peak RSS (resource.getrusage ru_maxrss) and its increase over the RSS measured
 right before the stage (after imports and set-up): that increase should stay flat as the data grows
@@ -15,6 +24,7 @@ right before the stage (after imports and set-up): that increase should stay fla
 score: --batch-rows codes rows; score's pass over the store: 8 store chunks), so the 1x size must
 already span a few blocks for the comparison to mean anything: the defaults use smaller blocks than
 the pipeline's to keep the run short. Prints one line with the throughputs and the memory ratios.
+--score-steps also records score's RSS after each of its shared passes (where the peak comes from).
 
 Pipeline block sizes (about 3 minutes here): --samples 1200 --batch-rows 1048576 --chunk-tokens 8192
 
@@ -39,7 +49,11 @@ from _common import add_common_args, current_rss_mb, machine, now, peak_rss_mb, 
 STAGES = ("encode", "features", "score")
 # score.methods that need no model loss (model_loss needs a model_loss artifact)
 METHODS = ("cosine", "l0", "l1", "cooc_l0", "random", "nosae_cosine", "consistency", "consistency_cos", "offdist",
-           "consistency_gated")
+           "consistency_gated", "consistency_binding", "consistency_binding_gated")
+# ScoringContext's cached passes, in the order --score-steps computes them (then all METHODS)
+SCORE_STEPS = ("token_index", "code_stats", "concept_features", "concept_sums", "binding", "image_stats")
+# score.consistency for the bench (see the docstring): a non-empty XMc on the synthetic store
+CONSISTENCY = {"min_per_modality": 1, "min_selectivity": 0.0, "max_doc_freq": 1.0, "min_balance": 0.0}
 
 
 def prepare(work: Path, samples: int, args: argparse.Namespace) -> None:
@@ -58,9 +72,9 @@ def prepare(work: Path, samples: int, args: argparse.Namespace) -> None:
 def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one stage on work/; its throughput and memory."""
     dev = setup(args.threads, args.device)
-    import numpy as np
+    import pyarrow.parquet as pq
 
-    from mmsae.activations import ActivationStore
+    from mmsae.activations import TOKENS, ActivationStore
     from mmsae.features import CODES, FEATURES, feature_table, feature_weights, read_columns, write_features
     from mmsae.sae.encode import encode_store
     from mmsae.sae.io import load_sae
@@ -69,6 +83,10 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     store = ActivationStore(work / "extract")
     n_tokens = store.n_tokens
     sae = load_sae(work / "sae", device=dev) if stage in ("encode", "score") else None
+    if stage == "score":  # set-up: one id per sample (in the pipeline, from samples.parquet)
+        column = pq.read_table(store.folder / TOKENS, columns=["sample_id"], read_dictionary=["sample_id"])
+        ids = sorted({str(s) for chunk in column.column(0).chunks for s in chunk.dictionary.to_pylist()})
+        del column
     base = current_rss_mb()
     t0, c0 = now(dev), time.process_time()
     out: dict[str, Any] = {}
@@ -80,11 +98,17 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         out["cross_modal"] = int((df["class"] == "cross-modal").sum())
     else:
         features = read_columns(work / FEATURES, CONCEPT_COLUMNS)
-        ids = np.unique(store.tokens["sample_id"].astype(str).to_numpy())
-        ctx = ScoringContext(ids.tolist(), codes=work / CODES, weights=feature_weights(features, args.d_sae),
-                             store=store, layer=0, features=features, sae=sae, batch_rows=args.batch_rows)
+        ctx = ScoringContext(ids, codes=work / CODES, weights=feature_weights(features, args.d_sae),
+                             store=store, layer=0, features=features, sae=sae, batch_rows=args.batch_rows,
+                             consistency=json.loads(args.consistency))
+        if args.score_steps:  # the shared passes one at a time: peak / current RSS after each
+            out["steps"] = []
+            for step in SCORE_STEPS:
+                getattr(ctx, step)
+                out["steps"].append({"step": step, "peak_rss_mb": peak_rss_mb(), "rss_mb": current_rss_mb()})
         scores = score_samples(ctx, METHODS)
         out["n_samples"] = len(scores)
+        out["n_concept_features"] = int(ctx.concept_features["selected"].sum())
     wall, cpu = now(dev) - t0, time.process_time() - c0
     return {"stage": stage, "n_tokens": n_tokens, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n_tokens / wall,
             "tokens_per_cpu_s": n_tokens / cpu, "rss_before_mb": base, "peak_rss_mb": peak_rss_mb(),
@@ -103,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="codes rows per streamed batch in features and score (the pipeline's default: 1048576)")
     p.add_argument("--chunk-tokens", type=int, default=2048,
                    help="store chunk (extract.chunk_tokens; the pipeline's default: 8192); score reads 8 chunks at a time")
+    p.add_argument("--consistency", default=json.dumps(CONSISTENCY),
+                   help="score.consistency for score, JSON (default: a loose XMc, see above; '{}' = the schema's)")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--work", default=None, help="folder for the synthetic data (default: a temp folder)")
+    p.add_argument("--score-steps", action="store_true",
+                   help="score: compute the shared passes one at a time first, recording the RSS after each "
+                        "(JSON runs.<size>.score.steps)")
     p.add_argument("--inline", action="store_true",
                    help="run the stages in this process (quick checks only: the peak memory is then cumulative)")
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
@@ -121,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     passthrough = ["--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k), "--batch-tokens",
                    str(args.batch_tokens), "--batch-rows", str(args.batch_rows), "--device", args.device,
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--consistency", args.consistency,
+                   *(["--score-steps"] if args.score_steps else [])]
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for label, samples in sizes.items():
             work = Path(tmp) / label
@@ -145,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parts = [f"{s} {small[s]['tokens_per_s']:,.0f} -> {big[s]['tokens_per_s']:,.0f} tok/s, peak RSS "
              f"{small[s]['peak_rss_mb']:,.0f} -> {big[s]['peak_rss_mb']:,.0f} MB (x{ratios[s]['peak_rss']:.2f}; "
              f"increase {small[s]['peak_increase_mb']:,.0f} -> {big[s]['peak_increase_mb']:,.0f} MB)" for s in stages]
+    if "score" in stages:
+        parts.append("XMc " + " -> ".join(f"{runs[k]['score']['n_concept_features']:,}" for k in runs) + " features")
     line = (f"scale ({args.device}, {sizes['1x'] * 64:,} -> {sizes[f'{args.factor}x'] * 64:,} tokens, d_sae "
             f"{args.d_sae}, k {args.k}): " + "; ".join(parts) + " (goal: memory flat)")
     report("scale", line, {"ratios_big_over_small": ratios, "runs": runs,
                            "sizes": {"samples": sizes, "tokens_per_sample": 64, "d_in": args.d_in, "d_sae": args.d_sae,
-                                     "k": args.k, "batch_tokens": args.batch_tokens},
+                                     "k": args.k, "batch_tokens": args.batch_tokens, "batch_rows": args.batch_rows,
+                                     "chunk_tokens": args.chunk_tokens},
+                           "score_consistency": json.loads(args.consistency),
                            "machine": machine(dev, args.threads)}, args.json)
     return 0
 

@@ -68,6 +68,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from mmsae.activations import TOKENS
 from mmsae.data.schema import REQUIRED_COLUMNS, validate_frame
 from mmsae.errors import InputError
 from mmsae.features import FEATURES, Codes, iter_codes, require_columns
@@ -83,6 +84,7 @@ CONCEPT_COLUMNS = ("feature", "n_text", "n_image", "top_text_rows", "top_text_ac
 # offdist runs the SAE on at most this many image tokens at a time, fewer for a wide SAE, so that its
 # dense [rows, d_sae] fp32 codes stay near 64 MB (256 rows at d_sae 65,536)
 SAE_MAX_ROWS, SAE_MIN_ROWS, SAE_CODE_ELEMENTS = 4096, 64, 1 << 24
+TOKEN_ROWS = 1 << 20  # rows of tokens.parquet per read when the per-row arrays are built
 
 
 def sae_rows(d_sae: int) -> int:
@@ -145,6 +147,8 @@ class ScoringContext:
 
     @property
     def tokens(self) -> pd.DataFrame:
+        """The whole tokens frame (the store's, which keeps it): only for a tokens frame without `row`; the
+        methods read per-row arrays (`token_sides`, ...)."""
         if self._tokens is None:
             self._tokens = self.need("store", "tokens").tokens
         return self._tokens
@@ -154,29 +158,60 @@ class ScoringContext:
         """One streaming pass over the codes: per-sample active counts / sums (position > 0), active
         (token, feature) pairs on image tokens, and the co-occurring (sample, feature) pairs.
 
+        Each code's sample, modality and position are looked up by its `row` in per-row arrays built once
+        from tokens.parquet (`token_sides`, `token_counted`): the codes' string columns, one Python string
+        per code when read, are not read. Without them (no store, and no tokens frame with `row`: e.g. an
+        in-memory codes frame alone), the codes' own sample_id / position / modality columns are read.
         The co-occurring pairs are settled sample by sample (`CoocStream`) when each sample's codes are
         one run of the stream, as encode writes them; otherwise a second pass keeps every pair."""
         return self._code_pass(stream=True) or self._code_pass(stream=False)
+
+    @property
+    def _codes_by_row(self) -> bool:
+        """Whether code rows can be looked up in tokens.parquet (a store, or a tokens frame with `row`)."""
+        if self._tokens is not None:
+            return "row" in self._tokens.columns
+        return self.store is not None  # tokens.parquet always has `row`
 
     def _code_pass(self, stream: bool) -> dict[str, np.ndarray] | None:
         """code_stats, or None when `stream` and a sample's codes are not one run."""
         codes = self.need("codes", "codes")
         n = self.n
+        by_row = self._codes_by_row
+        if by_row:
+            ts, counted_at = self.token_sides, self.token_counted
+            names = ts["modality_names"]
+            # per modality code; the extra last entry answers code -1 (no modality)
+            text_of = np.append(np.isin(names, self.text_modalities), False)
+            image_of = np.append(names == "image", False)
+            seen = np.zeros(len(names) + 1, bool)
+            columns = ("row", "feature", "activation")
+        else:
+            columns = ("sample_id", "position", "modality", "feature", "activation")
         l0, l1, image_l0 = np.zeros(n, np.float64), np.zeros(n, np.float64), np.zeros(n, np.float64)
         text_keys, image_keys, modalities = [], [], set()
         cooc_stream = CoocStream(n) if stream else None
-        for b in iter_codes(codes, ("sample_id", "position", "modality", "feature", "activation"), self.batch_rows):
-            modalities.update(pd.unique(b["modality"]).tolist())
-            s_all = self._sample_index(b["sample_id"])
+        for b in iter_codes(codes, columns, self.batch_rows):
+            if by_row:
+                row = self._rows(b)
+                mod_all = ts["modality"][row]
+                seen[mod_all] = True  # every code counts, filtered or not: the modalities the SAE encoded
+                s_all = ts["sample"][row].astype(np.int64)
+            else:
+                modalities.update(pd.unique(b["modality"]).tolist())
+                s_all = self._sample_index(b["sample_id"])
             feat = b["feature"].astype(np.int64)
             keep = (s_all >= 0) & (b["activation"] > self.delta)
             s, feat, act = s_all[keep], feat[keep], b["activation"][keep].astype(np.float64)
-            mod, pos = b["modality"][keep], b["position"][keep]
-            counted = pos > 0
+            if by_row:
+                mod = mod_all[keep]
+                counted, is_text, is_image = counted_at[row[keep]], text_of[mod], image_of[mod]
+            else:
+                mod = b["modality"][keep]
+                counted, is_text = b["position"][keep] > 0, np.isin(mod, self.text_modalities)
+                is_image = mod == "image"
             l0 += np.bincount(s[counted], minlength=n)
             l1 += np.bincount(s[counted], weights=act[counted], minlength=n)
-            is_text = np.isin(mod, self.text_modalities)
-            is_image = mod == "image"
             image_l0 += np.bincount(s[is_image], minlength=n)
             tk = np.unique(s[is_text].astype(np.int64) << 32 | feat[is_text])
             ik = np.unique(s[is_image].astype(np.int64) << 32 | feat[is_image])
@@ -185,44 +220,114 @@ class ScoringContext:
                 image_keys.append(ik)
             elif not cooc_stream.add(s_all, tk, ik):
                 return None
+        if by_row:
+            modalities = {str(names[i]) for i in np.flatnonzero(seen[:-1])}
         if cooc_stream is None:
             cat = lambda ks: np.unique(np.concatenate(ks)) if ks else np.zeros(0, np.int64)  # noqa: E731
             cooc = np.intersect1d(cat(text_keys), cat(image_keys), assume_unique=True)
         else:
             cooc = cooc_stream.finish()
         return {
-            "l0": l0, "l1": l1, "image_l0": image_l0, "cooc_sample": (cooc >> 32).astype(np.int64),
-            "cooc_feature": (cooc & 0xFFFFFFFF).astype(np.int64), "modalities": np.array(sorted(modalities)),
+            "l0": l0, "l1": l1, "image_l0": image_l0, "cooc_sample": cooc >> 32, "cooc_feature": cooc & 0xFFFFFFFF,
+            "modalities": np.array(sorted(modalities)),
         }
 
     @cached_property
     def tokens_per_sample(self) -> np.ndarray:
         """Tokens at position > 0 of the encoded modalities, per sample (the l0 / l1 denominator)."""
-        tok = self.tokens
-        require_columns("tokens.parquet", list(tok.columns), ("sample_id", "position", "modality"))
-        m = (tok["position"].to_numpy() > 0) & tok["modality"].isin(self.code_stats["modalities"].tolist()).to_numpy()
-        s = self._sample_index(tok["sample_id"])[m]
+        if self._codes_by_row:
+            ts, counted = self.token_sides, self.token_counted
+        else:  # a tokens frame without `row`: its own order (a count does not depend on it)
+            tok, names = self.tokens, []
+            require_columns("tokens.parquet", list(tok.columns), ("sample_id", "position", "modality"))
+            ts = {**self._sides(names)(tok), "modality_names": np.array(names, dtype=str)}
+            counted = tok["position"].to_numpy() > 0
+        encoded = np.append(np.isin(ts["modality_names"], self.code_stats["modalities"]), False)
+        s = ts["sample"][counted & encoded[ts["modality"]]]
         return np.bincount(s[s >= 0], minlength=self.n).astype(np.float64)
 
-    # ---- cross-modal consistency (see the module docstring) ----------------------------------------
+    # ---- per-row arrays from tokens.parquet -----------------------------------------------------------
+    # Built once and indexed by store row (= codes' `row`): they must grow with the tokens, so they are kept
+    # compact: int32 sample + int8 side + int8 modality (token_sides), bool position > 0 (token_counted),
+    # int32 token id (token_index): 11 bytes per token in all. With a store, tokens.parquet is read TOKEN_ROWS
+    # rows at a time, only the columns needed: the whole tokens frame (about 50 B/token) is never held.
+    def _token_batches(self, columns: Sequence[str]) -> tuple[int, Iterator[pd.DataFrame]]:
+        """(number of tokens, the tokens in batches with `columns`): the frame given to the context as one
+        batch, or else `columns` of the store's tokens.parquet, strings as dictionaries (categoricals: no
+        Python string per token)."""
+        if self._tokens is not None:
+            require_columns("tokens.parquet", list(self._tokens.columns), columns)
+            return len(self._tokens), iter([self._tokens])
+        path = Path(self.need("store", "tokens").folder) / TOKENS
+        pf = pq.ParquetFile(path, read_dictionary=[c for c in columns if c in ("sample_id", "modality")],
+                            pre_buffer=False)
+        require_columns(path, pf.schema_arrow.names, columns)
+        return pf.metadata.num_rows, (b.to_pandas() for b in pf.iter_batches(TOKEN_ROWS, columns=list(columns)))
+
+    def _per_row(self, columns: Sequence[str], convert: Callable[[pd.DataFrame], dict[str, np.ndarray]]
+                 ) -> dict[str, np.ndarray]:
+        """convert(batch) of each batch of the tokens, put in store-row order (by their `row`)."""
+        n, batches = self._token_batches(("row", *columns))
+        out: dict[str, np.ndarray] = {}
+        seen: np.ndarray | None = None  # rows seen so far, once they are not 0, 1, ... in order
+        at = 0
+        for tok in batches:
+            values, row = convert(tok), tok["row"].to_numpy(np.int64)
+            out = out or {k: np.empty(n, v.dtype) for k, v in values.items()}
+            if seen is None and np.array_equal(row, np.arange(at, at + len(row))):
+                for k, v in values.items():
+                    out[k][at : at + len(row)] = v
+            else:
+                if seen is None:
+                    seen = np.arange(n) < at
+                if len(row) and (row.min() < 0 or row.max() >= n or seen[row].any() or len(np.unique(row)) < len(row)):
+                    raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
+                seen[row] = True
+                for k, v in values.items():
+                    out[k][row] = v
+            at += len(row)
+        if at != n or (seen is not None and not seen.all()):
+            raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
+        return out or convert(pd.DataFrame({c: pd.Series([], dtype=np.int64) for c in ("row", *columns)}))
+
+    def _sides(self, names: list[str]) -> Callable[[pd.DataFrame], dict[str, np.ndarray]]:
+        """Converter of token batches to `token_sides`' arrays; `names` collects the modalities met, in
+        order (a modality's code is its index there)."""
+        sample_dtype = np.int32 if self.n < 2**31 else np.int64
+
+        def convert(tok: pd.DataFrame) -> dict[str, np.ndarray]:
+            codes, uniques = pd.factorize(tok["modality"])
+            local = [str(m) for m in np.asarray(uniques, dtype=object)]
+            names.extend(m for m in local if m not in names)
+            if len(names) > 127:
+                raise InputError("tokens.parquet", "modality", f"{len(names)} distinct modalities")
+            to_code = np.array([names.index(m) for m in local] + [-1], np.int8)  # factorize's -1 (none) -> -1
+            arr = np.array(names, dtype=str)
+            side_of = np.append(np.where(arr == "image", 1, np.where(np.isin(arr, self.text_modalities), 0, -1)), -1)
+            modality = to_code[codes]
+            return {"sample": self._sample_index(tok["sample_id"]).astype(sample_dtype),
+                    "side": side_of[modality].astype(np.int8), "modality": modality}
+
+        return convert
+
+    @cached_property
+    def token_sides(self) -> dict[str, np.ndarray]:
+        """Per store row: `sample` (int32 index into ids, -1 = not scored), `side` (int8: 0 text, 1 image,
+        -1 neither), `modality` (int8 index into `modality_names`, -1 = none)."""
+        names: list[str] = []
+        arrays = self._per_row(("sample_id", "modality"), self._sides(names))
+        return {**arrays, "modality_names": np.array(names, dtype=str)}
+
+    @cached_property
+    def token_counted(self) -> np.ndarray:
+        """Per store row: position > 0 (the tokens l0 / l1 count)."""
+        return self._per_row(("position",), lambda tok: {"counted": tok["position"].to_numpy() > 0})["counted"]
+
     @cached_property
     def token_index(self) -> dict[str, np.ndarray]:
-        """tokens.parquet as arrays indexed by store row: `sample` (index into ids, -1 = not scored),
-        `side` (0 text, 1 image, -1 neither) and `token_id`."""
-        tok = self.tokens
-        require_columns("tokens.parquet", list(tok.columns), ("row", "sample_id", "modality", "token_id"))
-        return {**self._token_sides(tok), "token_id": self._row_order(tok, tok["token_id"].to_numpy(np.int64))}
-
-    @staticmethod
-    def _row_order(tok: pd.DataFrame, values: np.ndarray) -> np.ndarray:
-        """`values` (one per row of `tok`) in store-row order; the frame is not copied when already in order."""
-        row = tok["row"].to_numpy()
-        if np.array_equal(row, np.arange(len(row))):
-            return values
-        order = np.argsort(row, kind="stable")
-        if not np.array_equal(row[order], np.arange(len(row))):
-            raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
-        return values[order]
+        """`token_sides` and, per store row, `token_id` (int32)."""
+        ids = self._per_row(("token_id",), lambda tok: {"token_id": tok["token_id"].to_numpy(np.int32)})
+        return {**self.token_sides, **ids}
 
     def _sample_index(self, sample_id) -> np.ndarray:
         """Index into ids of each value (-1: not scored), looked up once per distinct value: no per-token
@@ -231,22 +336,19 @@ class ScoringContext:
         lookup = self.index.get_indexer(np.asarray(uniques, dtype=object).astype(str))
         return np.where(codes >= 0, lookup[codes], -1) if len(lookup) else np.full(len(codes), -1, np.intp)
 
-    def _token_sides(self, tok: pd.DataFrame) -> dict[str, np.ndarray]:
-        """Per store row: `sample` (index into ids, -1 = not scored) and `side` (0 text, 1 image, -1 neither)."""
-        codes, uniques = pd.factorize(tok["modality"])
-        mod = np.asarray(uniques, dtype=object)
-        side = np.where(mod == "image", 1, np.where(np.isin(mod, self.text_modalities), 0, -1))
-        side = np.where(codes >= 0, side[codes], -1) if len(side) else np.full(len(codes), -1, np.int64)
-        return {"sample": self._row_order(tok, self._sample_index(tok["sample_id"])),
-                "side": self._row_order(tok, side)}
+    def _rows(self, b: dict[str, np.ndarray]) -> np.ndarray:
+        """A codes batch's `row` column, checked against tokens.parquet."""
+        row = np.asarray(b["row"], np.int64)
+        n_rows = len(self.token_sides["sample"])
+        if len(row) and (row.min() < 0 or row.max() >= n_rows):
+            raise InputError(CODES, "row", f"row outside the {n_rows} rows of tokens.parquet")
+        return row
 
     def _code_tokens(self, b: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sample, side, token_id) of a codes batch's rows, from tokens.parquet."""
+        """(sample as int64, side, token_id) of a codes batch's rows, from tokens.parquet."""
         ti = self.token_index
-        row = b["row"].astype(np.int64)
-        if len(row) and (row.min() < 0 or row.max() >= len(ti["sample"])):
-            raise InputError(CODES, "row", f"row outside the {len(ti['sample'])} rows of tokens.parquet")
-        return ti["sample"][row], ti["side"][row], ti["token_id"][row]
+        row = self._rows(b)
+        return ti["sample"][row].astype(np.int64), ti["side"][row], ti["token_id"][row]
 
     @cached_property
     def concept_features(self) -> pd.DataFrame:
@@ -289,7 +391,8 @@ class ScoringContext:
         balance = np.divide(np.minimum(norm_t, norm_i), hi, out=np.zeros(d), where=hi > 0)
         is_text = (ti["side"] == 0) & (ti["sample"] >= 0)
         n_ids = int(ti["token_id"].max(initial=0)) + 1
-        pairs = np.unique(ti["sample"][is_text] * n_ids + ti["token_id"][is_text])  # (sample, token id) once each
+        # (sample, token id) once each
+        pairs = np.unique(ti["sample"][is_text].astype(np.int64) * n_ids + ti["token_id"][is_text])
         df_token = np.bincount(pairs % n_ids, minlength=n_ids) / max(self.n, 1)
         doc_freq = np.where(top >= 0, df_token[np.clip(top, 0, None)], 0.0)
         total, on_top = np.zeros(d), np.zeros(d)
@@ -471,7 +574,7 @@ class ScoringContext:
         relative reconstruction errors ||x - x_hat||^2 / ||x||^2."""
         store = self.need("store", "offdist")
         layer = self.need("layer", "offdist")
-        ti = self.token_index
+        ti = self.token_sides
         n = self.n
         count = np.zeros(n)
         unit = torch.zeros(n, store.d_model, dtype=torch.float64)
@@ -482,7 +585,7 @@ class ScoringContext:
             m = (s >= 0) & (side == 1)
             if not m.any():
                 continue
-            s, rows = s[m], np.flatnonzero(m)
+            s, rows = s[m].astype(np.int64), np.flatnonzero(m)
             count += np.bincount(s, minlength=n)
             rel = np.zeros(len(rows))
             # sub-batches: the SAE's dense [rows, d_sae] codes of a whole block (up to 65,536 rows) would
@@ -568,7 +671,11 @@ class CoocStream:
         """The sorted co-occurring keys (as np.intersect1d of all text and all image keys gives them)."""
         self.done.append(np.intersect1d(self.text, self.image, assume_unique=True))
         self.text, self.image = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.sort(np.concatenate(self.done))
+        keys = np.concatenate(self.done)
+        self.done.clear()  # the result is of the size of the data (samples x their features): one copy at a time
+        if len(keys) > 1 and (keys[1:] < keys[:-1]).any():  # settled in store order, sorted when ids follow it
+            keys.sort()
+        return keys
 
 
 def _max_by_key(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -676,25 +783,56 @@ def score_random(ctx: ScoringContext) -> np.ndarray:
 
 @register("nosae_cosine")
 def score_nosae_cosine(ctx: ScoringContext) -> np.ndarray:
+    return _streamed(lambda stream: {"score": _nosae_pass(ctx, stream)})["score"]
+
+
+def _nosae_pass(ctx: ScoringContext, stream: bool) -> np.ndarray:
+    """Per sample: cosine of its summed image and text hidden states. With `stream`, a sample is settled as
+    soon as the store blocks move past it (a sample's tokens are contiguous in the store), so only the
+    open sample's sums are carried, [2, d_model], not [2, n, d_model]; raises _Unsorted if a settled sample
+    comes back. Each sample's sums add the same rows in the same order either way."""
     store = ctx.need("store", "nosae_cosine")
     layer = ctx.need("layer", "nosae_cosine")
-    tok = ctx.tokens
-    require_columns(Path(getattr(store, "folder", "")) / "tokens.parquet", list(tok.columns),
-                    ("row", "sample_id", "modality"))
-    sides = ctx._token_sides(tok)
+    sides = ctx.token_sides
     s_all, side_all = sides["sample"], sides["side"]
-    sums = torch.zeros(2, ctx.n, store.d_model, dtype=torch.float64)
-    block = store.chunk_tokens * 8
+    n, block = ctx.n, store.chunk_tokens * 8
+
+    def cosine(sums: torch.Tensor) -> np.ndarray:
+        text, image = sums[0].numpy(), sums[1].numpy()
+        denom = np.linalg.norm(text, axis=1) * np.linalg.norm(image, axis=1)
+        dot = (text * image).sum(1)
+        return np.divide(dot, denom, out=np.zeros(len(dot)), where=denom > 0)
+
+    out, done = np.zeros(n), np.zeros(n, bool)
+    keys = np.arange(n) if not stream else None
+    sums = torch.zeros(2, n, store.d_model, dtype=torch.float64) if not stream else None
+    carry: tuple[int, torch.Tensor] | None = None  # the open sample and its sums so far
     for start, x in store.iter_blocks(layer, block):
         s, side = s_all[start : start + len(x)], side_all[start : start + len(x)]
         m = (s >= 0) & (side >= 0)
+        if stream:  # this block's samples (and the open one), in a buffer of their own
+            present = np.unique(s[m])
+            if done[present].any():
+                raise _Unsorted
+            keys = np.union1d(present, [carry[0]]) if carry is not None else present
+            sums = torch.zeros(2, len(keys), store.d_model, dtype=torch.float64)
+            if carry is not None:
+                sums[:, np.searchsorted(keys, carry[0])] = carry[1]
         if m.any():
-            flat = torch.from_numpy(side[m] * ctx.n + s[m])
-            sums.view(2 * ctx.n, -1).index_add_(0, flat, torch.from_numpy(x[m]).double())
-    text, image = sums[0].numpy(), sums[1].numpy()
-    denom = np.linalg.norm(text, axis=1) * np.linalg.norm(image, axis=1)
-    dot = (text * image).sum(1)
-    return np.divide(dot, denom, out=np.zeros(ctx.n), where=denom > 0)
+            local = np.searchsorted(keys, s[m]) if stream else s[m]
+            flat = torch.from_numpy(side[m].astype(np.int64) * len(keys) + local)
+            sums.view(2 * len(keys), -1).index_add_(0, flat, torch.from_numpy(x[m]).double())
+        if stream:
+            last = int(s_all[start + len(x) - 1]) if len(x) else -1
+            open_ = keys == last  # the sample the block ends in may go on in the next one
+            out[keys[~open_]] = cosine(sums[:, torch.from_numpy(~open_)])
+            done[keys[~open_]] = True
+            carry = (last, sums[:, torch.from_numpy(open_)][:, 0].clone()) if open_.any() else None
+    if not stream:
+        return cosine(sums)
+    if carry is not None:
+        out[carry[0]] = cosine(carry[1][:, None])[0]
+    return out
 
 
 @register("model_loss")

@@ -166,8 +166,9 @@ def shard_statistics(store, codes: str | os.PathLike, layer: int, sample_ids: Se
         raise InputError("score.methods", "methods", f"unknown method {unknown[0]!r}; known: {sorted(METHODS)}")
     tokens = store.tokens
     ids, row0, row1 = shard_samples(tokens, sample_ids, n_shards)[shard]
-    mine = ScoringContext(ids, codes=CodesRange(codes, row0, row1), delta=delta, text_modalities=text_modalities,
-                          batch_rows=batch_rows)
+    # the tokens let code_stats look up each code's sample / modality / position by row
+    mine = ScoringContext(ids, codes=CodesRange(codes, row0, row1), tokens=tokens, delta=delta,
+                          text_modalities=text_modalities, batch_rows=batch_rows)
     stats = pd.DataFrame({"sample_id": mine.ids.astype(str)})
     out: dict = {"stats": stats, "cooc": pd.DataFrame({"sample_id": pd.Series([], dtype=str),
                                                        "feature": pd.Series([], dtype=np.int64)}),

@@ -137,12 +137,16 @@ def fake_sae_lens(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
 
 
-def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
+def run_sae_train(tmp_path, capsys, monkeypatch, args: list[str]) -> tuple[str, dict]:
+    """bench/sae_train.py at a tiny size against the stand-in sae_lens."""
     fake_sae_lens(tmp_path, monkeypatch)
-    line, res = run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--steps", "5",
-                                         "--samples", "6", "--k", "4", "--archs", "topk",
-                                         "--saelens-python", sys.executable, "--work", str(tmp_path)],
-                           capsys, tmp_path / "r.json")
+    return run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--samples", "6",
+                                    "--saelens-python", sys.executable, "--work", str(tmp_path), *args],
+                      capsys, tmp_path / "r.json")
+
+
+def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
+    line, res = run_sae_train(tmp_path, capsys, monkeypatch, ["--steps", "5", "--k", "4", "--archs", "topk"])
     assert re.search(r"topk mmsae [\d,]+ tok/s vs [\d,]+ = \d+\.\d\dx \(CPU-time \d+\.\d\dx", line), line
     ours, peer = res["runs"]["mmsae_topk"], res["runs"]["saelens_topk"]
     assert ours["steps"] == 5 and peer["steps"] == 5 and peer["version"] == "0.0-test"
@@ -153,11 +157,8 @@ def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
 
 
 def test_sae_train_bench_times_relu_also_from_a_trained_sae(tmp_path, capsys, monkeypatch):
-    fake_sae_lens(tmp_path, monkeypatch)
-    line, res = run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--steps", "4",
-                                         "--samples", "6", "--archs", "relu", "--relu-init-steps", "30",
-                                         "--saelens-python", sys.executable, "--work", str(tmp_path)],
-                           capsys, tmp_path / "r.json")
+    line, res = run_sae_train(tmp_path, capsys, monkeypatch, ["--steps", "4", "--archs", "relu",
+                                                              "--relu-init-steps", "30"])
     assert re.search(r"relu mmsae .*; relu from 30 steps mmsae [\d,]+ tok/s vs [\d,]+ = \d+\.\d\dx", line), line
     runs = res["runs"]
     assert set(runs) == {"mmsae_relu", "saelens_relu", "mmsae_relu_trained", "saelens_relu_trained"}
@@ -198,7 +199,7 @@ def test_scale_bench_prints_memory_ratios(tmp_path, capsys):
     torch.set_num_threads(1)
     line, res = run_script("scale", ["--samples", "3", "--factor", "2", "--d-in", "16", "--d-sae", "64", "--k", "4",
                                      "--batch-tokens", "64", "--batch-rows", "256", "--chunk-tokens", "64",
-                                     "--inline", "--work", str(tmp_path)], capsys, tmp_path / "r.json")
+                                     "--inline", "--score-steps", "--work", str(tmp_path)], capsys, tmp_path / "r.json")
     assert re.search(r"encode [\d,]+ -> [\d,]+ tok/s, peak RSS [\d,]+ -> [\d,]+ MB \(x\d+\.\d\d", line), line
     assert "features" in line and "score" in line
     for label, samples in (("1x", 3), ("2x", 6)):
@@ -206,6 +207,14 @@ def test_scale_bench_prints_memory_ratios(tmp_path, capsys):
         assert run["encode"]["n_tokens"] == samples * 64
         assert run["encode"]["nnz"] == samples * 64 * 4  # TopK: k codes per token, all > 0 here
         assert run["score"]["n_samples"] == samples
+    # the binding scores run, over a non-empty XMc (the bench's loose score.consistency), reported on the line
+    scale = load("scale")
+    assert {"consistency_binding", "consistency_binding_gated"} <= set(scale.METHODS)
+    assert res["score_consistency"] == scale.CONSISTENCY
+    xmc = [res["runs"][k]["score"]["n_concept_features"] for k in ("1x", "2x")]
+    assert min(xmc) > 0 and f"XMc {xmc[0]:,} -> {xmc[1]:,} features" in line
+    steps = res["runs"]["2x"]["score"]["steps"]
+    assert [s["step"] for s in steps] == list(scale.SCORE_STEPS) and all(s["rss_mb"] > 0 for s in steps)
     r = res["ratios_big_over_small"]["encode"]
     assert r["peak_rss"] == pytest.approx(res["runs"]["2x"]["encode"]["peak_rss_mb"]
                                           / res["runs"]["1x"]["encode"]["peak_rss_mb"])
