@@ -8,6 +8,10 @@ One synthetic extract store (bench/_data.py, written with mmsae's ActivationWrit
   tensor (no I/O at all: conservative for mmsae), in its own venv (bench/.venv-saelens; `make bench`
   builds it).
 
+relu is timed twice: from the fresh init (about half the codes active: a dense step) and from an SAE that
+mmsae trained for --relu-init-steps steps first (untimed; both trainers then start from its weights, with
+fresh Adam state), where codes are sparse as in most of a real run and mmsae's relu takes its sparse step.
+
 Same d_in, d_sae, batch size, number of steps, fp32, Adam, lr; relu = ReLU + decoder-norm-weighted L1
 (SAELens "standard"), topk = TopK + AuxK (SAELens "topk", its default dense decoder; `--saelens-sparse`
 adds its sparse-activation variant, which fails on the CPU in SAELens 6.54.12 and is then reported as
@@ -151,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         init_run: dict[str, Any] | None = None
         if "relu" in archs and args.relu_init_steps > 0:
             trained = str(Path(work) / "relu_trained.safetensors")
-            init_run = run_json([sys.executable, __file__, "--worker", "mmsae", "--store", str(store.folder), "--arch",
-                            "relu", "--work", work, "--eval-fraction", str(args.eval_fraction), *common,
-                            "--steps", str(args.relu_init_steps), "--save-weights", trained])
+            init_run = run_json([sys.executable, __file__, "--worker", "mmsae", "--store", str(store.folder),
+                                 "--arch", "relu", "--work", work, "--eval-fraction", str(args.eval_fraction), *common,
+                                 "--steps", str(args.relu_init_steps), "--save-weights", trained])
             variants.insert(archs.index("relu") + 1, ("relu_trained", "relu", trained))
         runs: dict[str, dict[str, Any]] = {}
         for name, arch, init in variants:
