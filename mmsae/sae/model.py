@@ -486,11 +486,11 @@ class TopKSAE(SAE):
         (one [n, d_sae] pass less forward and backward). The pre-activations are returned raw.
         """
         pre = self.pre_activations(x_in)
-        values, indices = self._top(pre, self.k)
+        with torch.no_grad():
+            values, indices = self._top(pre, self.k)
         return torch.relu(self._selected_k(values, x_in, indices)), indices, pre
 
     @staticmethod
-    @torch.no_grad()
     def _top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the k largest per row, indices ascending (the sparse decoder's CSR order)."""
         values, indices = scores.topk(k, dim=-1, sorted=False)
@@ -556,13 +556,11 @@ class TopKSAE(SAE):
         scale = min(n_dead / self.aux_k, 1.0)
         if x_in is None:
             candidates = pre.masked_fill(~dead_mask.to(pre.device), -math.inf)  # live latents never selected
-            values, indices = candidates.topk(k_aux, dim=-1, sorted=False)
-            indices, order = indices.sort(dim=-1)
-            values = values.gather(-1, order)
+            values, indices = self._top(candidates, k_aux)
         else:
             with torch.no_grad():
                 candidates = pre.masked_fill(~dead_mask.to(pre.device), -math.inf)
-            values, indices = self._top(candidates, k_aux)
+                values, indices = self._top(candidates, k_aux)
             values = self._selected_k(values, x_in, indices)
         e_hat = self._gather_rows(torch.relu(values), indices)
         return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
