@@ -243,7 +243,7 @@ def _trainer_args(params: dict[str, Any], output_dir: Path, per_device: int, dty
         weight_decay=float(params["weight_decay"]), max_grad_norm=float(params["max_grad_norm"]),
         seed=int(params["seed"]), data_seed=int(params["seed"]), logging_steps=int(params["logging_steps"]),
         save_strategy="no", report_to="none", max_length=params["max_length"],
-        gradient_checkpointing=bool(params["gradient_checkpointing"]), bf16=dtype == torch.bfloat16,
+        activation_checkpointing=bool(params["gradient_checkpointing"]), bf16=dtype == torch.bfloat16,
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=not params["progress"],
         model_init_kwargs={"dtype": dtype, "device_map": None, "trust_remote_code": bool(params["trust_remote_code"])},
     )

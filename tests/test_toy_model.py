@@ -72,6 +72,33 @@ def test_image_token_count(processor, world):
     assert feats[0].shape[0] == n_image
 
 
+def _pooled(out) -> torch.Tensor:
+    """get_image_features' result across transformers 5.x: a tensor, or an output whose pooler_output is
+    a tensor or a list of per-image tensors."""
+    out = out if torch.is_tensor(out) else out.pooler_output
+    return out if torch.is_tensor(out) else torch.stack(list(out))
+
+
+def test_image_features_equal_the_models_own_and_fill_the_image_slots(processor, world):
+    """The training path (vision tower + projector called directly, slots filled by hand) computes
+    exactly what the model's forward does with pixel_values: same image features, same logits."""
+    rows = world["heldout"].iloc[:3]
+    inputs = toy.model_inputs(processor, list(rows["question"]), list(rows["image"]))
+    model = toy.build_model(TINY, len(processor.tokenizer), processor.image_token_id).eval()
+    with torch.no_grad():
+        ours = toy.image_features(model, inputs["pixel_values"])
+        theirs = _pooled(model.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        assert ours.shape == (3, toy.N_IMAGE_TOKENS, TINY["hidden_size"])
+        torch.testing.assert_close(ours, theirs.reshape(ours.shape), atol=0, rtol=0)
+        embeds = toy.image_embeds(model, inputs["input_ids"], ours)
+        by_hand = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+        native = model(**inputs).logits
+    torch.testing.assert_close(by_hand, native, atol=1e-6, rtol=0)
+    # the slots hold the features, everything else the token embeddings
+    slots = inputs["input_ids"] == processor.image_token_id
+    torch.testing.assert_close(embeds[slots], ours.reshape(-1, ours.shape[-1]), atol=0, rtol=0)
+
+
 def test_processor_round_trip(tmp_path, processor, world):
     from transformers import AutoProcessor
 

@@ -332,6 +332,30 @@ def _set_trainable(model, modules: Iterable[torch.nn.Module]) -> list[torch.nn.P
     return params
 
 
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projector outputs [N, P, H] of a LLaVA model: its vision tower and projector called directly.
+
+    The forward's own image outputs are not stable across transformers minor versions (5.25 turned
+    `image_hidden_states` into a deprecated alias, announced to become per-layer states); these two
+    modules and the config's feature layer / select strategy are.
+    """
+    cfg, inner = model.config, model.model
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"toy model: vision_feature_layer must be one int, got {layer!r}")
+    hidden = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    if cfg.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]  # drop CLS
+    return inner.multi_modal_projector(hidden)
+
+
+def image_embeds(model, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The LM's input embeddings with the image slots (`<image>` ids, P per row) filled by `features`."""
+    emb = model.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return emb.masked_scatter(slots, features.to(emb.dtype))
+
+
 def patch_rendering_embeds(embed: torch.nn.Embedding, input_ids: torch.Tensor, concept_ids: torch.Tensor,
                            image_token_id: int) -> torch.Tensor:
     """Input embeddings with every image slot replaced by the sum of the word embeddings of the concepts
@@ -393,10 +417,10 @@ def fit_toy_model(train_df: pd.DataFrame, params: dict[str, Any], eval_df: pd.Da
         return {"lm": model(inputs_embeds=embeds, labels=img_labels[idx]).loss}
 
     def image_loss(idx, step):
-        out = model(input_ids=img_ids[idx], pixel_values=pixels[idx], labels=img_labels[idx])
-        losses = {"lm": out.loss}
+        feats = image_features(model, pixels[idx])
+        embeds = image_embeds(model, img_ids[idx], feats)
+        losses = {"lm": model(inputs_embeds=embeds, labels=img_labels[idx]).loss}
         if align_weight > 0:  # targets detached: the words keep their meaning, the patches move to them
-            feats = out.image_hidden_states.view(len(idx), N_IMAGE_TOKENS, -1)
             losses["align"] = align_weight * alignment_loss(feats, concepts[idx], embed.weight.detach())
         return losses
 
