@@ -1,22 +1,46 @@
-# `make demo` and `make test` do all set-up on a fresh machine (a venv in .venv).
+# `make demo` and `make test` do all set-up on a fresh machine (a venv in .venv), from the lock.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+LOCK := envs/requirements.lock
+UV_VERSION := 0.13.9
 CORES ?= 2
-# CPU torch by default: a bare `torch` requirement would pull a multi-GB CUDA build. On a GPU machine
-# run `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
-TORCH ?= torch==2.13.0
+# torch is pinned apart from the lock (envs/torch.txt): its CPU and CUDA builds are different files of one
+# version. The default spec takes what pip finds for that version (on this project's CI machines, the CPU
+# wheel). A CUDA cluster: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126";
+# any other CPU machine: TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= $(shell cat envs/torch.txt)
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) envs/torch.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint dryrun clean chromium bench
+.PHONY: setup demo test test-latest lock lint dryrun clean chromium bench
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[workflow,dev]"
+# Lock first (exact versions, hashes checked, no resolution), then torch (its dependencies are already
+# there at the locked versions, so pip adds only a CUDA build's own packages), then mmsae itself without
+# dependencies or build isolation (setuptools is locked too); last, the venv is checked against the lock.
+define install_env
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q uv==$(UV_VERSION)
+	$(1)/bin/uv pip install -q --python $(1)/bin/python --no-deps --require-hashes -r $(2)
+	$(1)/bin/python -m pip install -q $(TORCH)
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(1)/bin/python -m pip check
+	$(1)/bin/python mmsae/lock.py check --lock $(2)
+endef
+
+$(STAMP): $(LOCK) envs/torch.txt pyproject.toml
+	$(call install_env,$(VENV),$(LOCK))
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+setup: $(STAMP)
+
+# Re-resolve pyproject.toml into the lock (current pins kept where they still fit; UPGRADE=1: the newest
+# admitted versions, and pyproject's floors raised to them) and rewrite the conda env from it.
+# Then `make test` and `make demo` (README: Keeping up).
+lock: setup
+	$(PY) mmsae/lock.py compile --uv $(BIN)/uv $(if $(UPGRADE),--upgrade)
+	$(if $(UPGRADE),$(PY) mmsae/lock.py floors)
+	$(PY) mmsae/lock.py conda
 
 setup: $(STAMP)
 
@@ -35,8 +59,20 @@ chromium:
 	    exit 1; \
 	  fi; }
 
+# MMSAE_LOCK: tests/test_lock.py checks the installed versions against it.
 test: setup chromium
-	PATH=$(BIN):$$PATH python -m pytest -q --durations=15 tests
+	PATH=$(BIN):$$PATH MMSAE_LOCK=$(abspath $(LOCK)) python -m pytest -q --durations=15 tests
+
+# Drift check: a throwaway venv with the newest versions pyproject.toml admits (torch stays at its pin),
+# then the whole suite. Run it before moving the lock, and on a schedule (README: "Keeping up").
+LATEST := build/venv-latest
+test-latest: chromium
+	rm -rf $(LATEST) && mkdir -p build && python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q uv==$(UV_VERSION)
+	$(LATEST)/bin/python mmsae/lock.py compile --upgrade --uv $(abspath $(LATEST))/bin/uv --out $(LATEST)/latest.txt
+	$(call install_env,$(LATEST),$(LATEST)/latest.txt)
+	@$(LATEST)/bin/python mmsae/lock.py diff $(LOCK) $(LATEST)/latest.txt
+	PATH=$(abspath $(LATEST))/bin:$$PATH python -m pytest -q --durations=15 tests
 
 # Benchmarks (bench/README.md): SAELens, the peer of bench/sae_train.py, gets its own venv (its pins differ
 # from ours), with the same torch build first. BENCH_ARGS go to every script, e.g. BENCH_ARGS="--threads 2".
