@@ -46,6 +46,7 @@ setup: $(STAMP)
 
 demo: setup
 	PATH=$(BIN):$$PATH snakemake --cores $(CORES) --configfile config/config.yaml
+	@$(PY) -m mmsae.report.timings results/demo || true
 	@echo "report: results/demo/report/index.html"
 
 # Headless Chromium for tests/test_browser.py (the feature browser, opened from file://): installed

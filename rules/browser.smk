@@ -17,6 +17,8 @@ rule browser:
         ENV
     log:
         log_file("browser"),
+    benchmark:
+        bench_file("browser")
     shell:
         "python {SCRIPTS}/browser.py --features {params.features} --encode {params.encode}"
         " --extract {params.extract} --samples {params.samples} --model {params.model}"

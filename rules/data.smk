@@ -29,5 +29,7 @@ rule sample:
         ENV
     log:
         log_file("sample"),
+    benchmark:
+        bench_file("sample")
     shell:
         "python {SCRIPTS}/sample.py --data {params.data:q} --data-params {params.data_cfg:q} --out {params.out} --params {params.cfg:q} > {log} 2>&1"

@@ -37,6 +37,8 @@ rule explain:
         ENV
     log:
         log_file("explain"),
+    benchmark:
+        bench_file("explain")
     shell:
         "python {SCRIPTS}/explain.py --samples {params.samples} --extract {params.extract} --encode {params.encode}"
         " --features {params.features} --model {params.model} --out {params.out} --params {params.cfg:q} > {log} 2>&1"
@@ -59,6 +61,8 @@ rule explain_score:
         ENV
     log:
         log_file("explain_score"),
+    benchmark:
+        bench_file("explain_score")
     shell:
         "python {SCRIPTS}/explain_score.py --samples {params.samples} --extract {params.extract}"
         " --encode {params.encode} --explain {params.explain} --out {params.out} --params {params.cfg:q} > {log} 2>&1"

@@ -14,6 +14,8 @@ rule features:
         ENV
     log:
         f"{RESULTS}/logs/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/features.py --encode {params.encode} --extract {params.extract} --out {params.out}"
         " --params {params.cfg:q} > {log} 2>&1"
@@ -36,6 +38,8 @@ rule premise:
         ENV
     log:
         log_file("premise"),
+    benchmark:
+        bench_file("premise")
     shell:
         "python {SCRIPTS}/premise.py --samples {params.samples} --extract {params.extract}"
         " --encode {params.encode} --model {params.model} --out {params.out} --params {params.cfg:q} > {log} 2>&1"

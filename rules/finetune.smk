@@ -105,6 +105,8 @@ rule benchmark:
         ENV
     log:
         f"{RESULTS}/logs/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/benchmark.py --model {params.model:q} --model-params {params.model_cfg:q}"
         " {params.heldout} --out {params.out} --params {params.cfg:q} > {log} 2>&1"
@@ -126,6 +128,8 @@ rule baseline_scores:
         ENV
     log:
         log_file("baseline_scores"),
+    benchmark:
+        bench_file("baseline_scores")
     shell:
         "python {SCRIPTS}/baseline_scores.py --samples {params.samples} --model {params.model:q}"
         " --model-params {params.model_cfg:q} --out {params.out} --params {params.cfg:q} > {log} 2>&1"
@@ -151,6 +155,8 @@ rule curve:
         ENV
     log:
         log_file("curve"),
+    benchmark:
+        bench_file("curve")
     shell:
         "python {SCRIPTS}/curve.py --samples {params.samples} --start {params.start} {params.arms}"
         " --out {params.out} --params {params.cfg:q} > {log} 2>&1"

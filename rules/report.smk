@@ -31,6 +31,8 @@ rule report:
         ENV
     log:
         log_file("report"),
+    benchmark:
+        bench_file("report")
     shell:
         "python {SCRIPTS}/report.py --samples {params.samples} --train-sae {params.train_sae}"
         " --features {params.features} --score {params.score} {params.toy} --sae-eval {params.sae_eval}"

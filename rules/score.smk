@@ -43,6 +43,8 @@ if SCORE_SHARDS > 1:
             ENV
         log:
             f"{RESULTS}/logs/{{folder}}.shard-{{shard}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/{{folder}}.shard-{{shard}}.tsv"
         shell:
             "python {SCRIPTS}/score.py " + SCORE_ARGS + " --shard {params.shard} > {log} 2>&1"
 
@@ -62,5 +64,7 @@ rule score:
         ENV
     log:
         f"{RESULTS}/logs/{{folder}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/score.py " + SCORE_ARGS + " {params.gather} > {log} 2>&1"

@@ -101,3 +101,21 @@ def test_report_shows_the_filtering_curve_and_ifd(tmp_path):
     page = (out / "index.html").read_text()
     assert "Filtering curve" in page and "0.5: cosine" in page
     assert page.count("data:image/png;base64,") == 5  # + the curve plot
+
+
+def test_stage_times_sum_jobs_per_stage(tmp_path, capsys):
+    from mmsae.report import timings
+
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, s, rss, cpu in [("finetune-aaaaaaaa", 30.0, 500.0, 20.0), ("finetune-bbbbbbbb", 10.0, 700.0, 9.0),
+                              ("train_sae-cccccccc", 25.0, 400.0, 24.0), ("score-dddddddd.shard-0", 5.0, 100.0, 4.0)]:
+        (bench / f"{name}.tsv").write_text(header + f"{s}\t0:00:{int(s):02d}\t{rss}\t0\t0\t0\t0\t0\t50\t{cpu}\n")
+    table = timings.stage_times(tmp_path)
+    assert table["stage"].tolist() == ["finetune", "train_sae", "score"]
+    ft = table.iloc[0]
+    assert (ft["jobs"], ft["total_s"], ft["max_s"], ft["max_rss_mb"], ft["cpu_s"]) == (2, 40.0, 30.0, 700.0, 29.0)
+    assert timings.main([str(tmp_path)]) == 0
+    assert "3 stages, 4 jobs, 70 s of job time" in capsys.readouterr().out
+    assert timings.main([str(tmp_path / "nothing")]) == 1
