@@ -17,10 +17,12 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) envs/torch.txt pyproject.toml | 
 # Lock first (exact versions, hashes checked, no resolution), then torch (its dependencies are already
 # there at the locked versions, so pip adds only a CUDA build's own packages), then mmsae itself without
 # dependencies or build isolation (setuptools is locked too); last, the venv is checked against the lock.
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (as on CI)
+# every job would compile transformers & co. again (+4-5 s per job, ~10 min over a demo).
 define install_env
 	test -x $(1)/bin/python || python3 -m venv $(1)
 	$(1)/bin/python -m pip install -q uv==$(UV_VERSION)
-	$(1)/bin/uv pip install -q --python $(1)/bin/python --no-deps --require-hashes -r $(2)
+	$(1)/bin/uv pip install -q --python $(1)/bin/python --no-deps --require-hashes --compile-bytecode -r $(2)
 	$(1)/bin/python -m pip install -q $(TORCH)
 	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(1)/bin/python -m pip check
