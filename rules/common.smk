@@ -19,6 +19,8 @@ ENV = "../envs/mmsae.yaml"  # one software environment for every rule on a clust
 # Stage scripts import mmsae from this checkout, whichever python runs them.
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
+STEER_CONCEPT = config["steer"]["concept"] is not None and TOY_DATA and TOY_MODEL
+
 # Which artifacts each stage reads. A stage's folder hash covers its parents' folder names, so a
 # config change upstream moves every downstream artifact to a new folder.
 PARENTS = {
@@ -46,6 +48,13 @@ PARENTS = {
     "report": ["sample", "train_sae", "features", "score", "evaluate_sae"]
     + (["premise", "toy_model"] if TOY_DATA and TOY_MODEL else [])
     + (["curve"] if config["curve"]["enabled"] else []),
+    # opt-in targets (rules/explain.smk, rules/steer.smk); steer.concept (a toy-world word) takes its
+    # feature from the premise stage
+    "explain": ["sample", "extract", "encode", "features"] + (["toy_model"] if TOY_MODEL else []),
+    "explain_score": ["sample", "extract", "encode", "explain"],
+    "steer": ["sample", "train_sae", "features"] + (["premise"] if STEER_CONCEPT else [])
+    + (["toy_model"] if TOY_MODEL else []),
+    "attribute": ["sample", "train_sae"] + (["toy_model"] if TOY_MODEL else []),
 }
 
 

@@ -2,8 +2,6 @@
 # IoU score. `snakemake explain_score` runs both; `snakemake explain` only queries the explainer.
 # Two stages, so masks from an external segmenter (made from explanations.parquet) can be added to
 # explain_score without querying the explainer again.
-PARENTS["explain"] = ["sample", "extract", "encode", "features"] + (["toy_model"] if TOY_MODEL else [])
-PARENTS["explain_score"] = ["sample", "extract", "encode", "explain"]
 
 
 def _explain_base_url(wildcards):

@@ -37,17 +37,6 @@ def _arm_parents(method):
 
 
 ARMS = _arms()
-# {benchmark folder: (model to evaluate, manifest of the artifact that made it, if any)}
-_START = (model_path(), manifest("toy_model") if TOY_MODEL else None)
-BENCHMARKS = {
-    stage_dirname("benchmark", {**config["benchmark"], "model": key}, [model]): (model, made_by)
-    for key, (model, made_by) in {
-        "start": _START, **{f: (f"{RESULTS}/{f}/model", f"{RESULTS}/{f}/manifest.json") for f in ARMS}
-    }.items()
-}
-BENCH_OF = {model: folder for folder, (model, _) in BENCHMARKS.items()}
-
-
 def _launcher(wildcards, resources):
     """One process per GPU the job was given: `accelerate launch` with finetune.accelerate_config."""
     gpus = int(resources.get("gpu", 0) or 0)
@@ -86,77 +75,3 @@ rule finetune:
         "{params.launch} {SCRIPTS}/finetune.py --model {params.model:q} --data {params.data} {params.keep}"
         " --out {params.out}"
         " --params {params.cfg:q} > {log} 2>&1"
-
-
-rule benchmark:
-    input:
-        lambda wc: [m for m in BENCHMARKS[wc.folder][1:] if m],
-    output:
-        f"{RESULTS}/{{folder}}/manifest.json",
-    wildcard_constraints:
-        folder=r"benchmark-[0-9a-f]{8}",
-    params:
-        cfg=slice_json("benchmark"),
-        model_cfg=slice_json("model"),
-        model=lambda wc: BENCHMARKS[wc.folder][0],
-        heldout=f"--toy-heldout {stage_dir('toyworld')}/heldout.parquet" if TOY_DATA else "",
-        out=lambda wc: f"{RESULTS}/{wc.folder}",
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/{{folder}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{folder}}.tsv"
-    shell:
-        "python {SCRIPTS}/benchmark.py --model {params.model:q} --model-params {params.model_cfg:q}"
-        " {params.heldout} --out {params.out} --params {params.cfg:q} > {log} 2>&1"
-
-
-# IFD (and CLIP score with a local CLIP model): the rebuttal's no-SAE baselines, per sample.
-rule baseline_scores:
-    input:
-        **inputs("model_loss"),
-    output:
-        manifest("baseline_scores"),
-    params:
-        cfg=slice_json("baseline_scores"),
-        model_cfg=slice_json("model"),
-        model=model_path(),
-        samples=stage_dir("sample"),
-        out=stage_dir("baseline_scores"),
-    conda:
-        ENV
-    log:
-        log_file("baseline_scores"),
-    benchmark:
-        bench_file("baseline_scores")
-    shell:
-        "python {SCRIPTS}/baseline_scores.py --samples {params.samples} --model {params.model:q}"
-        " --model-params {params.model_cfg:q} --out {params.out} --params {params.cfg:q} > {log} 2>&1"
-
-
-rule curve:
-    input:
-        **inputs("curve"),
-        arms=[f"{RESULTS}/{folder}/manifest.json" for folder in ARMS],
-        benchmarks=[f"{RESULTS}/{folder}/manifest.json" for folder in BENCHMARKS],
-    output:
-        manifest("curve"),
-    params:
-        cfg=slice_json("curve"),
-        samples=stage_dir("sample"),
-        start=f"{RESULTS}/{BENCH_OF[model_path()]}",
-        arms=" ".join(
-            f"--arm {m} {f} {'-' if s is None else s} {RESULTS}/{folder} {RESULTS}/{BENCH_OF[f'{RESULTS}/{folder}/model']}"
-            for folder, (m, f, s) in ARMS.items()
-        ),
-        out=stage_dir("curve"),
-    conda:
-        ENV
-    log:
-        log_file("curve"),
-    benchmark:
-        bench_file("curve")
-    shell:
-        "python {SCRIPTS}/curve.py --samples {params.samples} --start {params.start} {params.arms}"
-        " --out {params.out} --params {params.cfg:q} > {log} 2>&1"

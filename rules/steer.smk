@@ -1,11 +1,7 @@
 # Opt-in targets (not in `all`): `snakemake steer` clamps SAE features while the model generates
 # (before / after answers, mmsae/steering.py); `snakemake attribute` attributes logit(A) - logit(B) to
 # (token, SAE feature) (mmsae/attribution.py). Both use the configured SAE (train_sae).
-# steer.concept (a toy-world word) takes its feature from the premise stage.
-_STEER_CONCEPT = config["steer"]["concept"] is not None and TOY_DATA and TOY_MODEL
-PARENTS["steer"] = ["sample", "train_sae", "features"] + (["premise"] if _STEER_CONCEPT else []) + (
-    ["toy_model"] if TOY_MODEL else [])
-PARENTS["attribute"] = ["sample", "train_sae"] + (["toy_model"] if TOY_MODEL else [])
+# steer.concept (a toy-world word) takes its feature from the premise stage (STEER_CONCEPT, common.smk).
 
 
 rule steer:
@@ -20,7 +16,7 @@ rule steer:
         sae=stage_dir("train_sae"),
         samples=stage_dir("sample"),
         features=stage_dir("features"),
-        premise=f"--premise {stage_dir('premise')}" if _STEER_CONCEPT else "",
+        premise=f"--premise {stage_dir('premise')}" if STEER_CONCEPT else "",
         out=stage_dir("steer"),
     conda:
         ENV
