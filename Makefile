@@ -12,7 +12,7 @@ CORES ?= 2
 TORCH ?= $(shell cat envs/torch.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) envs/torch.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-latest lock lint dryrun clean chromium bench
+.PHONY: setup demo test test-latest lock lint dryrun clean chromium perf
 
 # Lock first (exact versions, hashes checked, no resolution), then torch (its dependencies are already
 # there at the locked versions, so pip adds only a CUDA build's own packages), then mmsae itself without
@@ -77,9 +77,9 @@ test-latest: chromium
 	@$(LATEST)/bin/python mmsae/lock.py diff $(LOCK) $(LATEST)/latest.txt
 	PATH=$(abspath $(LATEST))/bin:$$PATH python -m pytest -q --durations=15 tests
 
-# Benchmarks (bench/README.md): SAELens, the peer of bench/sae_train.py, gets its own venv (its pins differ
-# from ours), with the same torch build first. BENCH_ARGS go to every script, e.g. BENCH_ARGS="--threads 2".
-SAELENS_VENV := bench/.venv-saelens
+# Benchmarks (perf/README.md): SAELens, the peer of perf/sae_train.py, gets its own venv (its pins differ
+# from ours), with the same torch build first. PERF_ARGS go to every script, e.g. PERF_ARGS="--threads 2".
+SAELENS_VENV := perf/.venv-saelens
 SAELENS := sae-lens==6.54.12
 SAELENS_STAMP := $(SAELENS_VENV)/.installed-$(shell echo '$(TORCH) $(SAELENS)' | cksum | cut -d' ' -f1)
 
@@ -91,12 +91,12 @@ $(SAELENS_STAMP):
 	rm -f $(SAELENS_VENV)/.installed-*
 	touch $@
 
-bench: setup $(SAELENS_STAMP)
-	$(PY) bench/sae_train.py $(BENCH_ARGS)
-	$(PY) bench/sae_flops.py $(BENCH_ARGS)
-	$(PY) bench/extract_overhead.py $(BENCH_ARGS)
-	$(PY) bench/scale.py $(BENCH_ARGS)
-	@echo "JSON results: bench/out/"
+perf: setup $(SAELENS_STAMP)
+	$(PY) perf/sae_train.py $(PERF_ARGS)
+	$(PY) perf/sae_flops.py $(PERF_ARGS)
+	$(PY) perf/extract_overhead.py $(PERF_ARGS)
+	$(PY) perf/scale.py $(PERF_ARGS)
+	@echo "JSON results: perf/out/"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -300,7 +300,7 @@ class ReLUSAE(SAE):
         super().__init__(cfg, seed=seed)
         # A training step whose batch has at most this share of active (token, latent) pairs takes the
         # sparse path (`loss`); above it the five dense GEMMs are cheaper than the sparse products
-        # (break-even ~0.16 on the CPU, d_in 256, d_sae 4096, batch 1024: bench/README.md).
+        # (break-even ~0.16 on the CPU, d_in 256, d_sae 4096, batch 1024: perf/README.md).
         self.sparse_max_density: float = 0.125
 
     def configure_training(self, params: dict[str, Any]) -> None:
@@ -389,7 +389,7 @@ class _SparseDecode(torch.autograd.Function):
     Forward: F.embedding_bag. Backward, for incoming gradients g [n, d_in]: W_dec = G^T g with G the
     [n, d_sae] codes (a sparse x dense product, torch.sparse.mm on COO), values = g W_dec^T sampled at the
     pairs (an SDDMM, torch.sparse.sampled_addmm on CSR). embedding_bag's own backward took ~1.8x as
-    long on the CPU (bench/README.md). Each token's pairs must be one run with its latents ascending (CSR column order).
+    long on the CPU (perf/README.md). Each token's pairs must be one run with its latents ascending (CSR column order).
     """
 
     @staticmethod

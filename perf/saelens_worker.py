@@ -1,5 +1,5 @@
 """SAELens's trainer on cached activations (a .npy [n_tokens, d_in]); prints one JSON line. Run by
-bench/sae_train.py with bench/.venv-saelens/bin/python (SAELens pins other versions than mmsae).
+perf/sae_train.py with perf/.venv-saelens/bin/python (SAELens pins other versions than mmsae).
 
 The activations sit in memory as one tensor and batches are drawn by a seeded permutation, so SAELens
 pays no I/O at all (mmsae reads its zarr store): the comparison is conservative for mmsae.

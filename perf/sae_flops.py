@@ -17,7 +17,7 @@ S = d_sae, k = active latents:
   the topk fraction of peak says how far the step is from matmul-bound, not how fast it is (tokens/s).
 
 Peak: torch.mm of square operands in the step's matmul dtype (fp32, or bf16 with --precision bf16),
-best of a few sizes (bench/_common.py), on the same device and thread count. Prints achieved / peak (goal >= 0.5) and the time split (torch
+best of a few sizes (perf/_common.py), on the same device and thread count. Prints achieved / peak (goal >= 0.5) and the time split (torch
 profiler, CPU self time) of one step per architecture.
 
 H100 (7B-shaped): --device cuda --d-in 4096 --d-sae 65536 --batch 4096 --steps 20 --peak-sizes 8192,16384

@@ -1,8 +1,8 @@
-"""The benchmarks in bench/: each script runs at a tiny size, prints its one-line result with its ratio and
+"""The speed benchmarks in perf/: each script runs at a tiny size, prints its one-line result with its ratio and
 writes a JSON result whose numbers agree with that line. No timing is asserted (the numbers themselves
-are measured by `make bench`, see bench/README.md); the helpers behind them are pinned on hand-built cases.
+are measured by `make perf`, see perf/README.md); the helpers behind them are pinned on hand-built cases.
 
-SAELens lives in its own venv (bench/.venv-saelens, built by `make bench`), so the test drives
+SAELens lives in its own venv (perf/.venv-saelens, built by `make perf`), so the test drives
 sae_train.py's peer path with a stand-in `sae_lens` package that has the API the worker uses: it checks
 the orchestration (subprocesses, the clocked batch stream, the ratio), not SAELens itself.
 """
@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+PERF = Path(__file__).resolve().parent.parent / "perf"
 
 
 def load(name: str):
-    """Import bench/<name>.py (bench/ is a folder of scripts, not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    """Import perf/<name>.py (perf/ is a folder of scripts, not a package)."""
+    if str(PERF) not in sys.path:
+        sys.path.insert(0, str(PERF))
+    spec = importlib.util.spec_from_file_location(f"perf_{name}", PERF / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -78,7 +78,7 @@ def test_synthetic_store_is_deterministic_and_split_free(tmp_path):
 
 
 FAKE_SAE_LENS = '''
-"""Stand-in for sae_lens in tests: the names bench/saelens_worker.py uses; fit() takes every batch."""
+"""Stand-in for sae_lens in tests: the names perf/saelens_worker.py uses; fit() takes every batch."""
 import torch
 
 __version__ = "0.0-test"
@@ -138,7 +138,7 @@ def fake_sae_lens(tmp_path, monkeypatch) -> None:
 
 
 def run_sae_train(tmp_path, capsys, monkeypatch, args: list[str]) -> tuple[str, dict]:
-    """bench/sae_train.py at a tiny size against the stand-in sae_lens."""
+    """perf/sae_train.py at a tiny size against the stand-in sae_lens."""
     fake_sae_lens(tmp_path, monkeypatch)
     return run_script("sae_train", ["--d-in", "16", "--d-sae", "64", "--batch", "32", "--samples", "6",
                                     "--saelens-python", sys.executable, "--work", str(tmp_path), *args],

@@ -1,11 +1,11 @@
 """SAE training throughput: mmsae's trainer vs SAELens's trainer on the same cached activations.
 
-One synthetic extract store (bench/_data.py, written with mmsae's ActivationWriter) is trained on by
+One synthetic extract store (perf/_data.py, written with mmsae's ActivationWriter) is trained on by
 
 - mmsae: `mmsae.sae.train.train_sae` itself (reads its zarr store through the deterministic batch
   schedule, dead-latent counters, loss curve);
 - SAELens: `SAETrainer.fit()` on the same activations, exported to .npy and held in memory as one
-  tensor (no I/O at all: conservative for mmsae), in its own venv (bench/.venv-saelens; `make bench`
+  tensor (no I/O at all: conservative for mmsae), in its own venv (perf/.venv-saelens; `make perf`
   builds it).
 
 relu is timed twice: from the fresh init (about half the codes active: a dense step) and from an SAE that
@@ -17,7 +17,7 @@ Same d_in, d_sae, batch size, number of steps, fp32, Adam, lr; relu = ReLU + dec
 adds its sparse-activation variant, which fails on the CPU in SAELens 6.54.12 and is then reported as
 an error). On CUDA, `--precision` picks strict fp32 on both sides (default) or bf16 autocast on both
 (mmsae's train_sae default there). No input normalisation on either side. Each run is a fresh
-subprocess with the same thread count. Both loops are clocked the same way (bench/_common.StepClock):
+subprocess with the same thread count. Both loops are clocked the same way (perf/_common.StepClock):
 a mark each time the loop takes its next batch, step 0 left out, so the checkpoint mmsae writes after its
 last step is not counted. Prints one line with tokens/s of each and the ratio (wall time of the loop;
 the JSON adds CPU-time rates and the best / median step, steadier on a shared machine).

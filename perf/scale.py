@@ -1,6 +1,6 @@
 """Encode, features and score as the data grows: throughput and peak memory at 1x and `--factor`x.
 
-For each size, a synthetic extract store (bench/_data.py) and one random TopK SAE (k active latents
+For each size, a synthetic extract store (perf/_data.py) and one random TopK SAE (k active latents
 per token, so the codes have a known size) are made; then each stage runs in its own subprocess, as
 the pipeline runs it:
 

@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: thread/device set-up, timing, the matmul peak, the result line + JSON.
+"""Shared by the speed-benchmark scripts: thread/device set-up, timing, the matmul peak, the result line + JSON.
 
 Depends on the standard library and torch only: the SAELens worker imports it from its own venv.
 """
@@ -25,7 +25,7 @@ OUT = BENCH / "out"
 
 
 def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (see bench/README.md for the H100 sizes)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (see perf/README.md for the H100 sizes)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the CPUs of the dev machine are shared)")
     p.add_argument("--seed", type=int, default=0)
