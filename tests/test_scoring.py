@@ -15,7 +15,9 @@ from test_features import load_script, make_codes, make_store, write_encode
 from mmsae.artifacts import write_json, write_manifest
 from mmsae.errors import InputError
 from mmsae.features import feature_table, write_features
-from mmsae.scoring import METHODS, ScoringContext, rank, score_samples, subset_size, write_subsets
+from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.methods import METHODS, rank, score_samples
+from mmsae.scoring.subsets import subset_size, write_subsets
 
 # Four samples, each: pos 0 special, pos 1-2 image, pos 3-4 text. s3 has no codes at all.
 IDS = ["s0", "s1", "s2", "s3"]
@@ -486,7 +488,7 @@ def _all_pairs_cooc(codes: pd.DataFrame, ids: list[str], delta: float = 0.0) -> 
 
 
 def test_cooc_stream_holds_only_the_open_sample_and_detects_a_returning_one():
-    from mmsae.scoring import CoocStream
+    from mmsae.scoring.streams import CoocStream
 
     key = lambda s, f: s << 32 | f  # noqa: E731
     st = CoocStream(3)
@@ -527,7 +529,7 @@ def test_code_stats_streamed_equal_brute_force(tmp_path, shuffle):
 def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monkeypatch):
     import torch
 
-    import mmsae.scoring as S
+    import mmsae.scoring.offdist as S
     from mmsae.sae.model import SAEConfig, build_sae
 
     assert S.sae_rows(1024) == 4096 and S.sae_rows(65536) == 256 and S.sae_rows(1 << 30) == 64
@@ -554,10 +556,12 @@ def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monk
 
 @pytest.mark.parametrize("cfg", [{}, {"bind_own_word": False, "per_modality_norm": False}])
 def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
-    from mmsae.scoring import _Unsorted
+    from mmsae.scoring.binding import binding_pass
+    from mmsae.scoring.concepts import concept_pass
+    from mmsae.scoring.streams import Unsorted, sample_groups
 
     ref = bctx(tmp_path / "ref", **cfg)
-    want_b, want_c = ref._binding_pass(stream=False), ref._concept_pass(stream=False)  # one whole-pool pass
+    want_b, want_c = binding_pass(ref, stream=False), concept_pass(ref, stream=False)  # one whole-pool pass
     assert want_b["n_pairs"].sum() > 0 and want_c["min"].sum() > 0
     # in row order, as encode writes them (binding_entries appends b5's extra code at the end)
     codes = make_codes(BTOKENS, binding_entries()).sort_values("row", kind="stable").reset_index(drop=True)
@@ -565,7 +569,7 @@ def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
         c = bctx(tmp_path / f"s{batch_rows}", **cfg)
         c.codes, c.batch_rows = codes, batch_rows
         # each group of the stream holds whole samples: no sample is in two groups
-        seen = [set(s[s >= 0].tolist()) for _, s, _, _ in c._sample_groups(("feature",), stream=True)]
+        seen = [set(s[s >= 0].tolist()) for _, s, _, _ in sample_groups(c, ("feature",), stream=True)]
         assert sum(len(x) for x in seen) == len(set().union(*seen)) == 7  # b7 has no codes
         for k, v in want_b.items():
             assert np.array_equal(c.binding[k], v), (batch_rows, k)  # bit-identical
@@ -574,8 +578,8 @@ def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
     # interleaved samples: the stream gives up, and the whole-pool pass gives the same answer
     shuffled = bctx(tmp_path / "shuf", **cfg)
     shuffled.codes, shuffled.batch_rows = codes.sample(frac=1.0, random_state=0).reset_index(drop=True), 5
-    with pytest.raises(_Unsorted):
-        list(shuffled._sample_groups(("feature",), stream=True))
+    with pytest.raises(Unsorted):
+        list(sample_groups(shuffled, ("feature",), stream=True))
     for k, v in want_b.items():
         assert np.array_equal(shuffled.binding[k], v), k
     for k, v in want_c.items():
