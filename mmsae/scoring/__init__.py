@@ -10,7 +10,8 @@ One module per concern:
 - `streams`  settling samples one by one as the stream of codes moves past them;
 - `methods`  the method registry (METHODS, `register`), every `score_*` method (defined there), `rank`,
              `score_samples`, `methods_in`;
-- `subsets`  samples.parquet, subset sizes and names, `keep_top`, `write_subsets`.
+- `subsets`  samples.parquet, subset sizes and names, `keep_top`, `write_subsets`;
+- `shards`   scoring in shards (score.shards), gathered into the same scores as one job.
 
 The names other modules import are re-exported here.
 """

@@ -10,7 +10,7 @@ every fraction f, in the samples.parquet record schema. See mmsae.scoring.
 
 Sharded (score.shards = N > 1): `--shard K` writes the per-sample statistics of the K-th of N sample
 ranges to OUT.shards/K (4 digits); `--gather` finishes the scores from all N of them (same output as
-one job). See mmsae.scoring_shards.
+one job). See mmsae.scoring.shards.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mmsae.scoring import (
     score_samples,
     write_subsets,
 )
-from mmsae.scoring_shards import gather_context, score_gathered, shard_folder, shard_statistics, write_shard
+from mmsae.scoring.shards import gather_context, score_gathered, shard_folder, shard_statistics, write_shard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def score_shard(args, params, ids, store, layer, sae, text_modalities, timer) -> None:
-    """--shard K: the per-sample statistics of the K-th sample range (mmsae.scoring_shards)."""
+    """--shard K: the per-sample statistics of the K-th sample range (mmsae.scoring.shards)."""
     n_shards = params["shards"]
     if not 0 <= args.shard < n_shards:
         raise InputError("--shard", "shard", f"shard {args.shard} outside 0..{n_shards - 1} (score.shards = {n_shards})")
