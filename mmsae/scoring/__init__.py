@@ -11,7 +11,8 @@ One module per concern:
 - `methods`  the method registry (METHODS, `register`), every `score_*` method (defined there), `rank`,
              `score_samples`, `methods_in`;
 - `subsets`  samples.parquet, subset sizes and names, `keep_top`, `write_subsets`;
-- `shards`   scoring in shards (score.shards), gathered into the same scores as one job.
+- `shards`   scoring in shards (score.shards), gathered into the same scores as one job;
+- `stage`    the score stage (workflow/scripts/score.py): `run`.
 
 The names other modules import are re-exported here.
 """
