@@ -18,16 +18,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from mmsae.activations import TOKENS
+from mmsae.config import stage_params
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
 from mmsae.sae.encode import CODES
 from mmsae.scoring import binding, concepts, offdist
 from mmsae.scoring.streams import CoocStream
 
-# config score.consistency (schema defaults); see mmsae.scoring.concepts.concept_features
-CONSISTENCY_DEFAULTS = {"min_per_modality": 5, "min_selectivity": 0.6, "max_doc_freq": 0.5, "min_balance": 0.25,
-                        "per_modality_norm": True, "gate_z": 3.0, "bind_min_text": 0.5, "bind_max_gap": 8,
-                        "bind_own_word": True, "bind_aggregate": "mean"}
+# config score.consistency, defaults from config/schema.yaml; see mmsae.scoring.concepts.concept_features
+CONSISTENCY_DEFAULTS = stage_params("score", {})["consistency"]
 TOKEN_ROWS = 1 << 20  # rows of tokens.parquet per read when the per-row arrays are built
 
 
