@@ -24,7 +24,7 @@ from mmsae.data.sample import sample_frame
 from mmsae.data.toyworld import COLOURS, SHAPES, patch_concepts
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
-from mmsae.scoring import methods_in
+from mmsae.scoring.methods import methods_in
 
 DIRECTION = (
     "AUROC = P(score(clean) > score(corrupted)), ties count 1/2: 1 = the score ranks clean data first "

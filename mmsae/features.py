@@ -98,7 +98,7 @@ def read_columns(path: str | os.PathLike, required: Sequence[str], all_columns: 
 def iter_codes(codes: Codes, columns: Sequence[str], batch_rows: int = 1 << 20) -> Iterator[dict[str, np.ndarray]]:
     """Column arrays of codes.parquet (or an in-memory frame with its columns), batch_rows at a time."""
     columns = list(columns)
-    if hasattr(codes, "iter_codes"):  # a view with its own batches (mmsae.scoring_shards.CodesRange)
+    if hasattr(codes, "iter_codes"):  # a view with its own batches (mmsae.scoring.shards.CodesRange)
         yield from codes.iter_codes(columns, batch_rows)
         return
     if isinstance(codes, pd.DataFrame):

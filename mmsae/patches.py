@@ -18,7 +18,7 @@ pseudo-sample "prompt text + one patch":
 - `attention` attention probability from the last prompt token to the patch's token, averaged over
              heads and over every decoder layer (eager attention, read by hooks on `self_attn`).
 
-Kept patches: the best ceil(f * n_patches) per image and kept fraction f (`mmsae.scoring.subset_size`),
+Kept patches: the best ceil(f * n_patches) per image and kept fraction f (`mmsae.scoring.subsets.subset_size`),
 ties broken by a seeded random order (never by position: that would favour the top rows).
 
 Geometry: a fixed-grid LLaVA model (`model_type: llava`, `ModelAdapter.image_grid`) sees the processed
@@ -62,7 +62,7 @@ from mmsae.activations import LayerCapture
 from mmsae.data import Record, decode_image, sample_frame, toyworld
 from mmsae.errors import InputError
 from mmsae.models.adapters import IMAGE, TEXT, ModelAdapter
-from mmsae.scoring import subset_size
+from mmsae.scoring.subsets import subset_size
 
 log = logging.getLogger("mmsae.patches")
 

@@ -14,7 +14,8 @@ import pytest
 from mmsae.errors import InputError
 from mmsae.evaluation import benchmark_metrics, curve_summary, filtering_curve
 from mmsae.report import plots
-from mmsae.scoring import keep_top, rank
+from mmsae.scoring.methods import rank
+from mmsae.scoring.subsets import keep_top
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ from mmsae.models import LlavaAdapter, LlavaNextAdapter
 from mmsae.models.toy import build_processor
 from mmsae.sae.io import hook_name, save_sae
 from mmsae.sae.model import SAEConfig, build_sae
-from mmsae.scoring import METHODS as SAMPLE_METHODS
-from mmsae.scoring import ScoringContext
+from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.methods import METHODS as SAMPLE_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "what shape is on the left ?"

@@ -10,7 +10,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_features import load_script
 from test_sae import synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
@@ -20,8 +19,9 @@ from mmsae.features import feature_table, feature_weights, iter_codes, write_fea
 from mmsae.sae.encode import encode_store
 from mmsae.sae.io import load_sae
 from mmsae.sae.train import train_sae
-from mmsae.scoring import METHODS, ScoringContext, score_samples
-from mmsae.scoring_shards import (
+from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.methods import METHODS, score_samples
+from mmsae.scoring.shards import (
     CodesRange,
     StoreRows,
     gather_context,
@@ -31,6 +31,7 @@ from mmsae.scoring_shards import (
     shard_statistics,
     write_shard,
 )
+from mmsae.scoring.stage import run
 
 N_SAMPLES = 23
 
@@ -136,22 +137,21 @@ def test_sharded_scores_equal_one_job(chain, tmp_path, n_shards):
         gather_context(shards[1:], chain["ids"], **context)
 
 
-def _run(chain, out: Path, *extra: str, shards: int = 1) -> int:
+def _run(chain, out: Path, shards: int = 1, **mode) -> None:
     d = chain["dirs"]
-    argv = ["--samples", str(d["samples"]), "--extract", str(d["extract"]), "--encode", str(d["encode"]),
-            "--features", str(d["features"]), "--model-loss", str(d["model_loss"]), "--sae", str(d["sae"]),
-            "--out", str(out), "--params", json.dumps({"fractions": [0.3, 1.0], "shards": shards}), *extra]
-    return load_script("score").main(argv)
+    run(samples=str(d["samples"]), extract=str(d["extract"]), encode=str(d["encode"]), features=str(d["features"]),
+        model_loss=str(d["model_loss"]), sae=str(d["sae"]), out=str(out),
+        params={"fractions": [0.3, 1.0], "shards": shards}, **mode)
 
 
-def test_score_script_sharded_equals_unsharded(chain, tmp_path, capsys):
-    assert _run(chain, tmp_path / "score-one") == 0
+def test_score_stage_sharded_equals_unsharded(chain, tmp_path):
+    _run(chain, tmp_path / "score-one")
     out = tmp_path / "score-three"
     for k in range(3):
-        assert _run(chain, out, "--shard", str(k), shards=3) == 0
+        _run(chain, out, shards=3, shard=k)
         assert (shard_folder(out, k) / "manifest.json").exists()
     assert not out.exists()
-    assert _run(chain, out, "--gather", shards=3) == 0
+    _run(chain, out, shards=3, gather=True)
     one, three = (pd.read_parquet(d / "scores.parquet") for d in (tmp_path / "score-one", out))
     pd.testing.assert_frame_equal(three, one, check_exact=True)
     files = sorted(p.relative_to(out) for p in (out / "subsets").rglob("*.parquet"))
@@ -159,8 +159,9 @@ def test_score_script_sharded_equals_unsharded(chain, tmp_path, capsys):
     for f in files:
         assert pq.read_table(out / f).equals(pq.read_table(tmp_path / "score-one" / f)), f
     assert json.loads((out / "manifest.json").read_text())["counts"]["n_shards"] == 3
-    # a missing shard: one line naming it, exit 2
-    assert _run(chain, tmp_path / "score-x", "--shard", "0", shards=2) == 0
-    assert _run(chain, tmp_path / "score-x", "--gather", shards=2) == 2
-    assert "score-x.shards/0001/shard.json" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert _run(chain, tmp_path / "score-x", "--shard", "2", shards=2) == 2
+    # a missing shard: an InputError naming it (the script's one-line error, exit 2)
+    _run(chain, tmp_path / "score-x", shards=2, shard=0)
+    with pytest.raises(InputError, match="score-x.shards/0001/shard.json"):
+        _run(chain, tmp_path / "score-x", shards=2, gather=True)
+    with pytest.raises(InputError, match="outside 0..1"):
+        _run(chain, tmp_path / "score-x", shards=2, shard=2)

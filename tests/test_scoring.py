@@ -1,4 +1,4 @@
-"""Data scoring: every method on hand-built sparse codes, ranks and ties, subsets, the score script."""
+"""Data scoring: every method on hand-built sparse codes, ranks and ties, subsets, the score stage."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from test_features import load_script, make_codes, make_store, write_encode
+from test_features import make_codes, make_store, write_encode
 
 from mmsae.artifacts import write_json, write_manifest
 from mmsae.errors import InputError
 from mmsae.features import feature_table, write_features
-from mmsae.scoring import METHODS, ScoringContext, rank, score_samples, subset_size, write_subsets
+from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.methods import METHODS, rank, score_samples
+from mmsae.scoring.stage import run
+from mmsae.scoring.subsets import subset_size, write_subsets
 
 # Four samples, each: pos 0 special, pos 1-2 image, pos 3-4 text. s3 has no codes at all.
 IDS = ["s0", "s1", "s2", "s3"]
@@ -146,7 +149,7 @@ def sample_table():
 
 
 def build_artifacts(tmp_path: Path) -> dict[str, Path]:
-    """Folders of every stage the score / report scripts read, from the hand-built case above."""
+    """Folders of every stage the score stage / report script read, from the hand-built case above."""
     store = make_store(tmp_path / "extract", TOKENS, STATES)
     codes = make_codes(TOKENS, ENTRIES)
     encode = write_encode(tmp_path / "encode", codes, 0, 3)
@@ -171,27 +174,25 @@ def build_artifacts(tmp_path: Path) -> dict[str, Path]:
             "model_loss": loss, "train_sae": train}
 
 
-def run_score(a: dict[str, Path], out: Path, params: dict, with_loss: bool = True) -> int:
-    argv = ["--samples", str(a["samples"]), "--extract", str(a["extract"]), "--encode", str(a["encode"]),
-            "--features", str(a["features"]), "--out", str(out), "--params", json.dumps(params)]
-    if with_loss:
-        argv += ["--model-loss", str(a["model_loss"])]
-    return load_script("score").main(argv)
+def run_score(a: dict[str, Path], out: Path, params: dict, with_loss: bool = True, **kw) -> None:
+    run(samples=str(a["samples"]), extract=str(a["extract"]), encode=str(a["encode"]), features=str(a["features"]),
+        out=str(out), params=params, model_loss=str(a["model_loss"]) if with_loss else None, **kw)
 
 
-def test_score_script(tmp_path, capsys):
+def test_score_stage(tmp_path):
     a = build_artifacts(tmp_path)
     out = tmp_path / "score"
-    assert run_score(a, out, {"fractions": [0.5, 1.0], "methods": list(METHODS)}) == 0
+    run_score(a, out, {"fractions": [0.5, 1.0], "methods": list(METHODS)})
     scores = pd.read_parquet(out / "scores.parquet")
     assert {f"score_{m}" for m in METHODS} | {f"rank_{m}" for m in METHODS} | {"sample_id"} == set(scores.columns)
     for m in METHODS:
         sub = pq.read_table(out / "subsets" / m / "top050.parquet")
         assert sub.num_rows == 2 and sub.column_names == sample_table().column_names
     assert json.loads((out / "manifest.json").read_text())["counts"]["subsets"]["l0"]["top100.parquet"] == 4
-    # model_loss without --model-loss: one-line error, exit 2
-    assert run_score(a, tmp_path / "s2", {}, with_loss=False) == 2
-    assert "--model-loss" in capsys.readouterr().err
+    # model_loss without --model-loss: an InputError naming it (the script's one-line error, exit 2)
+    with pytest.raises(InputError, match="--model-loss"):
+        run_score(a, tmp_path / "s2", {}, with_loss=False)
+    assert not (tmp_path / "s2").exists()
 
 
 # ---- cross-modal consistency -----------------------------------------------------------------------
@@ -334,26 +335,23 @@ def test_offdist_reconstruction_error_and_no_image(tmp_path):
     assert METHODS["offdist"](c)[4] == 0.0
 
 
-def test_score_script_consistency_with_sae(tmp_path):
+def test_score_stage_consistency_with_sae(tmp_path):
     from mmsae.sae.io import save_sae
     from mmsae.sae.model import SAEConfig, build_sae
 
     a = build_artifacts(tmp_path)
     save_sae(build_sae(SAEConfig(d_in=2, d_sae=3, metadata={"hook_layer": 0}), seed=0), tmp_path / "sae")
-    argv = ["--samples", str(a["samples"]), "--extract", str(a["extract"]), "--encode", str(a["encode"]),
-            "--features", str(a["features"]), "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "out"),
-            "--params", json.dumps({"methods": ["consistency", "offdist", "consistency_gated"],
-                                    "consistency": {"min_per_modality": 1, "max_doc_freq": 1.0}})]
-    assert load_script("score").main(argv) == 0
+    params = {"methods": ["consistency", "offdist", "consistency_gated"],
+              "consistency": {"min_per_modality": 1, "max_doc_freq": 1.0}}
+    run_score(a, tmp_path / "out", params, with_loss=False, sae=str(tmp_path / "sae"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"]["sae"] == str(tmp_path / "sae")
     assert manifest["counts"]["n_concept_features"] >= 0
     assert pd.read_parquet(tmp_path / "out" / "scores.parquet")["score_offdist"].le(0).all()
     # an SAE for another layer is refused
     save_sae(build_sae(SAEConfig(d_in=2, d_sae=3, metadata={"hook_layer": 2}), seed=0), tmp_path / "sae2")
-    argv[argv.index(str(tmp_path / "sae"))] = str(tmp_path / "sae2")
-    argv[argv.index(str(tmp_path / "out"))] = str(tmp_path / "out2")
-    assert load_script("score").main(argv) == 2
+    with pytest.raises(InputError, match="hook_layer"):
+        run_score(a, tmp_path / "out2", params, with_loss=False, sae=str(tmp_path / "sae2"))
 
 
 # ---- binding-aware consistency ---------------------------------------------------------------------
@@ -462,12 +460,12 @@ def test_consistency_binding_gated(tmp_path):
     np.testing.assert_allclose(METHODS["consistency_binding_gated"](c), [1, 0, 1, 0.5, 0, -1, 0.5, -2])
 
 
-def test_score_script_binding(tmp_path):
+def test_score_stage_binding(tmp_path):
     a = build_artifacts(tmp_path)
     out = tmp_path / "score"
     params = {"fractions": [1.0], "methods": ["consistency", "consistency_binding", "consistency_binding_gated"],
               "consistency": {"min_per_modality": 1, "max_doc_freq": 1.0}}
-    assert run_score(a, out, params) == 0
+    run_score(a, out, params)
     scores = pd.read_parquet(out / "scores.parquet")
     assert np.isfinite(scores["score_consistency_binding"]).all()
     # no concept token pairs in this case: the binding score is the own-word text coverage, <= 1
@@ -486,7 +484,7 @@ def _all_pairs_cooc(codes: pd.DataFrame, ids: list[str], delta: float = 0.0) -> 
 
 
 def test_cooc_stream_holds_only_the_open_sample_and_detects_a_returning_one():
-    from mmsae.scoring import CoocStream
+    from mmsae.scoring.streams import CoocStream
 
     key = lambda s, f: s << 32 | f  # noqa: E731
     st = CoocStream(3)
@@ -527,7 +525,7 @@ def test_code_stats_streamed_equal_brute_force(tmp_path, shuffle):
 def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monkeypatch):
     import torch
 
-    import mmsae.scoring as S
+    import mmsae.scoring.offdist as S
     from mmsae.sae.model import SAEConfig, build_sae
 
     assert S.sae_rows(1024) == 4096 and S.sae_rows(65536) == 256 and S.sae_rows(1 << 30) == 64
@@ -554,10 +552,12 @@ def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monk
 
 @pytest.mark.parametrize("cfg", [{}, {"bind_own_word": False, "per_modality_norm": False}])
 def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
-    from mmsae.scoring import _Unsorted
+    from mmsae.scoring.binding import binding_pass
+    from mmsae.scoring.concepts import concept_pass
+    from mmsae.scoring.streams import Unsorted, sample_groups
 
     ref = bctx(tmp_path / "ref", **cfg)
-    want_b, want_c = ref._binding_pass(stream=False), ref._concept_pass(stream=False)  # one whole-pool pass
+    want_b, want_c = binding_pass(ref, stream=False), concept_pass(ref, stream=False)  # one whole-pool pass
     assert want_b["n_pairs"].sum() > 0 and want_c["min"].sum() > 0
     # in row order, as encode writes them (binding_entries appends b5's extra code at the end)
     codes = make_codes(BTOKENS, binding_entries()).sort_values("row", kind="stable").reset_index(drop=True)
@@ -565,7 +565,7 @@ def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
         c = bctx(tmp_path / f"s{batch_rows}", **cfg)
         c.codes, c.batch_rows = codes, batch_rows
         # each group of the stream holds whole samples: no sample is in two groups
-        seen = [set(s[s >= 0].tolist()) for _, s, _, _ in c._sample_groups(("feature",), stream=True)]
+        seen = [set(s[s >= 0].tolist()) for _, s, _, _ in sample_groups(c, ("feature",), stream=True)]
         assert sum(len(x) for x in seen) == len(set().union(*seen)) == 7  # b7 has no codes
         for k, v in want_b.items():
             assert np.array_equal(c.binding[k], v), (batch_rows, k)  # bit-identical
@@ -574,8 +574,8 @@ def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
     # interleaved samples: the stream gives up, and the whole-pool pass gives the same answer
     shuffled = bctx(tmp_path / "shuf", **cfg)
     shuffled.codes, shuffled.batch_rows = codes.sample(frac=1.0, random_state=0).reset_index(drop=True), 5
-    with pytest.raises(_Unsorted):
-        list(shuffled._sample_groups(("feature",), stream=True))
+    with pytest.raises(Unsorted):
+        list(sample_groups(shuffled, ("feature",), stream=True))
     for k, v in want_b.items():
         assert np.array_equal(shuffled.binding[k], v), k
     for k, v in want_c.items():

@@ -9,10 +9,12 @@ import pytest
 from test_features import make_codes, make_store, write_encode
 from test_scoring import BIDS, BTOKENS, ENTRIES, IDS, STATES, TOKENS, WEIGHTS, binding_entries, binding_frame
 
-import mmsae.scoring as S
+import mmsae.scoring.context as C
 from mmsae.activations import ActivationStore
 from mmsae.errors import InputError
-from mmsae.scoring import METHODS, ScoringContext, score_samples
+from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.methods import METHODS, nosae_pass, score_samples
+from mmsae.scoring.streams import Unsorted
 
 NUMERIC = ["row", "feature", "activation"]  # the only codes columns code_stats reads with tokens at hand
 
@@ -25,8 +27,8 @@ def test_code_stats_reads_only_row_feature_activation(tmp_path, monkeypatch):
     """codes.parquet on disk: the columns code_stats asks iter_codes for hold no string, and the statistics
     are the hand-computed ones (see test_scoring's case)."""
     asked: list[tuple[str, ...]] = []
-    real = S.iter_codes
-    monkeypatch.setattr(S, "iter_codes", lambda codes, columns, batch_rows: (asked.append(tuple(columns)),
+    real = C.iter_codes
+    monkeypatch.setattr(C, "iter_codes", lambda codes, columns, batch_rows: (asked.append(tuple(columns)),
                                                                              real(codes, columns, batch_rows))[1])
     encode = write_encode(tmp_path / "encode", make_codes(TOKENS, ENTRIES), 0, 3)
     c = ScoringContext(IDS, codes=encode / "codes.parquet", weights=WEIGHTS, store=store_of(tmp_path), batch_rows=4)
@@ -173,7 +175,7 @@ def test_token_arrays_read_in_batches_equal_one_read(tmp_path, monkeypatch):
                         "token_id": np.arange(15, dtype=np.int32)})
     store = store_of(tmp_path, tok, np.ones((15, 2), np.float32))
     one = ScoringContext(["a", "c"], tokens=store.tokens)
-    monkeypatch.setattr(S, "TOKEN_ROWS", 4)
+    monkeypatch.setattr(C, "TOKEN_ROWS", 4)
     batched = ScoringContext(["a", "c"], store=store)
     want, got = one.token_index, batched.token_index
     assert got["modality_names"].tolist() == want["modality_names"].tolist() == ["text", "image", "special"]
@@ -204,12 +206,12 @@ def test_nosae_cosine_streamed_equals_the_whole_pool_pass(tmp_path, interleaved)
     scored = [i for i in ids if i != "n5"]
     ctx = ScoringContext(scored, store=store, layer=0)
     if interleaved:
-        with pytest.raises(S._Unsorted):
-            S._nosae_pass(ctx, stream=True)
+        with pytest.raises(Unsorted):
+            nosae_pass(ctx, stream=True)
     else:
-        assert np.array_equal(S._nosae_pass(ctx, stream=True), S._nosae_pass(ctx, stream=False))
+        assert np.array_equal(nosae_pass(ctx, stream=True), nosae_pass(ctx, stream=False))
     got = METHODS["nosae_cosine"](ctx)
-    assert np.array_equal(got, S._nosae_pass(ctx, stream=False))
+    assert np.array_equal(got, nosae_pass(ctx, stream=False))
     for i, sid in enumerate(scored):
         text = states[(sample == sid) & (modality == "text")].astype(np.float64).sum(0)
         image = states[(sample == sid) & (modality == "image")].astype(np.float64).sum(0)

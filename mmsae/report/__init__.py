@@ -20,7 +20,7 @@ from mmsae.evaluation import DIRECTION, auroc_table
 from mmsae.features import CLASSES
 from mmsae.report import plots
 from mmsae.report.html import flatten, render
-from mmsae.scoring import methods_in
+from mmsae.scoring.methods import methods_in
 
 MODALITY_WORDS = {"overall": "overall", "all": "overall", "total": "overall",
                   "text": "text", "image": "image", "special": "special"}

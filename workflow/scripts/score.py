@@ -10,29 +10,15 @@ every fraction f, in the samples.parquet record schema. See mmsae.scoring.
 
 Sharded (score.shards = N > 1): `--shard K` writes the per-sample statistics of the K-th of N sample
 ranges to OUT.shards/K (4 digits); `--gather` finishes the scores from all N of them (same output as
-one job). See mmsae.scoring_shards.
+one job). See mmsae.scoring.shards; the stage itself: mmsae.scoring.stage.run.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from mmsae import cli
-from mmsae.activations import ActivationStore
-from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
-from mmsae.errors import InputError
-from mmsae.features import CODES, FEATURES, encode_info, feature_weights, read_columns
-from mmsae.scoring import (
-    CONCEPT_COLUMNS,
-    SCORES,
-    SUBSETS,
-    ScoringContext,
-    read_samples,
-    score_samples,
-    write_subsets,
-)
-from mmsae.scoring_shards import gather_context, score_gathered, shard_folder, shard_statistics, write_shard
+from mmsae.scoring.stage import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,78 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--gather", action="store_true", help="finish the scores from the score.shards shards of OUT")
 
     def body(args, params):
-        timer = Timer()
-        methods = params["methods"]
-        if "model_loss" in methods and not args.model_loss:
-            raise InputError("score.methods", "model_loss", "method 'model_loss' needs --model-loss")
-        samples = read_samples(args.samples)
-        layer, d_sae = encode_info(args.encode)
-        concept = any(m.startswith("consistency") for m in methods)
-        features = read_columns(Path(args.features) / FEATURES, CONCEPT_COLUMNS if concept else ("feature", "weight"))
-        store = ActivationStore(args.extract)
-        sae = None
-        if args.sae:
-            from mmsae.sae.io import CFG, check_d_in, load_sae
-
-            sae = load_sae(args.sae)
-            check_d_in(sae, store.d_model, args.extract)
-            if sae.cfg.metadata.get("hook_layer") != layer:
-                raise InputError(sae.source / CFG, "metadata.hook_layer",
-                                 f"SAE is for layer {sae.cfg.metadata.get('hook_layer')}, the codes for layer {layer}")
-        rule = read_manifest(args.features).get("params", {}).get("rule", "per_modality")
-        text_modalities = ("text", "special") if rule == "release" else ("text",)
-        ids = samples.column("sample_id").to_pylist()
-        if args.shard is not None:
-            return score_shard(args, params, ids, store, layer, sae, text_modalities, timer)
-        losses = None
-        if args.model_loss:
-            losses = read_columns(Path(args.model_loss) / "loss.parquet", ("sample_id", "loss"))
-        context = dict(
-            codes=Path(args.encode) / CODES, weights=feature_weights(features, d_sae), store=store,
-            layer=layer, losses=losses, delta=params["delta"], seed=params["seed"], text_modalities=text_modalities,
-            features=features if concept else None, sae=sae, consistency=params["consistency"],
-        )
-        with timer("score"):
-            if args.gather:
-                shards = [shard_folder(args.out, k) for k in range(params["shards"])]
-                ctx, done = gather_context(shards, ids, **context)
-                scores = score_gathered(ctx, methods, done)
-            else:
-                ctx = ScoringContext(ids, **context)
-                scores = score_samples(ctx, methods)
-        counts = {"n_samples": len(scores), "feature_rule": rule}
-        if args.gather:
-            counts["n_shards"] = params["shards"]
-        if concept:
-            counts["n_concept_features"] = int(ctx.concept_features["selected"].sum())
-        with atomic_dir(args.out) as tmp:
-            scores.to_parquet(tmp / SCORES, index=False)
-            with timer("subsets"):
-                written = write_subsets(samples, scores, methods, params["fractions"], tmp / SUBSETS)
-            inputs = {"samples": args.samples, "extract": args.extract, "encode": args.encode,
-                      "features": args.features}
-            if args.model_loss:
-                inputs["model_loss"] = args.model_loss
-            if args.sae:
-                inputs["sae"] = args.sae
-            write_manifest(tmp, "score", params, inputs, {**counts, "subsets": written}, timer.timings)
+        run(samples=args.samples, extract=args.extract, encode=args.encode, features=args.features, out=args.out,
+            params=params, model_loss=args.model_loss, sae=args.sae, shard=args.shard, gather=args.gather)
 
     return cli.run("score", argp, body, argv)
-
-
-def score_shard(args, params, ids, store, layer, sae, text_modalities, timer) -> None:
-    """--shard K: the per-sample statistics of the K-th sample range (mmsae.scoring_shards)."""
-    n_shards = params["shards"]
-    if not 0 <= args.shard < n_shards:
-        raise InputError("--shard", "shard", f"shard {args.shard} outside 0..{n_shards - 1} (score.shards = {n_shards})")
-    with timer("shard"):
-        result = shard_statistics(store, Path(args.encode) / CODES, layer, ids, params["methods"],
-                                  args.shard, n_shards, delta=params["delta"], text_modalities=text_modalities, sae=sae)
-    with atomic_dir(shard_folder(args.out, args.shard)) as tmp:
-        write_shard(tmp, result, args.shard, n_shards)
-        write_manifest(tmp, "score_shard", params, {"extract": args.extract, "encode": args.encode},
-                       {"shard": args.shard, "n_shards": n_shards, "n_samples": len(result["stats"]),
-                        "rows": result["rows"]}, timer.timings)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 
 from mmsae.errors import InputError
 from mmsae.features import require_columns
-from mmsae.scoring import METHODS, ScoringContext, rank, score_samples
+from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.methods import METHODS, rank, score_samples
 
 STATS = "stats.parquet"  # per sample: sample_id, l0, l1, image_l0 [, nosae_cosine, image_count, image_error]
 COOC = "cooc.parquet"  # co-occurring (sample_id, feature) pairs

@@ -1,0 +1,90 @@
+"""Off-distribution images: per-sample image statistics, their robust z-scores against the scored pool,
+and the offdist |z| behind `offdist`, `consistency_gated` and `consistency_binding_gated`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from mmsae.scoring.context import ScoringContext
+
+# offdist runs the SAE on at most this many image tokens at a time, fewer for a wide SAE, so that its
+# dense [rows, d_sae] fp32 codes stay near 64 MB (256 rows at d_sae 65,536)
+SAE_MAX_ROWS, SAE_MIN_ROWS, SAE_CODE_ELEMENTS = 4096, 64, 1 << 24
+
+
+def sae_rows(d_sae: int) -> int:
+    """Tokens per SAE call in offdist's pass: a function of the SAE only, so sharded and unsharded
+    scoring cut every store block the same way."""
+    return min(SAE_MAX_ROWS, max(SAE_MIN_ROWS, SAE_CODE_ELEMENTS // max(d_sae, 1)))
+
+
+def image_stats(ctx: ScoringContext) -> dict[str, np.ndarray]:
+    """One pass over the store at the SAE's layer, image tokens of the scored samples: per sample the
+    token count, the sum of unit-norm hidden states [n, d_model] and (with an SAE) the sum of
+    relative reconstruction errors ||x - x_hat||^2 / ||x||^2."""
+    store = ctx.need("store", "offdist")
+    layer = ctx.need("layer", "offdist")
+    ti = ctx.token_sides
+    n = ctx.n
+    count = np.zeros(n)
+    unit = torch.zeros(n, store.d_model, dtype=torch.float64)
+    error = np.zeros(n) if ctx.sae is not None else None
+    sub = sae_rows(int(ctx.sae.cfg.d_sae)) if ctx.sae is not None else SAE_MAX_ROWS
+    for start, x in store.iter_blocks(layer, store.chunk_tokens * 8):
+        s, side = ti["sample"][start : start + len(x)], ti["side"][start : start + len(x)]
+        m = (s >= 0) & (side == 1)
+        if not m.any():
+            continue
+        s, rows = s[m].astype(np.int64), np.flatnonzero(m)
+        count += np.bincount(s, minlength=n)
+        rel = np.zeros(len(rows))
+        # sub-batches: the SAE's dense [rows, d_sae] codes of a whole block (up to 65,536 rows) would
+        # not fit; each row's values do not depend on the batch, and the sums run in the same order
+        for a in range(0, len(rows), sub):
+            xt = torch.from_numpy(np.ascontiguousarray(x[rows[a : a + sub]])).float()
+            norms = xt.norm(dim=1)
+            unit.index_add_(0, torch.from_numpy(s[a : a + sub]), (xt / norms.clamp_min(1e-12)[:, None]).double())
+            if error is not None:
+                with torch.no_grad():
+                    recon, _ = ctx.sae(xt.to(ctx.sae.W_enc.dtype))
+                rel[a : a + sub] = ((recon.float() - xt).pow(2).sum(1) / norms.pow(2).clamp_min(1e-12)).double().numpy()
+        if error is not None:
+            error += np.bincount(s, weights=rel, minlength=n)
+    out = {"count": count, "unit_sum": unit.numpy()}
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+def offdist_z(ctx: ScoringContext) -> np.ndarray:
+    """Per sample: the largest robust |z| of its image statistics against the scored pool (see
+    `offdist`); 0 for samples without image tokens."""
+    st = ctx.image_stats
+    count = st["count"]
+    has = count > 0
+    c = np.maximum(count, 1.0)
+    mean_unit = st["unit_sum"] / c[:, None]
+    centre = np.median(mean_unit[has], axis=0) if has.any() else np.zeros(mean_unit.shape[1])
+    stats = [ctx.code_stats["image_l0"] / c, np.linalg.norm(mean_unit - centre, axis=1)]
+    if "error" in st:
+        stats.append(st["error"] / c)
+    z = np.max(np.abs(np.stack([robust_z(x, has) for x in stats])), axis=0)
+    return np.where(has, z, 0.0)
+
+
+def robust_z(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 MAD) over x[mask]; 1.2533 x mean absolute deviation when the MAD is 0;
+    all 0 when x[mask] is constant (the statistic then flags nothing)."""
+    if not mask.any():
+        return np.zeros_like(x)
+    ref = x[mask]
+    med = np.median(ref)
+    scale = 1.4826 * np.median(np.abs(ref - med))
+    if scale <= 0:
+        scale = 1.2533 * np.mean(np.abs(ref - med))
+    return (x - med) / scale if scale > 0 else np.zeros_like(x)
