@@ -371,7 +371,6 @@ def extract(adapter, records: Sequence, layers: Sequence[int], batch_size: int, 
 # --------------------------------------------------------------------------------------------------
 # Extraction in shards and resumable parts (see the module docstring for the layout).
 # --------------------------------------------------------------------------------------------------
-EXECUTION_KEYS = ("shards", "part_batches")  # extract keys that change how the work is cut, not the result
 
 
 def shard_records(n_records: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
@@ -392,8 +391,9 @@ def extraction_key(params: dict, model_params: dict, model: str) -> str:
     """What makes two extractions interchangeable: the extract slice without the execution keys, the
     model slice and the model. A part made under another key is never reused."""
     from mmsae.artifacts import config_hash
+    from mmsae.config import execution_keys
 
-    p = {k: v for k, v in params.items() if k not in EXECUTION_KEYS}
+    p = {k: v for k, v in params.items() if k not in execution_keys("extract")}
     return config_hash({"extract": p, "model": model_params, "model_path": str(model)}, length=16)
 
 

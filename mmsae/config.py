@@ -73,5 +73,12 @@ def stage_params(stage: str, params: dict[str, Any] | str | None, source: str = 
     return validate({stage: params or {}}, source, {"type": "object", "properties": {stage: schema["properties"][stage]}})[stage]
 
 
+def execution_keys(stage: str) -> tuple[str, ...]:
+    """The stage's keys marked `execution: true` in the schema: they change how its work is cut into
+    jobs (shards, parts, launcher), never its result, so they stay out of its folder hash."""
+    props = load_schema()["properties"].get(stage, {}).get("properties", {})
+    return tuple(key for key, sub in props.items() if sub.get("execution"))
+
+
 def dumps(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)

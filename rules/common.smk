@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not pip-installed
 from mmsae.artifacts import stage_dirname
+from mmsae.config import execution_keys
 
 validate(config, "../config/schema.yaml", set_default=True)
 
@@ -94,14 +95,11 @@ VARIANTS = {
 }
 
 
-# Keys that only change how a stage's work is cut into jobs, never its result: left out of the hash.
-EXECUTION_KEYS = {"extract": ("shards", "part_batches"), "score": ("shards",), "finetune": ("accelerate_config",)}
-
-
-def stage_params(stage, **variant):
-    """The config a stage depends on: its own slice (plus the model slice for stages that run it),
-    without its execution keys; a variant overrides train_sae keys."""
-    params = {k: v for k, v in config.get(stage, {}).items() if k not in EXECUTION_KEYS.get(stage, ())}
+def hashed_params(stage, **variant):
+    """The config a stage depends on, which its folder hash covers: its own slice (plus the model slice
+    for stages that run it) without its execution keys (schema: `execution: true`); a variant overrides
+    train_sae keys."""
+    params = {k: v for k, v in config.get(stage, {}).items() if k not in execution_keys(stage)}
     if stage == "train_sae":
         params.update(variant)
     if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
@@ -110,14 +108,14 @@ def stage_params(stage, **variant):
     if stage == "sample":
         params["data"] = config["data"]
     if stage == "curve":  # the arms' recipe: fine-tuning and benchmarking
-        params.update(finetune=stage_params("finetune"), benchmark=config["benchmark"], model=config["model"])
+        params.update(finetune=hashed_params("finetune"), benchmark=config["benchmark"], model=config["model"])
     return params
 
 
 @cache
 def _stage_dir(stage, variant):
     parents = [Path(_stage_dir(p, variant if p in VARIED else ())).name for p in PARENTS[stage]]
-    return f"{RESULTS}/{stage_dirname(stage, stage_params(stage, **dict(variant)), parents)}"
+    return f"{RESULTS}/{stage_dirname(stage, hashed_params(stage, **dict(variant)), parents)}"
 
 
 def stage_dir(stage, **variant):

@@ -24,7 +24,7 @@ def _arms():
     specs += [("random", f, s) for s in cfg["random_seeds"] for f in cfg["fractions"]]
     specs.append(("all", 1.0, None))
     return {
-        stage_dirname("finetune", {**stage_params("finetune"), "arm": [m, f, s]},
+        stage_dirname("finetune", {**hashed_params("finetune"), "arm": [m, f, s]},
                       [Path(stage_dir(p)).name for p in _arm_parents(m)]): (m, f, s)
         for m, f, s in specs
     }

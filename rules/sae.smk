@@ -8,7 +8,7 @@ rule train_sae:
     wildcard_constraints:
         folder=r"train_sae-[0-9a-f]{8}",
     params:
-        cfg=lambda wc: json.dumps(stage_params("train_sae", **variant_of("train_sae", wc.folder)), sort_keys=True),
+        cfg=lambda wc: json.dumps(hashed_params("train_sae", **variant_of("train_sae", wc.folder)), sort_keys=True),
         extract=stage_dir("extract"),
         out=lambda wc: f"{RESULTS}/{wc.folder}",
         # outside the output folder, so a killed job's rerun resumes from its last checkpoint

@@ -56,3 +56,13 @@ def test_config_defaults_and_validation():
     assert stage_params("encode", '{"delta": 0.5}')["delta"] == 0.5
     with pytest.raises(InputError, match=r"encode\.delta"):
         stage_params("encode", '{"delta": -1}')
+
+
+def test_execution_keys_are_marked_in_the_schema():
+    """Keys that only cut a stage's work into jobs stay out of its folder hash; the schema says which."""
+    from mmsae.config import execution_keys
+
+    assert execution_keys("extract") == ("shards", "part_batches")
+    assert execution_keys("score") == ("shards",)
+    assert execution_keys("finetune") == ("accelerate_config",)
+    assert execution_keys("train_sae") == ()
