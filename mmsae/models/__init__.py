@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from mmsae.device import resolve_device
 from mmsae.errors import InputError
 from mmsae.models.adapters import (
     ADAPTERS,
@@ -24,15 +25,6 @@ from mmsae.models.adapters import (
 from mmsae.models.prompts import format_prompt, format_response
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise InputError("--model-params", "model.device", f"unknown device {device!r}") from exc
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -75,7 +67,7 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
 
     path = str(path)
     config, cls = load_config(path, trust_remote_code)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--model-params", "model.device")
     torch_dtype = resolve_dtype(dtype, dev)
     auto_model = getattr(transformers, cls.auto_model)
     try:

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from mmsae import __version__
 from mmsae.activations import ActivationStore, storage_to_float
 from mmsae.artifacts import atomic_dir, config_hash, write_json
+from mmsae.device import resolve_device
 from mmsae.errors import InputError
 from mmsae.sae.io import CFG, check_d_in, hook_name, load_sae, log10_frequency, save_sae
 from mmsae.sae.metrics import evaluate_blocks
@@ -65,12 +66,6 @@ SCOPES = {"all": ("image", "text"), "text": ("text",)}
 NORM_ESTIMATE_BATCHES = 16  # batches (from step 0 on) used to estimate the input scale
 EVAL_BLOCK_TOKENS = 4096
 CHECKPOINT_FORMAT = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 PRECISIONS = ("bf16", "tf32", "fp32")

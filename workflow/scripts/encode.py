@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     argp.add_argument("--sae", required=True, help="train_sae artifact folder (or an SAELens SAE folder)")
 
     def body(args, params):
+        from mmsae.device import resolve_device
         from mmsae.sae.encode import CODES, encode_store
         from mmsae.sae.io import CFG, check_d_in, load_sae
-        from mmsae.sae.train import resolve_device
 
         timer = Timer()
         store = ActivationStore(args.extract)
