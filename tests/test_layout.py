@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # rules that run no script: the default target and the "latest" links / compare's summary target
 TARGETS = {"all", "latest_report", "latest_browser", "compare"}
-_RULE = re.compile(r"^rule (\w+):(.*?)(?=^rule |\Z)", re.S | re.M)
+_RULE = re.compile(r"^\s*rule (\w+):(.*?)(?=^\s*rule |\Z)", re.S | re.M)  # rules may sit in if-blocks
 
 
 def _rules() -> dict[str, tuple[str, str]]:
@@ -25,7 +25,8 @@ def _rules() -> dict[str, tuple[str, str]]:
 def _stage_map() -> list[dict[str, list[str]]]:
     """The README table under 'Stage map': per row the backticked names of each column."""
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("### Stage map"):].split("\n\n")[1]
+    blocks = text[text.index("### Stage map"):].split("\n\n")
+    table = next(b for b in blocks if b.startswith("| stage"))
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["stage", "rule file", "script", "module"], header
