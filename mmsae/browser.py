@@ -36,7 +36,6 @@ import io
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from mmsae.errors import InputError  # noqa: E402
 from mmsae.features import CLASSES, iter_codes, read_columns, require_columns  # noqa: E402
+from mmsae.models.grid import Grid, adapter_grid, crop_box  # noqa: E402
 from mmsae.report.html import esc  # noqa: E402
 from mmsae.report.plots import MODALITY_COLOURS  # noqa: E402
 
@@ -65,15 +65,6 @@ FEATURE_COLUMNS = ("feature", "n_text", "n_image", "n_special", "top_text_rows",
                    "top_image_rows", "top_image_acts", "weight", "class")
 VEIL_RGB = (16, 16, 24)
 VEIL_MAX_ALPHA = 190  # a silent patch stays faintly visible
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The base patch grid: image-token index `first + r * cols + c` is cell (r, c)."""
-
-    rows: int
-    cols: int
-    first: int = 0
 
 
 # -- the model's side: tokenizer and patch grid, without loading weights ---------------------------
@@ -89,8 +80,7 @@ def model_view(path: str | os.PathLike, trust_remote_code: bool = False) -> tupl
         raise InputError(path, "model.path", f"cannot load the processor ({exc.__class__.__name__})") from exc
     # the adapter only reads model.config for the grid and the special ids: a config stand-in will do
     adapter = cls(SimpleNamespace(config=config), processor, path)
-    grid = adapter.image_grid()
-    return adapter.tokenizer, Grid(**grid) if grid else None
+    return adapter.tokenizer, adapter_grid(adapter)
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -204,18 +194,17 @@ def square_view(data: bytes, size: int) -> Image.Image:
     """The centre square of an encoded image (what a CLIP-style processor crops), `size` px a side;
     nearest-neighbour when enlarging so small images stay crisp."""
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    side = min(w, h)
-    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    box = crop_box(*img.size, center_crop=True)
+    side = box[2] - box[0]
+    img = img.crop(box)
     return img.resize((size, size), Image.Resampling.NEAREST if side <= size else Image.Resampling.LANCZOS)
 
 
 def patch_heat(patches: np.ndarray, acts: np.ndarray, grid: Grid, top: float) -> np.ndarray:
     """[rows, cols] activation / top per grid cell from (image-token index, activation) pairs; image
     tokens outside the base grid (LLaVA-NeXT tiles, a CLS feature) are left out."""
-    heat = np.zeros(grid.rows * grid.cols, np.float64)
-    cell = np.asarray(patches, np.int64) - grid.first
-    ok = (cell >= 0) & (cell < len(heat))
+    heat = np.zeros(grid.cells, np.float64)
+    cell, ok = grid.cell_index(patches)
     heat[cell[ok]] = np.asarray(acts, np.float64)[ok] / (top if top > 0 else 1.0)
     return np.clip(heat, 0.0, 1.0).reshape(grid.rows, grid.cols)
 
@@ -545,8 +534,7 @@ def _check_grid(tokens: pd.DataFrame, sample_of_row: np.ndarray, grid: Grid) -> 
         return
     per_sample = np.bincount(sample_of_row[image])
     per_sample = per_sample[per_sample > 0]
-    need = grid.first + grid.rows * grid.cols
-    if per_sample.min() < need:
+    if per_sample.min() < grid.span:
         raise InputError("tokens.parquet", "patch", f"a sample has {per_sample.min()} image tokens, fewer than the "
                          f"model's {grid.rows}x{grid.cols} patch grid (+{grid.first}) needs: wrong --model?")
 
@@ -602,5 +590,5 @@ def write_redirect(path: str | os.PathLike, target: str) -> None:
                           f'<body><p><a href="{t}">{t}</a></p></body></html>\n')
 
 
-__all__ = ["Grid", "build_site", "feature_stats", "model_view", "patch_heat", "read_features", "read_tokens",
+__all__ = ["build_site", "feature_stats", "model_view", "patch_heat", "read_features", "read_tokens",
            "scan_codes", "select_features", "token_strings", "write_redirect"]

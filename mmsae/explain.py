@@ -71,6 +71,7 @@ from mmsae.artifacts import MANIFEST, read_manifest
 from mmsae.data.toyworld import COLOURS, SHAPES, object_mask
 from mmsae.errors import InputError
 from mmsae.features import FEATURES, Codes, iter_codes, read_columns, require_columns
+from mmsae.models.grid import Grid, token_grid, upsample
 
 log = logging.getLogger("mmsae.explain")
 
@@ -123,19 +124,6 @@ def select_features(features: pd.DataFrame, top_n: int, explicit: Sequence[int] 
     return [int(f) for f in cross["feature"].head(top_n)]
 
 
-@dataclass(frozen=True)
-class Grid:
-    """The base patch grid: image token with patch index `first + r * cols + c` is cell (r, c)."""
-
-    rows: int
-    cols: int
-    first: int = 0
-
-    @property
-    def cells(self) -> int:
-        return self.rows * self.cols
-
-
 def image_grid(extract: str | os.PathLike, tokens: pd.DataFrame) -> Grid:
     """The grid from extract's manifest (counts.image_grid), else a square one from tokens.parquet."""
     grid = None
@@ -146,16 +134,8 @@ def image_grid(extract: str | os.PathLike, tokens: pd.DataFrame) -> Grid:
             if grid is None:  # Qwen2-VL-style: the number of image tokens varies per image
                 raise InputError(Path(extract) / MANIFEST, "counts.image_grid",
                                  "the model has no fixed patch grid; activation masks need one")
-            return Grid(int(grid["rows"]), int(grid["cols"]), int(grid.get("first", 0)))
-    require_columns("tokens.parquet", list(tokens.columns), ("modality", "patch"))
-    patches = tokens.loc[tokens["modality"] == "image", "patch"]
-    if len(patches) == 0:
-        raise InputError("tokens.parquet", "patch", "no image tokens")
-    n = int(patches.max()) + 1
-    side = math.isqrt(n)
-    if side * side != n:
-        raise InputError("tokens.parquet", "patch", f"{n} image tokens per image is not a square grid")
-    return Grid(side, side)
+            return Grid.from_dict(grid)
+    return token_grid(tokens)
 
 
 def image_activations(codes: Codes, tokens: pd.DataFrame, features: Sequence[int], grid: Grid) -> pd.DataFrame:
@@ -164,8 +144,7 @@ def image_activations(codes: Codes, tokens: pd.DataFrame, features: Sequence[int
     require_columns("tokens.parquet", list(tokens.columns), ("row", "sample_id", "modality", "patch"))
     n_rows = int(tokens["row"].max()) + 1 if len(tokens) else 0
     img = tokens[tokens["modality"] == "image"]
-    cell = img["patch"].to_numpy(np.int64) - grid.first
-    ok = (cell >= 0) & (cell < grid.cells)
+    cell, ok = grid.cell_index(img["patch"].to_numpy(np.int64))
     cell_of = np.full(n_rows, -1, np.int64)
     cell_of[img["row"].to_numpy(np.int64)[ok]] = cell[ok]
     sample_ids, sample_codes = pd.factorize(tokens["sample_id"].astype(str))
@@ -224,27 +203,6 @@ def activation_grid(acts: pd.DataFrame, feature: int, sample_id: str, grid: Grid
 def activation_mask(cells: np.ndarray, ref: float, threshold: float) -> np.ndarray:
     """bool cells: activation > 0 and >= threshold x ref (the feature's highest image activation)."""
     return (cells > 0) & (cells >= threshold * ref)
-
-
-def crop_box(width: int, height: int, center_crop: bool) -> tuple[int, int, int, int]:
-    """The pixel region the patch grid covers: the whole image, or its centre square (CLIP's crop)."""
-    if not center_crop:
-        return 0, 0, width, height
-    side = min(width, height)
-    x0, y0 = (width - side) // 2, (height - side) // 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def upsample(cells: np.ndarray, width: int, height: int, center_crop: bool = False) -> np.ndarray:
-    """bool [height, width]: each pixel takes the value of the grid cell it falls in (nearest);
-    with center_crop the grid covers the centre square and the margins are False."""
-    x0, y0, x1, y1 = crop_box(width, height, center_crop)
-    rows, cols = cells.shape
-    ys = (np.arange(y1 - y0) * rows) // (y1 - y0)
-    xs = (np.arange(x1 - x0) * cols) // (x1 - x0)
-    out = np.zeros((height, width), bool)
-    out[y0:y1, x0:x1] = np.asarray(cells, bool)[ys[:, None], xs[None, :]]
-    return out
 
 
 def masked_image(image: Image.Image, mask: np.ndarray, dim: float) -> Image.Image:

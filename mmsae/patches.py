@@ -62,6 +62,7 @@ from mmsae.activations import LayerCapture
 from mmsae.data import Record, decode_image, sample_frame, toyworld
 from mmsae.errors import InputError
 from mmsae.models.adapters import IMAGE, TEXT, ModelAdapter
+from mmsae.models.grid import Grid, adapter_grid, pixel_boxes
 from mmsae.scoring import subset_size
 
 log = logging.getLogger("mmsae.patches")
@@ -178,26 +179,16 @@ def toy_image_set(heldout: str | os.PathLike, question: str, max_images: int | N
 # geometry
 
 
-def patch_grid(adapter: ModelAdapter) -> dict[str, int]:
-    """{rows, cols, first} of a fixed-grid LLaVA model; InputError naming the family otherwise."""
+def patch_grid(adapter: ModelAdapter) -> Grid:
+    """The grid of a fixed-grid LLaVA model; InputError naming the family otherwise."""
     family = getattr(adapter, "family", "?")
     if family != "llava":
         reason = UNSUPPORTED.get(family, f"model family {family!r} has no fixed patch grid")
         raise InputError(adapter.path, "model.path", f"patch filtering is not supported for {family}: {reason}")
-    grid = adapter.image_grid()
-    if not grid or grid["rows"] < 1 or grid["cols"] < 1:
+    grid = adapter_grid(adapter)
+    if grid is None or grid.rows < 1 or grid.cols < 1:
         raise InputError(adapter.path, "model.path", "the model reports no fixed patch grid")
-    return {k: int(v) for k, v in grid.items()}
-
-
-def patch_boxes(rows: int, cols: int, height: int, width: int) -> np.ndarray:
-    """[rows * cols, 4] pixel boxes (x0, y0, x1, y1), end-exclusive, of the row-major grid cells over an
-    H x W image; the grid must divide the image exactly (as a ViT's patches do)."""
-    if height % rows or width % cols:
-        raise ValueError(f"a {rows}x{cols} patch grid does not divide a {height}x{width} image")
-    ph, pw = height // rows, width // cols
-    r, c = np.divmod(np.arange(rows * cols), cols)
-    return np.stack([c * pw, r * ph, (c + 1) * pw, (r + 1) * ph], axis=1).astype(np.int64)
+    return grid
 
 
 def black_out(pixel_values: torch.Tensor, keep: np.ndarray, rows: int, cols: int, fill: torch.Tensor) -> torch.Tensor:
@@ -208,7 +199,7 @@ def black_out(pixel_values: torch.Tensor, keep: np.ndarray, rows: int, cols: int
         raise ValueError(f"keep mask of shape {keep.shape}, expected ({rows * cols},)")
     out = pixel_values.clone()
     fill = fill.to(out.dtype).to(out.device).view(-1, 1, 1)
-    for x0, y0, x1, y1 in patch_boxes(rows, cols, out.shape[-2], out.shape[-1])[~keep]:
+    for x0, y0, x1, y1 in pixel_boxes(rows, cols, out.shape[-2], out.shape[-1])[~keep]:
         out[:, y0:y1, x0:x1] = fill
     return out
 
@@ -314,8 +305,7 @@ def score_patches(adapter: ModelAdapter, sae: Any, layer: int, images: ImageSet,
     from tqdm import tqdm
 
     grid = patch_grid(adapter)
-    rows, cols, first = grid["rows"], grid["cols"], grid["first"]
-    n_cells = rows * cols
+    n_cells = grid.cells
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError("patch_filter.methods", "methods", f"unknown method {unknown[0]!r}; known: {list(METHODS)}")
@@ -344,15 +334,15 @@ def score_patches(adapter: ModelAdapter, sae: Any, layer: int, images: ImageSet,
             for b, image_id in enumerate(ids):
                 real = meta.attention_mask[b]
                 img_pos = np.nonzero((meta.modality[b] == IMAGE) & real)[0]
-                cell = meta.patch[b, img_pos] - first
-                spatial = (cell >= 0) & (cell < n_cells)
+                cell, spatial = grid.cell_index(meta.patch[b, img_pos])
                 img_pos, cell = img_pos[spatial], cell[spatial]
                 if not np.array_equal(cell, np.arange(n_cells)):
                     raise InputError(adapter.path, "model.path",
                                      f"image {image_id!r}: {len(meta.patch[b][meta.patch[b] >= 0])} image tokens do not "
-                                     f"form the {rows}x{cols} grid (+{first}) the model config declares")
+                                     f"form the {grid.rows}x{grid.cols} grid (+{grid.first}) the model config declares")
+                row, col = grid.row_col(cell)
                 out: dict[str, Any] = {"image_id": image_id, "patch": cell.astype(np.int32),
-                                       "row": (cell // cols).astype(np.int32), "col": (cell % cols).astype(np.int32)}
+                                       "row": row.astype(np.int32), "col": col.astype(np.int32)}
                 if need_sae:
                     txt_pos = np.nonzero(np.isin(meta.modality[b], list(text_modalities)) & real)[0]
                     dev = sae.W_enc.device
@@ -402,7 +392,7 @@ def views_of(image_id: str, scores: pd.DataFrame, methods: Sequence[str], fracti
     return views
 
 
-def masked_batch(adapter: ModelAdapter, records: Sequence[Record], views: Sequence[View], grid: dict[str, int],
+def masked_batch(adapter: ModelAdapter, records: Sequence[Record], views: Sequence[View], grid: Grid,
                  fill: torch.Tensor, include_response: bool) -> tuple[dict[str, torch.Tensor], Any]:
     """build_batch of `records`, the i-th image blacked out outside views[i].keep."""
     inputs, meta = adapter.build_batch(records, include_response=include_response)
@@ -410,7 +400,7 @@ def masked_batch(adapter: ModelAdapter, records: Sequence[Record], views: Sequen
     if pv.dim() != 4 or pv.shape[0] != len(records):
         raise InputError(adapter.path, "model.path", f"pixel_values of shape {tuple(pv.shape)}: expected one image per record")
     try:
-        inputs["pixel_values"] = torch.stack([black_out(pv[i], v.keep, grid["rows"], grid["cols"], fill)
+        inputs["pixel_values"] = torch.stack([black_out(pv[i], v.keep, grid.rows, grid.cols, fill)
                                               for i, v in enumerate(views)])
     except ValueError as exc:
         raise InputError(adapter.path, "model.path", str(exc)) from exc
@@ -434,7 +424,7 @@ def normalise_answer(text: str) -> str:
 
 
 def classify_views(adapter: ModelAdapter, image_id: str, image: Image.Image, question: str, views: Sequence[View],
-                   label_set: Sequence[str], grid: dict[str, int], fill: torch.Tensor, mode: str = "likelihood",
+                   label_set: Sequence[str], grid: Grid, fill: torch.Tensor, mode: str = "likelihood",
                    batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
     """The model's answer for each view: the most likely label (`likelihood`) or its greedy text."""
     preds: list[str] = []
@@ -592,6 +582,6 @@ def plot_examples(adapter: ModelAdapter, images: ImageSet, scores: pd.DataFrame,
 
 __all__ = ["ACCURACY", "EXAMPLES", "METHODS", "PATCH_SCORES", "PLOT", "PREDICTIONS", "SAE_METHODS", "UNMASKED",
            "AttentionRows", "ImageSet", "View", "accuracy_table", "black_out", "black_pixel",
-           "classify_views", "image_folder_set", "keep_mask", "masked_batch", "normalise_answer", "patch_boxes",
+           "classify_views", "image_folder_set", "keep_mask", "masked_batch", "normalise_answer",
            "patch_filter", "patch_grid", "plot_accuracy", "plot_examples", "random_scores", "response_logprob",
            "sae_patch_scores", "score_patches", "tiebreak", "toy_image_set", "toy_label_set", "views_of"]

@@ -21,7 +21,6 @@ from test_features import load_script
 
 from mmsae.artifacts import write_manifest
 from mmsae.browser import (
-    Grid,
     build_site,
     feature_stats,
     model_view,
@@ -34,6 +33,7 @@ from mmsae.browser import (
 )
 from mmsae.errors import InputError
 from mmsae.features import FEATURE_SCHEMA
+from mmsae.models.grid import Grid
 from mmsae.sae.encode import CODES_SCHEMA
 
 SCRIPT = "<script>document.title='pwned'</script>"

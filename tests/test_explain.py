@@ -23,7 +23,6 @@ from mmsae.explain import (
     ChatError,
     ExplainerConfig,
     FileMasks,
-    Grid,
     ToyMasks,
     activation_grid,
     activation_index,
@@ -38,9 +37,9 @@ from mmsae.explain import (
     score_explanations,
     select_features,
     top_images,
-    upsample,
 )
 from mmsae.features import FEATURE_SCHEMA, write_features
+from mmsae.models.grid import Grid
 
 
 def check_request(body: dict, prompt: str = DEFAULT_PROMPT) -> tuple[list[Image.Image], str]:
@@ -75,18 +74,6 @@ def test_iou_hand_built():
     assert math.isnan(iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)))
     with pytest.raises(ValueError):
         iou(a, np.zeros((2, 2), bool))
-
-
-def test_upsample_nearest_and_center_crop():
-    cells = np.array([[1, 0], [0, 1]], bool)
-    up = upsample(cells, 4, 4)
-    assert up[:2, :2].all() and up[2:, 2:].all() and not up[:2, 2:].any() and not up[2:, :2].any()
-    # 6 wide x 4 high, centre crop: the grid covers x in [1, 5); the margins are outside
-    up = upsample(cells, 6, 4, center_crop=True)
-    assert not up[:, 0].any() and not up[:, 5].any()
-    assert up[0:2, 1:3].all() and up[2:4, 3:5].all() and up.sum() == 8
-    # a 3-pixel image over a 2-cell grid: pixels 0, 1 -> cell 0, pixel 2 -> cell 1
-    assert upsample(np.array([[1, 0]], bool), 3, 1).tolist() == [[True, True, False]]
 
 
 def test_activation_mask_is_relative_to_the_feature_reference():

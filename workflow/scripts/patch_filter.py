@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                       **({"images": images_root} if images_root else {"toyworld": args.toyworld})}
             write_manifest(tmp, "patch_filter", params, inputs,
                            {"n_images": len(images), "labels": images.label_set, "chance": chance,
-                            "grid": grid, "layer": layer, "d_sae": sae.cfg.d_sae, "feature_rule": rule,
+                            "grid": grid.as_dict(), "layer": layer, "d_sae": sae.cfg.d_sae, "feature_rule": rule,
                             "accuracy": table}, timer.timings)
 
     return cli.run("patch_filter", argp, body, argv)
