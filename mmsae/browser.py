@@ -50,11 +50,10 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from mmsae.display import MODALITY_COLOURS, esc  # noqa: E402
 from mmsae.errors import InputError  # noqa: E402
 from mmsae.features import CLASSES, iter_codes, read_columns, require_columns  # noqa: E402
 from mmsae.models.grid import Grid, adapter_grid, crop_box  # noqa: E402
-from mmsae.report.html import esc  # noqa: E402
-from mmsae.report.plots import MODALITY_COLOURS  # noqa: E402
 
 log = logging.getLogger("mmsae.browser")
 
