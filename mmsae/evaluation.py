@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from mmsae.data.sample import sample_frame
-from mmsae.data.toyworld import COLOURS, SHAPES, patch_concepts
+from mmsae.data.toyvocab import COLOURS, SHAPES
+from mmsae.data.toyworld import patch_concepts
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
 from mmsae.models.grid import token_grid

@@ -68,7 +68,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmsae.artifacts import MANIFEST, read_manifest
-from mmsae.data.toyworld import COLOURS, SHAPES, object_mask
+from mmsae.data.toyvocab import COLOURS, SHAPES
+from mmsae.data.toyworld import object_mask
 from mmsae.errors import InputError
 from mmsae.features import FEATURES, Codes, iter_codes, read_columns, require_columns
 from mmsae.models.grid import Grid, token_grid, upsample

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmsae.activations import LayerCapture
-from mmsae.data import Record, decode_image, sample_frame, toyworld
+from mmsae.data import Record, decode_image, sample_frame, toyvocab, toyworld
 from mmsae.errors import InputError
 from mmsae.models.adapters import IMAGE, TEXT, ModelAdapter
 from mmsae.models.grid import Grid, adapter_grid, pixel_boxes
@@ -129,7 +129,7 @@ def image_folder_set(root: str | os.PathLike, max_images: int | None = None, see
 
 def toy_label_set(question: str, answers: Sequence[str], source: object) -> list[str]:
     """The closed label set of a toy-world question: the colours or the shapes."""
-    for options in (sorted(toyworld.COLOURS), sorted(toyworld.SHAPES)):
+    for options in (sorted(toyvocab.COLOURS), sorted(toyvocab.SHAPES)):
         if answers and set(answers) <= set(options):
             return options
     raise InputError(source, "patch_filter.question",
