@@ -18,7 +18,8 @@ from test_features import load_script, make_codes, make_store, write_encode
 from mmsae.artifacts import write_manifest
 from mmsae.data.toyworld import object_mask
 from mmsae.errors import InputError
-from mmsae.explain import (
+from mmsae.features import FEATURE_SCHEMA, write_features
+from mmsae.interpret.explain import (
     DEFAULT_PROMPT,
     ChatError,
     ExplainerConfig,
@@ -38,7 +39,6 @@ from mmsae.explain import (
     select_features,
     top_images,
 )
-from mmsae.features import FEATURE_SCHEMA, write_features
 from mmsae.models.grid import Grid
 
 
@@ -459,7 +459,7 @@ def test_explain_rules_are_opt_in_and_plan_their_chain(tmp_path):
 
 
 def test_premise_localization_on_the_hand_built_world(tmp_path):
-    from mmsae.explain import premise_localization
+    from mmsae.interpret.explain import premise_localization
 
     paths = toy_world(tmp_path)
     prem = tmp_path / "premise"
