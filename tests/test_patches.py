@@ -1,4 +1,4 @@
-"""Image-patch filtering (mmsae.patches, workflow/scripts/patch_filter.py): patch scores on hand-built
+"""Image-patch filtering (mmsae.interpret.patches, workflow/scripts/patch_filter.py): patch scores on hand-built
 codes, the black-out geometry, the labelled image sets, classification on a tiny LLaVA, the stage script."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from helpers import build_tiny_llava, build_tiny_llava_next, tiny_llava, tiny_records
 from PIL import Image
 
-from mmsae import patches
 from mmsae.artifacts import write_manifest
 from mmsae.config import stage_params
 from mmsae.data import Record, toyworld
 from mmsae.errors import InputError
+from mmsae.interpret import patches
 from mmsae.models import LlavaAdapter, LlavaNextAdapter
 from mmsae.models.grid import Grid, pixel_boxes
 from mmsae.models.toy import build_processor
