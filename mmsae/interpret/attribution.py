@@ -13,7 +13,7 @@ reaches every latent (Marks et al. 2024's "SAE error nodes"). Then, with z_ref =
 
 one backward pass instead of one forward per (position, feature). The approximation is exact when m
 is linear in the latents (e.g. the hook after the last layer with no final norm); `verify` ablates the
-top pairs one at a time (error term kept, mmsae.steering) so the table says how good it is: column
+top pairs one at a time (error term kept, mmsae.interpret.steering) so the table says how good it is: column
 `ablation_effect` = m(clean) - m(ablated), on the same scale as `attribution`.
 Special tokens (BOS, image sentinels) are never attributed: an SAE is not trained on them.
 """
@@ -34,11 +34,11 @@ import torch
 
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
+from mmsae.interpret.steering import Clamp, position_mask, sae_layer, steering
 from mmsae.models.adapters import IMAGE, BatchMeta, ModelAdapter
 from mmsae.models.grid import Grid, adapter_grid, square_side
 from mmsae.sae.io import check_d_in
 from mmsae.sae.model import SAE
-from mmsae.steering import Clamp, position_mask, sae_layer, steering
 
 log = logging.getLogger("mmsae.attribution")
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from mmsae import cli
     from mmsae.artifacts import Timer, atomic_dir, write_manifest
-    from mmsae.steering import add_prompt_args, load_model_and_sae, prompt_records
+    from mmsae.interpret.common import add_prompt_args, load_model_and_sae, prompt_records
 
     argp = cli.parser("attribute", main.__doc__)
     add_prompt_args(argp, "attribute")
