@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 
 from mmsae.data.sample import sample_frame
-from mmsae.data.toyworld import COLOURS, SHAPES, patch_concepts
+from mmsae.data.toyvocab import COLOURS, SHAPES
+from mmsae.data.toyworld import patch_concepts
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
+from mmsae.models.grid import token_grid
 from mmsae.scoring.methods import methods_in
 
 DIRECTION = (
@@ -115,15 +117,7 @@ def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
 
 def patch_grid(tokens: pd.DataFrame) -> int:
     """Side of the square patch grid: image tokens per image (max patch index + 1) must be a square."""
-    require_columns("tokens.parquet", list(tokens.columns), ("modality", "patch"))
-    patches = tokens.loc[tokens["modality"] == "image", "patch"]
-    if len(patches) == 0:
-        raise InputError("tokens.parquet", "patch", "no image tokens")
-    n = int(patches.max()) + 1
-    grid = int(round(math.sqrt(n)))
-    if grid * grid != n:
-        raise InputError("tokens.parquet", "patch", f"{n} image tokens per image is not a square grid")
-    return grid
+    return token_grid(tokens).rows
 
 
 def premise_check(codes: Codes, tokens: pd.DataFrame, samples: pd.DataFrame, grid: int,

@@ -38,5 +38,5 @@ rule latest_browser:
     log:
         f"{RESULTS}/logs/latest_browser.log",
     shell:
-        "python -c 'import sys; from mmsae.browser import write_redirect; write_redirect(sys.argv[1], sys.argv[2])'"
+        "python -c 'import sys; from mmsae.interpret.browser import write_redirect; write_redirect(sys.argv[1], sys.argv[2])'"
         " {output:q}.tmp {params.target:q} > {log} 2>&1 && mv {output:q}.tmp {output:q}"

@@ -53,10 +53,10 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from mmsae.data import Record, toyworld
+from mmsae.data import Record, toyvocab, toyworld
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-WORDS = ["USER:", "ASSISTANT:", *toyworld.VOCAB_WORDS]
+WORDS = ["USER:", "ASSISTANT:", *toyvocab.VOCAB_WORDS]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "

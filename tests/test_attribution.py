@@ -1,4 +1,4 @@
-"""Attribution (mmsae.attribution): exact where the metric is linear in the latents, predictive elsewhere."""
+"""Attribution (mmsae.interpret.attribution): exact where the metric is linear in the latents, predictive elsewhere."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from helpers import build_tiny_llava, records_frame, tiny_llava, tiny_records
 from test_steering import D_SAE, make_sae, prompt_batch
 
-from mmsae.attribution import ablate, answer_token, answers_of, attribute, main
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
+from mmsae.interpret.attribution import ablate, answer_token, answers_of, attribute, main
+from mmsae.interpret.steering import Clamp, position_mask
 from mmsae.models.adapters import LlavaAdapter
 from mmsae.sae.io import save_sae
-from mmsae.steering import Clamp, position_mask
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from PIL import Image
 from test_features import load_script
 
 from mmsae.artifacts import write_manifest
-from mmsae.browser import (
-    Grid,
+from mmsae.errors import InputError
+from mmsae.features import FEATURE_SCHEMA
+from mmsae.interpret.browser import (
     build_site,
     feature_stats,
     model_view,
@@ -32,8 +33,7 @@ from mmsae.browser import (
     token_strings,
     write_redirect,
 )
-from mmsae.errors import InputError
-from mmsae.features import FEATURE_SCHEMA
+from mmsae.models.grid import Grid
 from mmsae.sae.encode import CODES_SCHEMA
 
 SCRIPT = "<script>document.title='pwned'</script>"

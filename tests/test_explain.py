@@ -18,12 +18,12 @@ from test_features import load_script, make_codes, make_store, write_encode
 from mmsae.artifacts import write_manifest
 from mmsae.data.toyworld import object_mask
 from mmsae.errors import InputError
-from mmsae.explain import (
+from mmsae.features import FEATURE_SCHEMA, write_features
+from mmsae.interpret.explain import (
     DEFAULT_PROMPT,
     ChatError,
     ExplainerConfig,
     FileMasks,
-    Grid,
     ToyMasks,
     activation_grid,
     activation_index,
@@ -38,9 +38,8 @@ from mmsae.explain import (
     score_explanations,
     select_features,
     top_images,
-    upsample,
 )
-from mmsae.features import FEATURE_SCHEMA, write_features
+from mmsae.models.grid import Grid
 
 
 def check_request(body: dict, prompt: str = DEFAULT_PROMPT) -> tuple[list[Image.Image], str]:
@@ -75,18 +74,6 @@ def test_iou_hand_built():
     assert math.isnan(iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)))
     with pytest.raises(ValueError):
         iou(a, np.zeros((2, 2), bool))
-
-
-def test_upsample_nearest_and_center_crop():
-    cells = np.array([[1, 0], [0, 1]], bool)
-    up = upsample(cells, 4, 4)
-    assert up[:2, :2].all() and up[2:, 2:].all() and not up[:2, 2:].any() and not up[2:, :2].any()
-    # 6 wide x 4 high, centre crop: the grid covers x in [1, 5); the margins are outside
-    up = upsample(cells, 6, 4, center_crop=True)
-    assert not up[:, 0].any() and not up[:, 5].any()
-    assert up[0:2, 1:3].all() and up[2:4, 3:5].all() and up.sum() == 8
-    # a 3-pixel image over a 2-cell grid: pixels 0, 1 -> cell 0, pixel 2 -> cell 1
-    assert upsample(np.array([[1, 0]], bool), 3, 1).tolist() == [[True, True, False]]
 
 
 def test_activation_mask_is_relative_to_the_feature_reference():
@@ -472,7 +459,7 @@ def test_explain_rules_are_opt_in_and_plan_their_chain(tmp_path):
 
 
 def test_premise_localization_on_the_hand_built_world(tmp_path):
-    from mmsae.explain import premise_localization
+    from mmsae.interpret.explain import premise_localization
 
     paths = toy_world(tmp_path)
     prem = tmp_path / "premise"

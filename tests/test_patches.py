@@ -1,4 +1,4 @@
-"""Image-patch filtering (mmsae.patches, workflow/scripts/patch_filter.py): patch scores on hand-built
+"""Image-patch filtering (mmsae.interpret.patches, workflow/scripts/patch_filter.py): patch scores on hand-built
 codes, the black-out geometry, the labelled image sets, classification on a tiny LLaVA, the stage script."""
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from helpers import build_tiny_llava, build_tiny_llava_next, tiny_llava, tiny_records
 from PIL import Image
 
-from mmsae import patches
 from mmsae.artifacts import write_manifest
 from mmsae.config import stage_params
 from mmsae.data import Record, toyworld
 from mmsae.errors import InputError
+from mmsae.interpret import patches
 from mmsae.models import LlavaAdapter, LlavaNextAdapter
+from mmsae.models.grid import Grid, pixel_boxes
 from mmsae.models.toy import build_processor
 from mmsae.sae.io import hook_name, save_sae
 from mmsae.sae.model import SAEConfig, build_sae
@@ -100,20 +101,6 @@ def test_random_scores_and_keep_masks():
 
 
 # ---- geometry ----------------------------------------------------------------------------------------
-def test_patch_boxes_toy_llava_and_rectangular_grids():
-    toy = patches.patch_boxes(4, 4, 32, 32)
-    assert toy.shape == (16, 4)
-    np.testing.assert_array_equal(toy[0], [0, 0, 8, 8])
-    np.testing.assert_array_equal(toy[5], [8, 8, 16, 16])  # row 1, col 1
-    np.testing.assert_array_equal(toy[7], [24, 8, 32, 16])  # row 1, col 3
-    llava = patches.patch_boxes(24, 24, 336, 336)
-    np.testing.assert_array_equal(llava[25], [14, 14, 28, 28])
-    np.testing.assert_array_equal(llava[575], [322, 322, 336, 336])
-    np.testing.assert_array_equal(patches.patch_boxes(2, 3, 4, 9)[4], [3, 2, 6, 4])
-    with pytest.raises(ValueError, match="does not divide"):
-        patches.patch_boxes(24, 24, 330, 336)
-
-
 def test_black_out_equals_processing_a_picture_blacked_out_in_the_same_boxes():
     """The toy processor (32x32, 8 px patches): masking pixel_values = masking the picture first."""
     proc = build_processor()
@@ -121,7 +108,7 @@ def test_black_out_equals_processing_a_picture_blacked_out_in_the_same_boxes():
     keep = np.zeros(16, bool)
     keep[[0, 5, 6, 15]] = True
     arr = np.asarray(image).copy()
-    for x0, y0, x1, y1 in patches.patch_boxes(4, 4, 32, 32)[~keep]:
+    for x0, y0, x1, y1 in pixel_boxes(4, 4, 32, 32)[~keep]:
         arr[y0:y1, x0:x1] = 0
     expected = proc.image_processor(images=[Image.fromarray(arr)], return_tensors="pt")["pixel_values"][0]
     pv = proc.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
@@ -136,7 +123,7 @@ def test_black_out_equals_processing_a_picture_blacked_out_in_the_same_boxes():
 
 def test_only_fixed_grid_llava_is_supported():
     model, proc = build_tiny_llava()
-    assert patches.patch_grid(LlavaAdapter(model, proc)) == {"rows": 4, "cols": 4, "first": 0}
+    assert patches.patch_grid(LlavaAdapter(model, proc)) == Grid(4, 4, 0)
     nxt = LlavaNextAdapter(*build_tiny_llava_next())
     with pytest.raises(InputError, match="anyres"):
         patches.patch_grid(nxt)

@@ -8,8 +8,9 @@ from test_features import load_script
 from test_scoring import build_artifacts, run_score
 
 from mmsae.artifacts import write_json
+from mmsae.display import esc
 from mmsae.report import metrics_by_modality
-from mmsae.report.html import esc, table
+from mmsae.report.html import table
 
 
 def test_metrics_by_modality():

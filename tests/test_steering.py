@@ -1,4 +1,4 @@
-"""Feature steering (mmsae.steering): exact hidden-state changes, error term kept, generation before/after."""
+"""Feature steering (mmsae.interpret.steering): exact hidden-state changes, error term kept, generation before/after."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ from helpers import (
 
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
+from mmsae.interpret.common import select_records
+from mmsae.interpret.steering import (
+    Clamp,
+    build_runs,
+    concept_feature,
+    flip_summary,
+    generate,
+    main,
+    max_activations,
+    parse_clamps,
+    position_mask,
+    steer_records,
+    steering,
+)
 from mmsae.models.adapters import (
     IMAGE,
     TEXT,
@@ -30,20 +44,6 @@ from mmsae.models.adapters import (
 )
 from mmsae.sae.io import save_sae
 from mmsae.sae.model import SAEConfig, build_sae
-from mmsae.steering import (
-    Clamp,
-    build_runs,
-    concept_feature,
-    flip_summary,
-    generate,
-    main,
-    max_activations,
-    parse_clamps,
-    position_mask,
-    select_records,
-    steer_records,
-    steering,
-)
 
 D_SAE = 64
 CONST, CONST_VALUE = 5, 0.7  # a latent that is CONST_VALUE at every token (zero encoder column, bias 0.7)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmsae.data import toyworld
+from mmsae.data import toyvocab, toyworld
 from mmsae.models import toy
 from mmsae.models.prompts import format_prompt, format_response
 
@@ -48,7 +48,7 @@ def test_chat_template_layout(processor):
     tok = processor.tokenizer
     ids = tok("<s> is red a color or a shape ? answer : color </s>", add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
-    for word in toyworld.VOCAB_WORDS:
+    for word in toyvocab.VOCAB_WORDS:
         assert tok.convert_tokens_to_ids(word) != tok.unk_token_id
     assert tok.decode(ids, skip_special_tokens=True) == "is red a color or a shape ? answer : color"
 

@@ -19,14 +19,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-COLOURS: dict[str, tuple[int, int, int]] = {
+from mmsae.data.toyvocab import COLOURS, SHAPES, SIDES
+
+# how each colour word (toyvocab.COLOURS) is drawn
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
     "blue": (50, 80, 230),
     "yellow": (230, 210, 40),
 }
-SHAPES = ("square", "circle", "triangle")
-SIDES = ("left", "right")
 IMAGE_SIZE = 32
 CORRUPTION_KINDS = ("mismatch", "wrong_answer", "noise_image", "text_only")
 QA_TASKS = ("color_of_shape", "shape_on_side", "color_on_side")
@@ -34,10 +35,6 @@ QA_TASKS = ("color_of_shape", "shape_on_side", "color_on_side")
 # the text-only task keeps the concept words meaningful without an image.
 TRAIN_MIX = {"caption": 0.40, "color_of_shape": 0.15, "shape_on_side": 0.15, "color_on_side": 0.15, "text_only": 0.15}
 POOL_MIX = {"caption": 0.40, "color_of_shape": 0.20, "shape_on_side": 0.20, "color_on_side": 0.20}
-VOCAB_WORDS = sorted(
-    set(COLOURS) | set(SHAPES) | set(SIDES)
-    | {"what", "color", "shape", "is", "the", "on", "describe", "?", "a", "or"}
-)
 
 
 @dataclass
@@ -90,7 +87,7 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(int(c) for c in bg))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        base = np.array(COLOURS[o["colour"]])
+        base = np.array(COLOUR_RGB[o["colour"]])
         draw_object(draw, o, tuple(int(c) for c in np.clip(base + rng.integers(-25, 26, size=3), 0, 255)))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))

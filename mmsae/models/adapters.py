@@ -49,7 +49,6 @@ the question (plain question when there is none), so every token is `text` or `s
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -62,6 +61,7 @@ from torch import nn
 
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
+from mmsae.models.grid import Grid, square_side
 from mmsae.models.prompts import format_prompt, format_response
 
 TEXT, IMAGE, SPECIAL = "text", "image", "special"
@@ -181,7 +181,8 @@ class ModelAdapter:
         return [int(layer) for layer in layers]
 
     def image_grid(self) -> dict[str, int] | None:
-        """The base patch grid: patch index `first + r * cols + c` is cell (r, c); None when not fixed."""
+        """The base patch grid {rows, cols, first} (mmsae.models.grid: patch index `first + r * cols + c`
+        is cell (r, c)); None when not fixed."""
         return None
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class LlavaAdapter(ModelAdapter):
         vc = self.model.config.vision_config
         side = int(vc.image_size) // int(vc.patch_size)
         first = 1 if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full" else 0
-        return {"rows": side, "cols": side, "first": first}
+        return Grid(side, side, first).as_dict()
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -352,10 +353,10 @@ class ChameleonAdapter(ModelAdapter):
 
     def image_grid(self) -> dict[str, int]:
         n = int(self.processor.image_seq_length)
-        side = math.isqrt(n)
-        if side * side != n:
+        side = square_side(n)
+        if side is None:
             raise RuntimeError(f"Chameleon image_seq_length {n} is not a square grid")
-        return {"rows": side, "cols": side, "first": 0}
+        return Grid(side, side).as_dict()
 
     def build_batch(self, records: Sequence[Record], include_response: bool,
                     max_length: int | None = None) -> tuple[dict[str, torch.Tensor], BatchMeta]:

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmsae.data import toyworld
+from mmsae.data import toyvocab, toyworld
 from mmsae.models.prompts import format_prompt, format_response
 
 log = logging.getLogger("mmsae.toy")
@@ -79,7 +79,7 @@ CHAT_TEMPLATE = (
 
 
 def vocabulary() -> list[str]:
-    words = [w for w in toyworld.VOCAB_WORDS if w not in SPECIAL_TOKENS]
+    words = [w for w in toyvocab.VOCAB_WORDS if w not in SPECIAL_TOKENS]
     words += [w for w in TEMPLATE_WORDS if w not in words]
     return list(SPECIAL_TOKENS) + words
 

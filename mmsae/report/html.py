@@ -1,12 +1,13 @@
 """index.html: one self-contained page (inline CSS, figures as base64 PNG). Every piece of text that
-comes from data (questions, responses, ids, metric names, paths) goes through html.escape."""
+comes from data (questions, responses, ids, metric names, paths) goes through `esc` (mmsae.display)."""
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from mmsae.display import esc
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -15,10 +16,6 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em} td,th{border:1px so
 th{background:#f4f4f4;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%} .note{color:#555;font-size:.9em} code{background:#f4f4f4;padding:0 3px}
 """
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def fmt(value: Any) -> str:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-MODALITY_COLOURS = {"overall": "#555555", "text": "#1f77b4", "image": "#ff7f0e", "special": "#2ca02c"}
+from mmsae.display import MODALITY_COLOURS  # noqa: E402
 
 
 def to_png(fig) -> str:

@@ -1,6 +1,6 @@
 """Stage attribute (opt-in): activation x gradient attribution of logit(A) - logit(B) to (token, SAE feature).
 
-Writes attribution.parquet, tokens.parquet and plots/*.png; see mmsae.attribution
+Writes attribution.parquet, tokens.parquet and plots/*.png; see mmsae.interpret.attribution
 (`python workflow/scripts/attribute.py --help` for the arguments).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from mmsae.attribution import main
+from mmsae.interpret.attribution import main
 
 if __name__ == "__main__":
     sys.exit(main())

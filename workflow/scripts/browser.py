@@ -4,7 +4,7 @@ Reads features.parquet (features), codes.parquet (encode; its manifest gives lay
 tokens.parquet (extract), samples.parquet (sample: the images) and the model folder (its tokenizer
 for token strings, its processor / config for the patch grid; no weights are loaded). Writes
 index.html (sortable feature list; index.html#sort=weight&dir=desc), features/{f}.html, img/, heat/,
-hist/. Opens from disk: no server, relative links only. See mmsae.browser.
+hist/. Opens from disk: no server, relative links only. See mmsae.interpret.browser.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from mmsae import cli
 from mmsae.activations import TOKENS
 from mmsae.artifacts import Timer, atomic_dir, write_manifest
-from mmsae.browser import build_site, model_view, read_features, read_tokens
 from mmsae.config import stage_params
 from mmsae.features import CODES, FEATURES, encode_info
+from mmsae.interpret.browser import build_site, model_view, read_features, read_tokens
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,10 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.display import esc
 from mmsae.errors import InputError
 from mmsae.evaluation import DIRECTION, auroc_spread
-from mmsae.report.html import CSS, esc, para, section, table
+from mmsae.report.html import CSS, para, section, table
 
 SPREAD = "auroc_spread.parquet"
 PAGE = "auroc_spread.html"

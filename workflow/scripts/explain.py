@@ -1,4 +1,4 @@
-"""Stage explain: ask a multimodal LLM what each selected SAE feature means (mmsae/explain.py).
+"""Stage explain: ask a multimodal LLM what each selected SAE feature means (mmsae.interpret.explain).
 
 Per feature (the top `top_n` cross-modal features by weight, or `features`): its top images with the
 region where it does not fire dimmed, and its top text contexts with the activating token marked
@@ -18,7 +18,8 @@ from mmsae import cli
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import Timer, atomic_dir, write_manifest
 from mmsae.errors import InputError
-from mmsae.explain import (
+from mmsae.features import CODES, FEATURES, read_columns
+from mmsae.interpret.explain import (
     DEFAULT_PROMPT,
     EXPLANATION_SCHEMA,
     EXPLANATIONS,
@@ -37,7 +38,6 @@ from mmsae.explain import (
     top_images,
     write_table,
 )
-from mmsae.features import CODES, FEATURES, read_columns
 
 
 def main(argv: list[str] | None = None) -> int:

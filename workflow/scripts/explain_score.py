@@ -5,7 +5,7 @@ IoU between the mask of the concept the explanation names (a segmenter's masks p
 on the toy world, ground truth from the samples' objects) and the feature's activation mask (same
 threshold as the explain stage). Writes explanation_scores.parquet: feature, explanation, concepts,
 n_top, iou_top, n_random, iou_random, iou_gain (= iou_top - iou_random), iou_top_each,
-iou_random_each. See mmsae/explain.py.
+iou_random_each. See mmsae.interpret.explain.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from mmsae import cli
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.errors import InputError
-from mmsae.explain import (
+from mmsae.features import CODES, read_columns
+from mmsae.interpret.explain import (
     EXPLANATIONS,
     SCORE_SCHEMA,
     SCORES,
@@ -35,7 +36,6 @@ from mmsae.explain import (
     score_explanations,
     write_table,
 )
-from mmsae.features import CODES, read_columns
 
 log = logging.getLogger("mmsae")
 

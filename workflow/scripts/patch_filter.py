@@ -6,7 +6,7 @@ rest in pixel space and classifies the image with the model. Images: an ImageFol
 config patch_filter.images: <root>/<label>/*.png) or the toy world's held-out split (--toyworld,
 labelled by the answer to patch_filter.question). Writes accuracy.parquet (method, fraction, n_images,
 n_correct, accuracy; method 'none' = unmasked), predictions.parquet, patch_scores.parquet,
-accuracy.png and examples.png. See mmsae.patches.
+accuracy.png and examples.png. See mmsae.interpret.patches.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args, params):
         import torch
 
-        from mmsae import patches
+        from mmsae.interpret import patches
         from mmsae.models import load_model
         from mmsae.sae.io import CFG, check_d_in, load_sae
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                       **({"images": images_root} if images_root else {"toyworld": args.toyworld})}
             write_manifest(tmp, "patch_filter", params, inputs,
                            {"n_images": len(images), "labels": images.label_set, "chance": chance,
-                            "grid": grid, "layer": layer, "d_sae": sae.cfg.d_sae, "feature_rule": rule,
+                            "grid": grid.as_dict(), "layer": layer, "d_sae": sae.cfg.d_sae, "feature_rule": rule,
                             "accuracy": table}, timer.timings)
 
     return cli.run("patch_filter", argp, body, argv)

@@ -13,7 +13,7 @@ reaches every latent (Marks et al. 2024's "SAE error nodes"). Then, with z_ref =
 
 one backward pass instead of one forward per (position, feature). The approximation is exact when m
 is linear in the latents (e.g. the hook after the last layer with no final norm); `verify` ablates the
-top pairs one at a time (error term kept, mmsae.steering) so the table says how good it is: column
+top pairs one at a time (error term kept, mmsae.interpret.steering) so the table says how good it is: column
 `ablation_effect` = m(clean) - m(ablated), on the same scale as `attribution`.
 Special tokens (BOS, image sentinels) are never attributed: an SAE is not trained on them.
 """
@@ -34,10 +34,11 @@ import torch
 
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
+from mmsae.interpret.steering import Clamp, position_mask, sae_layer, steering
 from mmsae.models.adapters import IMAGE, BatchMeta, ModelAdapter
+from mmsae.models.grid import Grid, adapter_grid, square_side
 from mmsae.sae.io import check_d_in
 from mmsae.sae.model import SAE
-from mmsae.steering import Clamp, position_mask, sae_layer, steering
 
 log = logging.getLogger("mmsae.attribution")
 
@@ -56,7 +57,7 @@ class Attribution:
     metric: float  # logit(A) - logit(B) of the clean model
     tokens: pd.DataFrame
     pairs: pd.DataFrame
-    grid: dict[str, int] | None = None
+    grid: Grid | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -218,14 +219,14 @@ def ablate(adapter: ModelAdapter, sae: SAE, inputs: dict, mask: torch.Tensor, cl
             hook.end()
 
 
-def _grid(adapter: ModelAdapter, meta: BatchMeta) -> dict[str, int] | None:
+def _grid(adapter: ModelAdapter, meta: BatchMeta) -> Grid | None:
     """The base patch grid from the adapter; else a square grid when the image-token count is square."""
-    grid = adapter.image_grid()
+    grid = adapter_grid(adapter)
     if grid is not None:
         return grid
     n = int(meta.n_image_tokens[0])
-    side = int(round(np.sqrt(n)))
-    return {"rows": side, "cols": side, "first": 0} if n and side * side == n else None
+    side = square_side(n) if n else None
+    return Grid(side, side) if side else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,11 +252,9 @@ def plot_attribution(result: Attribution, path: str | os.PathLike) -> None:
     axes = axes.ravel()
     if has_grid:
         g = result.grid
-        heat = np.full((g["rows"], g["cols"]), np.nan)
-        for p, v in zip(img["patch"], img["attr_total"], strict=True):
-            cell = int(p) - g["first"]
-            if 0 <= cell < g["rows"] * g["cols"]:
-                heat[cell // g["cols"], cell % g["cols"]] = v
+        heat = np.full((g.rows, g.cols), np.nan)
+        cell, inside = g.cell_index(img["patch"].to_numpy(np.int64))
+        heat[g.row_col(cell[inside])] = img["attr_total"].to_numpy()[inside]
         im = axes[0].imshow(heat, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         axes[0].set_title(f"image patches (|max| {vmax:.2g})", fontsize=9)
         axes[0].set_xticks([])
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from mmsae import cli
     from mmsae.artifacts import Timer, atomic_dir, write_manifest
-    from mmsae.steering import add_prompt_args, load_model_and_sae, prompt_records
+    from mmsae.interpret.common import add_prompt_args, load_model_and_sae, prompt_records
 
     argp = cli.parser("attribute", main.__doc__)
     add_prompt_args(argp, "attribute")
