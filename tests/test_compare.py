@@ -1,4 +1,4 @@
-"""The spread of AUROC over runs: mmsae.evaluation.auroc_spread, the compare_runs script and rule."""
+"""The spread of AUROC over runs: mmsae.evaluation.auroc.auroc_spread, the compare_runs script and rule."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from test_features import load_script
 
 from mmsae.errors import InputError
-from mmsae.evaluation import auroc_spread
+from mmsae.evaluation.auroc import auroc_spread
 
 REPO = Path(__file__).resolve().parents[1]
 

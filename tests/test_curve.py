@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from mmsae.errors import InputError
-from mmsae.evaluation import benchmark_metrics, curve_summary, filtering_curve
+from mmsae.evaluation.curve import benchmark_metrics, curve_summary, filtering_curve
 from mmsae.report import plots
 from mmsae.scoring.methods import rank
 from mmsae.scoring.subsets import keep_top

@@ -11,7 +11,8 @@ from test_features import load_script, make_codes, make_store, write_encode
 
 from mmsae.artifacts import write_manifest
 from mmsae.errors import InputError
-from mmsae.evaluation import auroc, auroc_table, average_ranks, patch_grid, premise_check, word_token_ids
+from mmsae.evaluation.auroc import auroc, auroc_table, average_ranks
+from mmsae.evaluation.premise import patch_grid, premise_check, word_token_ids
 
 
 def brute_auroc(scores, labels):

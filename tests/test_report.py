@@ -67,7 +67,7 @@ def test_report_script(tmp_path):
 def test_report_shows_the_filtering_curve_and_ifd(tmp_path):
     import pandas as pd
 
-    from mmsae.evaluation import curve_summary, filtering_curve
+    from mmsae.evaluation.curve import curve_summary, filtering_curve
 
     a = build_artifacts(tmp_path)
     run_score(a, tmp_path / "score", {"fractions": [0.5, 1.0]})

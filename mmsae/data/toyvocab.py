@@ -1,7 +1,7 @@
 """The toy world's vocabulary (mmsae.data.toyworld): its concept words and every word its texts use.
 
 Data only, in one place: the world draws its scenes and questions from these words, the premise check
-(mmsae.evaluation) and the explanation scores (mmsae.interpret.explain) look for them, the toy model's
+(mmsae.evaluation.premise) and the explanation scores (mmsae.interpret.explain) look for them, the toy model's
 tokenizer is built from VOCAB_WORDS. The order is the order scenes are drawn in.
 """
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mmsae.artifacts import write_json
-from mmsae.evaluation import DIRECTION, auroc_table
+from mmsae.evaluation.auroc import DIRECTION, auroc_table
 from mmsae.features import CLASSES
 from mmsae.report import plots
 from mmsae.report.html import flatten, render

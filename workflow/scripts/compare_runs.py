@@ -3,7 +3,7 @@
 Reads each run's report.json (--report NAME=PATH, repeated; the workflow passes
 results/{run}/report/report.json for every run in config compare.runs) and writes
 auroc_spread.parquet (method, kind, layer (<NA> = the configured SAE), n_runs, mean, sd, min, max,
-run:<name> per run; see mmsae.evaluation.auroc_spread) and auroc_spread.html (the same, escaped).
+run:<name> per run; see mmsae.evaluation.auroc.auroc_spread) and auroc_spread.html (the same, escaped).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mmsae import cli
 from mmsae.artifacts import Timer, atomic_dir, write_manifest
 from mmsae.display import esc
 from mmsae.errors import InputError
-from mmsae.evaluation import DIRECTION, auroc_spread
+from mmsae.evaluation.auroc import DIRECTION, auroc_spread
 from mmsae.report.html import CSS, para, section, table
 
 SPREAD = "auroc_spread.parquet"

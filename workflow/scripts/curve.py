@@ -54,7 +54,7 @@ def _results(folder: str) -> dict:
 def body(args, params: dict) -> None:
     import pandas as pd
 
-    from mmsae.evaluation import curve_summary, filtering_curve
+    from mmsae.evaluation.curve import curve_summary, filtering_curve
     from mmsae.report import plots
 
     if not args.arm:

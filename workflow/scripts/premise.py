@@ -17,7 +17,7 @@ from mmsae import cli
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
 from mmsae.errors import InputError
-from mmsae.evaluation import concept_words, patch_grid, premise_check, word_token_ids
+from mmsae.evaluation.premise import concept_words, patch_grid, premise_check, word_token_ids
 from mmsae.features import CODES, encode_info
 from mmsae.report import json_safe
 from mmsae.scoring import read_samples

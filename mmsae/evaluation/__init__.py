@@ -1,0 +1,6 @@
+"""Evaluation: how well scores filter (auroc), the method's premise (premise), the filtering curve
+(curve), the model benchmarks (benchmarks, llava_bench) and the per-sample reference scores (baselines).
+
+Import from the submodules; this package re-exports nothing, so importing one concern does not load
+the others (the benchmarks need torch, the AUROC tables do not).
+"""

@@ -1,0 +1,113 @@
+"""Whether the method's premise holds: per toy-world concept word (colours, shapes), is there one SAE
+feature that fires on the word's text tokens AND on the image patches that show it?
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mmsae.data.sample import sample_frame
+from mmsae.data.toyvocab import COLOURS, SHAPES
+from mmsae.data.toyworld import patch_concepts
+from mmsae.errors import InputError
+from mmsae.evaluation.auroc import _auroc_from_ranks, average_ranks
+from mmsae.features import Codes, iter_codes, require_columns
+from mmsae.models.grid import token_grid
+
+
+def concept_words() -> dict[str, str]:
+    """Toy-world concept word -> 'colour' | 'shape'."""
+    return {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
+
+
+def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
+    """word -> its single token id under `tokenizer` (a word that is not one token is left out)."""
+    out = {}
+    for w in words:
+        for text in (w, " " + w):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None):
+                out[w] = int(ids[0])
+                break
+    return out
+
+
+def patch_grid(tokens: pd.DataFrame) -> int:
+    """Side of the square patch grid: image tokens per image (max patch index + 1) must be a square."""
+    return token_grid(tokens).rows
+
+
+def premise_check(codes: Codes, tokens: pd.DataFrame, samples: pd.DataFrame, grid: int,
+                  word_ids: Mapping[str, int], d_sae: int, max_samples: int | None = 500,
+                  seed: int = 0) -> pd.DataFrame:
+    """Per concept word: the feature maximising min(text AUROC, image AUROC), both AUROCs, and the
+    best text-only / image-only AUROCs over all features.
+
+    Text side: the `text` tokens of the samples; label = token is the word (token_id ==
+    word_ids[word]); score = the feature's activation (0 where not in codes). Image side: image
+    tokens (patch index -> grid cell, row-major); label = the word is among patch_concepts of the
+    sample's `objects`. Only clean samples (corruption null, when that column exists) with objects
+    are used: a noise-image sample's objects do not describe its pixels. At most `max_samples` of
+    them (seeded, deterministic), as dense token x feature matrices.
+    """
+    require_columns("samples.parquet", list(samples.columns), ("sample_id", "objects"))
+    require_columns("tokens.parquet", list(tokens.columns), ("row", "sample_id", "modality", "token_id", "patch"))
+    pool = samples[samples["objects"].notna()]
+    if "corruption" in pool.columns:
+        pool = pool[pool["corruption"].isna()]
+    pool = sample_frame(pool, max_samples, seed)
+    if len(pool) == 0:
+        raise InputError("samples.parquet", "objects", "no clean sample with ground-truth objects")
+    objects = dict(zip(pool["sample_id"].astype(str), pool["objects"], strict=True))
+    tok = tokens[tokens["sample_id"].astype(str).isin(objects)]
+    text = tok[tok["modality"] == "text"]
+    image = tok[(tok["modality"] == "image") & (tok["patch"] >= 0)]
+    if len(image) and image["patch"].max() >= grid * grid:
+        raise InputError("tokens.parquet", "patch", f"patch index beyond a {grid}x{grid} grid")
+
+    n_rows = int(tokens["row"].max()) + 1 if len(tokens) else 0
+    where = np.full(n_rows, -1, np.int64)  # store row -> index into [text tokens, image tokens]
+    where[text["row"].to_numpy()] = np.arange(len(text))
+    where[image["row"].to_numpy()] = len(text) + np.arange(len(image))
+    dense = np.zeros((len(text) + len(image), d_sae), np.float32)
+    for b in iter_codes(codes, ("row", "feature", "activation")):
+        r = b["row"].astype(np.int64)
+        pos = np.full(len(r), -1, np.int64)
+        ok = (r >= 0) & (r < n_rows)
+        pos[ok] = where[r[ok]]
+        m = pos >= 0
+        dense[pos[m], b["feature"][m].astype(np.int64)] = b["activation"][m]
+
+    words = concept_words()
+    concepts = {sid: patch_concepts(obj, grid) for sid, obj in objects.items()}
+    img_concepts = [concepts[s][p] for s, p in zip(image["sample_id"].astype(str), image["patch"], strict=True)]
+    text_ids = text["token_id"].to_numpy()
+    y_text = np.stack([text_ids == word_ids.get(w, -1) for w in words], 1)
+    y_image = np.array([[w in c for w in words] for c in img_concepts], bool).reshape(len(image), len(words))
+    a_text = _auroc_from_ranks(average_ranks(dense[: len(text)]), y_text)  # [words, d_sae]
+    a_image = _auroc_from_ranks(average_ranks(dense[len(text) :]), y_image)
+
+    rows = []
+    for i, (w, kind) in enumerate(words.items()):
+        at, ai = a_text[i], a_image[i]
+        row = {"word": w, "kind": kind, "n_text_pos": int(y_text[:, i].sum()), "n_image_pos": int(y_image[:, i].sum()),
+               "feature": None, "text_auroc": np.nan, "image_auroc": np.nan, "min_auroc": np.nan,
+               "best_text_feature": None, "best_text_auroc": np.nan,
+               "best_image_feature": None, "best_image_auroc": np.nan}
+        if np.isfinite(at).all() and d_sae:
+            row["best_text_feature"], row["best_text_auroc"] = int(np.argmax(at)), float(at.max())
+        if np.isfinite(ai).all() and d_sae:
+            row["best_image_feature"], row["best_image_auroc"] = int(np.argmax(ai)), float(ai.max())
+        if np.isfinite(at).all() and np.isfinite(ai).all() and d_sae:
+            both = np.minimum(at, ai)
+            f = int(np.argmax(both))
+            row.update(feature=f, text_auroc=float(at[f]), image_auroc=float(ai[f]), min_auroc=float(both[f]))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    for col in ("feature", "best_text_feature", "best_image_feature"):
+        out[col] = out[col].astype("Int64")
+    out.attrs.update(n_samples=len(pool), n_text_tokens=len(text), n_image_tokens=len(image), grid=grid)
+    return out
