@@ -1,5 +1,6 @@
 # The benchmark stage: every fine-tuned arm (rules/finetune.smk) and the starting model, evaluated on
-# the toy world's held-out questions or LLaVA-Bench (mmsae/benchmarks.py).
+# the toy world's held-out questions or LLaVA-Bench (mmsae/evaluation/benchmarks.py,
+# mmsae/evaluation/llava_bench.py).
 # {benchmark folder: (model to evaluate, manifest of the artifact that made it, if any)}
 _START = (model_path(), manifest("toy_model") if TOY_MODEL else None)
 BENCHMARKS = {

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from helpers import Stub, completion, records_frame, tiny_llava, tiny_records, tiny_tokenizer
 
-from mmsae import benchmarks as bm
 from mmsae.cli import run
 from mmsae.data import toyworld
 from mmsae.data.schema import records_from_frame
 from mmsae.errors import InputError
+from mmsae.evaluation import baselines
+from mmsae.evaluation import benchmarks as bm
+from mmsae.evaluation import llava_bench as llava
 from mmsae.models import format_response, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +73,8 @@ def test_judge_request_shape_parsing_failures_and_relative_scores(monkeypatch, c
                503, "**9 3**\nreasons"]  # a 503 is retried
     answers = ["It is a square.", "On the left.", "Shapes.", "No idea."]
     with caplog.at_level(logging.DEBUG), stub_judge(replies) as (url, requests):
-        cfg = bm.JudgeConfig(base_url=url, model="judge-x", api_key_env="JUDGE_TEST_KEY", timeout_s=5, retries=2)
-        judged = bm.judge_llava_bench(_bench(), answers, cfg)
+        cfg = llava.JudgeConfig(base_url=url, model="judge-x", api_key_env="JUDGE_TEST_KEY", timeout_s=5, retries=2)
+        judged = llava.judge_llava_bench(_bench(), answers, cfg)
     assert len(requests) == 5
     for req in requests:
         assert req["path"] == "/v1/chat/completions"
@@ -80,12 +82,12 @@ def test_judge_request_shape_parsing_failures_and_relative_scores(monkeypatch, c
         body = req["body"]
         assert body["model"] == "judge-x" and body["temperature"] == 0.2 and body["max_tokens"] == 1024
         assert [m["role"] for m in body["messages"]] == ["system", "user"]
-        assert body["messages"][0]["content"] == bm.SYSTEM_PROMPT
+        assert body["messages"][0]["content"] == llava.SYSTEM_PROMPT
     first = requests[0]["body"]["messages"][1]["content"]
     assert first == ("[Context]\nA red square.\n\n[Question]\nWhat is it?\n\n"
                      "[Assistant 1]\nA square.\n\n[End of Assistant 1]\n\n"
                      "[Assistant 2]\nIt is a square.\n\n[End of Assistant 2]\n\n"
-                     f"[System]\n{bm.RULE_PROMPT}\n\n")
+                     f"[System]\n{llava.RULE_PROMPT}\n\n")
     assert "[Context]\nTwo shapes.\nOne blue.\n\n" in requests[2]["body"]["messages"][1]["content"]
 
     assert judged["judge_ok"].tolist() == [True, True, False, True]
@@ -93,7 +95,7 @@ def test_judge_request_shape_parsing_failures_and_relative_scores(monkeypatch, c
     assert math.isnan(judged.loc[2, "score_candidate"]) and "expected 2" in judged.loc[2, "judge_error"]
     assert judged.loc[2, "judge_reply"] == "I cannot decide between them."
 
-    scores = bm.relative_scores(judged)
+    scores = llava.relative_scores(judged)
     assert scores["conv"] == {"n": 2, "n_judged": 2, "n_failed": 0, "mean_reference": 7.5, "mean_candidate": 7.5,
                               "relative": 100.0}
     assert scores["detail"]["n_failed"] == 1 and scores["detail"]["relative"] is None
@@ -109,8 +111,8 @@ def test_judge_both_orders_and_client_errors(monkeypatch):
     bench = _bench().iloc[:2]
     # question 0: reference first "8 6", candidate first "5 7"; question 1: a 400 (not retried), then "6 6"
     with stub_judge(["8 6", "5 7", 400, "6 6"]) as (url, requests):
-        cfg = bm.JudgeConfig(base_url=url + "/", model="m", order="both", timeout_s=5, retries=3)
-        judged = bm.judge_llava_bench(bench, ["x", "y"], cfg)
+        cfg = llava.JudgeConfig(base_url=url + "/", model="m", order="both", timeout_s=5, retries=3)
+        judged = llava.judge_llava_bench(bench, ["x", "y"], cfg)
     assert len(requests) == 4
     assert "Authorization" not in requests[0]["headers"]
     assert "[Assistant 1]\nx\n" in requests[1]["body"]["messages"][1]["content"]  # candidate shown first
@@ -122,9 +124,9 @@ def test_judge_both_orders_and_client_errors(monkeypatch):
 
 def test_missing_api_key_variable_is_an_input_error(monkeypatch):
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
-    cfg = bm.JudgeConfig(base_url="http://127.0.0.1:9/v1", api_key_env="NO_SUCH_JUDGE_KEY")
+    cfg = llava.JudgeConfig(base_url="http://127.0.0.1:9/v1", api_key_env="NO_SUCH_JUDGE_KEY")
     with pytest.raises(InputError, match="NO_SUCH_JUDGE_KEY"):
-        bm.judge_llava_bench(_bench(), ["a"] * 4, cfg)
+        llava.judge_llava_bench(_bench(), ["a"] * 4, cfg)
 
 
 @pytest.mark.parametrize(("reply", "expected"), [
@@ -136,13 +138,13 @@ def test_missing_api_key_variable_is_an_input_error(monkeypatch):
     ("**9 3**", (9.0, 3.0)),
 ])
 def test_parse_scores_tolerates_formatting(reply, expected):
-    assert bm.parse_scores(reply) == expected
+    assert llava.parse_scores(reply) == expected
 
 
 @pytest.mark.parametrize("reply", ["", "   \n", "Assistant 1 did better.\n8 6", "8 6 5", "11 3", "eight six"])
 def test_parse_scores_rejects_malformed(reply):
-    with pytest.raises(bm.JudgeError):
-        bm.parse_scores(reply)
+    with pytest.raises(llava.JudgeError):
+        llava.parse_scores(reply)
 
 
 def test_relative_scores_arithmetic():
@@ -152,7 +154,7 @@ def test_relative_scores_arithmetic():
         "score_candidate": [5.0, 6.0, 6.0, 2.0, math.nan],
         "judge_ok": [True, True, True, True, False],
     })
-    s = bm.relative_scores(judged)
+    s = llava.relative_scores(judged)
     assert s["conv"]["relative"] == pytest.approx(100 * 5.5 / 8)
     assert s["detail"]["relative"] == pytest.approx(120.0)
     assert s["complex"]["relative"] == pytest.approx(25.0) and s["complex"]["n_failed"] == 1
@@ -181,12 +183,12 @@ def _bench_folder(tmp_path: Path) -> Path:
 
 def test_read_llava_bench_and_bad_files(tmp_path):
     folder = _bench_folder(tmp_path)
-    bench = bm.read_llava_bench(folder)
+    bench = llava.read_llava_bench(folder)
     assert bench["category"].tolist() == ["conv", "detail", "complex"]
     assert bench.loc[1, "caption"] == "blue circle\ngreen square" and bench.loc[2, "reference"] == "reference 2"
     (folder / "images" / "001.jpg").unlink()
     with pytest.raises(InputError, match="missing image"):
-        bm.read_llava_bench(folder)
+        llava.read_llava_bench(folder)
 
 
 def test_benchmark_script_toy_and_llava_bench(tmp_path):
@@ -222,7 +224,7 @@ def test_benchmark_script_toy_and_llava_bench(tmp_path):
 def test_generate_answer_is_greedy_and_matches_a_manual_decode(tmp_path):
     adapter = load_model(tiny_llava(tmp_path))
     record = tiny_records(1)[0]
-    answer = bm.generate_answer(adapter, record.question, record.image, max_new_tokens=3)
+    answer = llava.generate_answer(adapter, record.question, record.image, max_new_tokens=3)
     inputs, _ = adapter.build_batch([record], include_response=False)
     ids = inputs["input_ids"]
     with torch.no_grad():
@@ -290,7 +292,7 @@ def test_toy_answer_logprob_is_minus_the_response_loss_of_each_question(tmp_path
 def test_ifd_is_the_ratio_of_two_manual_losses(tmp_path):
     adapter = load_model(tiny_llava(tmp_path))
     records = tiny_records(3)
-    got = bm.ifd_scores(adapter, records, batch_size=2, threshold=1.0)
+    got = baselines.ifd_scores(adapter, records, batch_size=2, threshold=1.0)
     tok = adapter.tokenizer
     for r, row in zip(records, got.itertuples(index=False), strict=True):
         resp = tok(format_response(adapter.processor, r.preferred_response), add_special_tokens=False)["input_ids"]
@@ -310,7 +312,7 @@ def test_ifd_is_the_ratio_of_two_manual_losses(tmp_path):
         assert row.ifd == pytest.approx(cond / alone, rel=1e-5) and row.n_tokens == k
     # Li et al.'s selection: IFD below the threshold as is, at or above it ranked below everything
     mid = float(got["ifd"].median())
-    scored = bm.ifd_scores(adapter, records, batch_size=3, threshold=mid)
+    scored = baselines.ifd_scores(adapter, records, batch_size=3, threshold=mid)
     for ifd, s in zip(scored["ifd"], scored["ifd_score"], strict=True):
         assert s == pytest.approx(ifd if ifd < mid else mid - ifd)
     assert scored["ifd_score"].max() == scored.loc[scored["ifd"] < mid, "ifd"].max()
@@ -338,13 +340,13 @@ def _tiny_clip(tmp_path: Path) -> Path:
 def test_clip_score_skipped_without_a_model_and_computed_with_one(tmp_path, caplog):
     records = tiny_records(3)
     with caplog.at_level(logging.INFO, logger="mmsae.benchmarks"):
-        frame, reason = bm.clip_scores(records, None)
+        frame, reason = baselines.clip_scores(records, None)
     assert frame is None and "no CLIP model configured" in reason and reason in caplog.text
 
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     path = _tiny_clip(tmp_path)
-    frame, reason = bm.clip_scores(records, path, "question_response", batch_size=2)
+    frame, reason = baselines.clip_scores(records, path, "question_response", batch_size=2)
     assert reason is None and frame["sample_id"].tolist() == [r.sample_id for r in records]
     model, tok, ip = CLIPModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
     r = records[1]

@@ -282,7 +282,7 @@ def test_likelihood_classification_and_masked_inputs(adapter):
 
 
 def test_greedy_classification_is_the_models_generated_answer(adapter):
-    from mmsae.benchmarks import generate_answer
+    from mmsae.evaluation.llava_bench import generate_answer
 
     images = _image_set(1)
     grid, fill = patches.patch_grid(adapter), patches.black_pixel(adapter)

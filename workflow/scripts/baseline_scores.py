@@ -1,4 +1,5 @@
-"""Per-sample reference scores of the SAE-V rebuttal: IFD and (optionally) CLIP score; see mmsae/benchmarks.py.
+"""Per-sample reference scores of the SAE-V rebuttal: IFD and (optionally) CLIP score; see
+mmsae/evaluation/baselines.py.
 
 IFD (Li et al. 2024) = the model's loss on the preferred response given image + question, divided by
 its loss on the response alone. Higher IFD = the prompt helps less (harder, per Li et al.). `ifd_score`
@@ -33,7 +34,7 @@ def build_parser():
 
 
 def body(args, params: dict) -> None:
-    from mmsae.benchmarks import clip_scores, ifd_scores
+    from mmsae.evaluation.baselines import clip_scores, ifd_scores
 
     timer = Timer()
     records, adapter, model_params = load_records_and_model(args, timer)

@@ -1,4 +1,5 @@
-"""Evaluate a model: toy-world held-out exact match and/or LLaVA-Bench (In-the-Wild); see mmsae/benchmarks.py.
+"""Evaluate a model: toy-world held-out exact match and/or LLaVA-Bench (In-the-Wild); see
+mmsae/evaluation/benchmarks.py and mmsae/evaluation/llava_bench.py.
 
 --toy-heldout PARQUET   the toyworld stage's heldout.parquet (clean questions): greedy exact match,
                         overall and per question type (`task`)
@@ -52,7 +53,8 @@ def body(args, params: dict) -> None:
     args.llava_bench = args.llava_bench or params["llava_bench"]
     if not (args.toy_heldout or args.llava_bench):
         raise InputError("arguments", "--toy-heldout/--llava-bench", "give at least one benchmark")
-    from mmsae import benchmarks as bm
+    from mmsae.evaluation import benchmarks as bm
+    from mmsae.evaluation import llava_bench as llava
 
     timer = Timer()
     model_params = stage_params("model", args.model_params, source="--model-params")
@@ -74,17 +76,17 @@ def body(args, params: dict) -> None:
         log.info("toy benchmark: exact match %.4f %s, answer log-prob %.4f", summary["exact_match"],
                  summary["exact_match_by_task"], summary["answer_logprob"])
     if args.llava_bench:
-        bench = bm.read_llava_bench(args.llava_bench)
+        bench = llava.read_llava_bench(args.llava_bench)
         with timer("llava_bench_generate"):
-            answers = bm.generate_llava_bench(adapter, bench, args.llava_bench, params["max_new_tokens"])
+            answers = llava.generate_llava_bench(adapter, bench, args.llava_bench, params["max_new_tokens"])
         judge = params["judge"]
         lb: dict = {"n_questions": len(bench), "max_new_tokens": params["max_new_tokens"], "decoding": "greedy"}
         if judge["base_url"]:
-            cfg = bm.JudgeConfig(**judge)
+            cfg = llava.JudgeConfig(**judge)
             with timer("llava_bench_judge"):
-                judged = bm.judge_llava_bench(bench, answers, cfg)
+                judged = llava.judge_llava_bench(bench, answers, cfg)
             lb["judge"] = cfg.setup()
-            lb["scores"] = bm.relative_scores(judged)
+            lb["scores"] = llava.relative_scores(judged)
             counts["llava_bench_judge_failures"] = lb["scores"]["overall"]["n_failed"]
             log.info("llava_bench: relative score %s (judge %s at %s, %s)", lb["scores"]["overall"]["relative"],
                      cfg.model, cfg.base_url, cfg.order)

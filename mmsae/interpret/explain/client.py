@@ -53,7 +53,7 @@ def chat(cfg: ExplainerConfig, messages: list[dict[str, Any]], key: str | None =
          sleep: Callable[[float], None] = time.sleep) -> str:
     """One chat completion; the reply's text. Retries connection errors, timeouts, 429 and 5xx up to
     cfg.retries times (backoff_s x 2^k seconds between, at most 60); ChatError otherwise."""
-    # benchmarks.chat_completion fixes the judge's system prompt and a text-only user turn, so it
+    # llava_bench.chat_completion fixes the judge's system prompt and a text-only user turn, so it
     # cannot carry the explainer's multimodal message; this client takes the messages as they are.
     body = json.dumps({"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
                        "max_tokens": cfg.max_tokens}).encode()
