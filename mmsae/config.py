@@ -7,6 +7,7 @@ value means the same thing whichever way a stage is started.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -73,6 +74,7 @@ def stage_params(stage: str, params: dict[str, Any] | str | None, source: str = 
     return validate({stage: params or {}}, source, {"type": "object", "properties": {stage: schema["properties"][stage]}})[stage]
 
 
+@functools.cache
 def execution_keys(stage: str) -> tuple[str, ...]:
     """The stage's keys marked `execution: true` in the schema: they change how its work is cut into
     jobs (shards, parts, launcher), never its result, so they stay out of its folder hash."""

@@ -99,7 +99,8 @@ def hashed_params(stage, **variant):
     """The config a stage depends on, which its folder hash covers: its own slice (plus the model slice
     for stages that run it) without its execution keys (schema: `execution: true`); a variant overrides
     train_sae keys."""
-    params = {k: v for k, v in config.get(stage, {}).items() if k not in execution_keys(stage)}
+    skip = execution_keys(stage)
+    params = {k: v for k, v in config.get(stage, {}).items() if k not in skip}
     if stage == "train_sae":
         params.update(variant)
     if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
