@@ -18,6 +18,8 @@ Standard library only: `make lock` and `make test-latest` run it before anything
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -86,6 +88,22 @@ def build_requirements() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
 
 
+def input_hash() -> str:
+    """sha256 of what the lock is resolved from: pyproject's dependencies, extras and build requirements,
+    the torch pin and the target. Written into the lock's header, so a stale lock is caught offline."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    inputs = {"dependencies": project["project"]["dependencies"],
+              "extras": {e: project["project"]["optional-dependencies"][e] for e in EXTRAS},
+              "build": build_requirements(), "torch": torch_version(), "python": PYTHON, "platform": PLATFORM}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def locked_input_hash(path: Path) -> str | None:
+    """The input hash a lock file was written from (its `# inputs sha256:` header line), if any."""
+    m = re.search(r"^# inputs sha256: ([0-9a-f]{64})$", Path(path).read_text(), re.M)
+    return m.group(1) if m else None
+
+
 def compile_lock(out: Path, upgrade: bool = False, uv: str = "uv") -> None:
     """Resolve pyproject.toml (+ extras, build requirements) with uv under the torch pin and write `out`.
 
@@ -107,6 +125,9 @@ def compile_lock(out: Path, upgrade: bool = False, uv: str = "uv") -> None:
         env = dict(os.environ, UV_CUSTOM_COMPILE_COMMAND="make lock")
         subprocess.run(cmd, cwd=ROOT, check=True, env=env)
         text = drop_torch_build(target.read_text()).replace(str(build_in), "build-system.requires")
+        text = re.sub(r"^# inputs sha256: [0-9a-f]{64}\n", "", text, flags=re.M)
+        header, _, body = text.partition("\n#    make lock\n")
+        text = f"{header}\n#    make lock\n# inputs sha256: {input_hash()}\n{body}" if body else text
         tmp_out = out.with_name(f".{out.name}.tmp")
         tmp_out.write_text(text)
         tmp_out.replace(out)

@@ -37,6 +37,12 @@ def test_every_declared_range_is_locked_and_its_floor_is_the_locked_version():
         assert floors == [pins[name]], f"{req}: the floor must be the locked version {pins[name]}"
 
 
+def test_lock_was_written_from_the_current_inputs():
+    """Offline staleness check: the lock's header records the hash of pyproject's dependencies, extras,
+    build requirements, the torch pin and the target it was resolved from."""
+    assert lock.locked_input_hash(lock.LOCK) == lock.input_hash(), "pyproject.toml or envs/torch.txt changed: run `make lock`"
+
+
 def test_lock_has_hashes_and_no_torch_build():
     text = lock.LOCK.read_text()
     pins = lock.read_pins(lock.LOCK)
