@@ -12,7 +12,7 @@ CORES ?= 2
 TORCH ?= $(shell cat envs/torch.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) envs/torch.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-latest lock lint dryrun clean chromium perf
+.PHONY: setup demo test test-latest lock lint params dryrun clean chromium perf
 
 # Lock first (exact versions, hashes checked, no resolution), then torch (its dependencies are already
 # there at the locked versions, so pip adds only a CUDA build's own packages), then mmsae itself without
@@ -100,6 +100,10 @@ perf: setup $(SAELENS_STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The typed stage params (mmsae/params.py) are generated from config/schema.yaml: run after editing it.
+params: setup
+	$(BIN)/python -m mmsae.config params
 
 dryrun: setup
 	PATH=$(BIN):$$PATH snakemake -n --quiet rules

@@ -36,14 +36,11 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 
-ACTS = "acts.zarr"
-TOKENS = "tokens.parquet"
-ACTS_INDEX = "acts.json"  # a store in parts: the parts in row order
 PARTS = "parts"
 SHARDS = "shards"
-PART_INFO = "part.json"
 MODALITIES = ("text", "image", "special")
 TOKEN_SCHEMA = pa.schema(
     [
@@ -83,7 +80,7 @@ class ActivationWriter:
         self.folder = Path(folder)
         self.layers, self.d_model, self.dtype = list(layers), d_model, dtype
         self.shard_tokens = chunk_tokens * shard_chunks
-        self.group = zarr.open_group(self.folder / ACTS, mode="w")
+        self.group = zarr.open_group(self.folder / Files.ACTS, mode="w")
         self.group.attrs.update({"layers": self.layers, "d_model": d_model, "dtype": dtype})
         store_dtype = "uint16" if dtype == "bfloat16" else dtype
         self.arrays = {
@@ -126,7 +123,7 @@ class ActivationWriter:
         if self.buffered:
             self._flush(self.buffered)
         table = pa.concat_tables(self.token_tables) if self.token_tables else TOKEN_SCHEMA.empty_table()
-        pq.write_table(table, self.folder / TOKENS)
+        pq.write_table(table, self.folder / Files.TOKENS)
         self.group.attrs["n_tokens"] = self.written
         return self.written
 
@@ -157,15 +154,15 @@ class ActivationStore:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        single, index = self.folder / ACTS, self.folder / ACTS_INDEX
-        if not (single.exists() or index.exists()) or not (self.folder / TOKENS).exists():
-            raise InputError(self.folder, ACTS, "not an extract artifact (acts.zarr or acts.json / tokens.parquet missing)")
+        single, index = self.folder / Files.ACTS, self.folder / Files.ACTS_INDEX
+        if not (single.exists() or index.exists()) or not (self.folder / Files.TOKENS).exists():
+            raise InputError(self.folder, Files.ACTS, "not an extract artifact (acts.zarr or acts.json / tokens.parquet missing)")
         if single.exists():
             self.group = zarr.open_group(single, mode="r")
             attrs, groups = dict(self.group.attrs), [self.group]
         else:
             attrs = json.loads(index.read_text())
-            groups = [zarr.open_group(self.folder / part / ACTS, mode="r") for part in attrs["parts"]]
+            groups = [zarr.open_group(self.folder / part / Files.ACTS, mode="r") for part in attrs["parts"]]
             self.group = groups[0] if len(groups) == 1 else None
         self.layers: list[int] = list(attrs["layers"])
         self.d_model: int = int(attrs["d_model"])
@@ -183,7 +180,7 @@ class ActivationStore:
     @property
     def tokens(self) -> pd.DataFrame:
         if self._tokens is None:
-            self._tokens = pd.read_parquet(self.folder / TOKENS)
+            self._tokens = pd.read_parquet(self.folder / Files.TOKENS)
         return self._tokens
 
     @property
@@ -196,7 +193,7 @@ class ActivationStore:
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
-            raise InputError(self.folder / ACTS, "layer", f"layer {layer} was not extracted (have {self.layers})")
+            raise InputError(self.folder / Files.ACTS, "layer", f"layer {layer} was not extracted (have {self.layers})")
 
     def array(self, layer: int) -> zarr.Array | _LayerRows:
         """The layer's array (a row-sliceable view when the store has several parts)."""
@@ -418,7 +415,7 @@ class LazyRecords(Sequence):
 
 def _part_ok(folder: Path, key: str, records: tuple[int, int], sample_ids: list[str]) -> bool:
     try:
-        info = json.loads((folder / PART_INFO).read_text())
+        info = json.loads((folder / Files.PART_INFO).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return info.get("key") == key and tuple(info.get("records", ())) == records and info.get("sample_ids") == sample_ids
@@ -436,7 +433,7 @@ def _write_part(adapter, records: Sequence, layers: Sequence[int], params: dict,
                          include_response=params["include_response"], progress=False)
         if writer.close() != counts["n_tokens"]:
             raise RuntimeError(f"part {folder}: rows written differ from tokens extracted")
-        write_json(tmp / PART_INFO, {"key": key, "records": list(span), "sample_ids": [r.sample_id for r in records],
+        write_json(tmp / Files.PART_INFO, {"key": key, "records": list(span), "sample_ids": [r.sample_id for r in records],
                                      "counts": counts})
 
 
@@ -487,7 +484,7 @@ def part_counts(parts: Sequence[Path]) -> dict:
     total = {"n_samples": 0, "n_tokens": 0, **{f"n_{m}": 0 for m in MODALITIES}, "n_response": 0}
     per_sample: list[int] = []
     for part in parts:
-        c = json.loads((Path(part) / PART_INFO).read_text())["counts"]
+        c = json.loads((Path(part) / Files.PART_INFO).read_text())["counts"]
         for k in total:
             total[k] += int(c[k])
         per_sample.extend(c["image_tokens_per_sample"])
@@ -503,14 +500,14 @@ def write_store_index(folder: str | os.PathLike, parts: Sequence[Path], names: S
     folder = Path(folder)
     tables, offset = [], 0
     for part in parts:
-        t = pq.read_table(Path(part) / TOKENS)
+        t = pq.read_table(Path(part) / Files.TOKENS)
         tables.append(t.set_column(t.schema.get_field_index("row"), "row",
                                    pa.array(np.arange(offset, offset + len(t), dtype=np.int64))))
         offset += len(t)
     table = pa.concat_tables(tables) if tables else TOKEN_SCHEMA.empty_table()
-    with atomic_file(folder / TOKENS) as tmp:
+    with atomic_file(folder / Files.TOKENS) as tmp:
         pq.write_table(table, tmp)
-    write_json(folder / ACTS_INDEX, {"layers": list(layers), "d_model": int(d_model), "dtype": params["dtype"],
+    write_json(folder / Files.ACTS_INDEX, {"layers": list(layers), "d_model": int(d_model), "dtype": params["dtype"],
                                      "chunk_tokens": int(params["chunk_tokens"]), "n_tokens": offset,
                                      "parts": list(names)})
     counts = part_counts(parts)
@@ -521,7 +518,7 @@ def write_store_index(folder: str | os.PathLike, parts: Sequence[Path], names: S
 
 def store_parts(folder: str | os.PathLike) -> list[str]:
     """The part folders (relative names) of a store written by extraction, in row order."""
-    return list(json.loads((Path(folder) / ACTS_INDEX).read_text())["parts"])
+    return list(json.loads((Path(folder) / Files.ACTS_INDEX).read_text())["parts"])
 
 
 def summarize_counts(counts: dict) -> dict:

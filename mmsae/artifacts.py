@@ -22,7 +22,74 @@ from typing import Any
 
 from mmsae import __version__
 
-MANIFEST = "manifest.json"
+
+class Files:
+    """Every file name inside a stage folder, by the stage that writes it: the one place to look up or
+    change the on-disk layout (tests keep the literal names, so a change here shows up there)."""
+
+    MANIFEST = "manifest.json"  # every stage; written last, so its presence means "complete"
+    METRICS = "metrics.json"  # toy_model, train_sae, finetune
+    SUMMARY = "summary.parquet"  # evaluate_sae, curve
+    HELDOUT = "heldout.parquet"  # toy_model, patch_filter
+    # toy_model
+    TRAIN = "train.parquet"
+    # sample
+    SAMPLES = "samples.parquet"
+    BAD_ROWS = "bad_rows.parquet"
+    # extract (mmsae.activations): a token table plus a zarr store, or an index over stores in parts
+    TOKENS = "tokens.parquet"
+    ACTS = "acts.zarr"
+    ACTS_INDEX = "acts.json"
+    PART_INFO = "part.json"
+    # model_loss, baseline_scores
+    LOSS = "loss.parquet"
+    IFD = "ifd.parquet"
+    CLIP = "clip.parquet"
+    # train_sae (SAELens layout) and its resumable checkpoint
+    SAE_CFG = "cfg.json"
+    SAE_WEIGHTS = "sae_weights.safetensors"
+    SAE_SPARSITY = "sparsity.safetensors"
+    TRAIN_STATE = "state.json"
+    TRAIN_STATE_TENSORS = "state.safetensors"
+    # evaluate_sae
+    CE = "ce.parquet"
+    RECONSTRUCTION = "reconstruction.parquet"
+    # encode, features, premise
+    CODES = "codes.parquet"
+    FEATURES = "features.parquet"
+    PREMISE = "premise.json"
+    # score (mmsae.scoring)
+    SCORES = "scores.parquet"
+    SHARD_INFO = "shard.json"
+    SHARD_STATS = "stats.parquet"
+    SHARD_COOC = "cooc.parquet"
+    # finetune, benchmark, curve
+    TRAIN_IDS = "train_ids.parquet"
+    RESULTS = "results.json"
+    CURVE = "curve.parquet"
+    CURVE_JSON = "curve.json"
+    CURVE_PLOT = "curve.png"
+    # patch_filter
+    PATCH_SCORES = "patch_scores.parquet"
+    PREDICTIONS = "predictions.parquet"
+    ACCURACY = "accuracy.parquet"
+    ACCURACY_PLOT = "accuracy.png"
+    EXAMPLES_PLOT = "examples.png"
+    # explain, explain_score
+    EXPLANATIONS = "explanations.parquet"
+    EXPLANATION_SCORES = "explanation_scores.parquet"
+    # steer, attribute
+    STEERING = "steering.parquet"
+    ATTRIBUTION = "attribution.parquet"
+    # compare
+    AUROC_SPREAD = "auroc_spread.parquet"
+    AUROC_SPREAD_HTML = "auroc_spread.html"
+    # report, browser
+    REPORT = "report.json"
+    INDEX_HTML = "index.html"
+
+
+MANIFEST = Files.MANIFEST
 
 
 def config_hash(params: Mapping[str, Any], parents: Sequence[str] = (), length: int = 8) -> str:

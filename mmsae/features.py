@@ -29,10 +29,16 @@ Two rules (config `features.rule`):
 A feature never active is `dead` under both rules. The weight is null unless the feature is
 cross-modal. The codes are streamed in record batches, so memory is bounded by d_sae x K, not by the
 size of codes.parquet.
+
+Stage features (`run`): reads codes.parquet (encode; its manifest gives the SAE's layer and d_sae) and
+the extract store (residual hidden states at that layer, for the cosine weight). Writes
+features.parquet: feature, n_text, n_image, n_special, top_text_rows, top_text_acts, top_image_rows,
+top_image_acts, weight (null unless cross-modal), class (text-only | image-only | cross-modal | dead).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,11 +49,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmsae.artifacts import MANIFEST, read_manifest
+from mmsae import cli
+from mmsae.activations import ActivationStore
+from mmsae.artifacts import MANIFEST, Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.errors import InputError
-from mmsae.sae.encode import CODES
+from mmsae.params import FeaturesParams
 
-FEATURES = "features.parquet"
 CODE_COLUMNS = ("row", "sample_id", "position", "modality", "feature", "activation")
 CLASSES = ("text-only", "image-only", "cross-modal", "dead")
 RULES = ("per_modality", "release")
@@ -201,7 +208,7 @@ def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, 
     for b in iter_codes(codes, ("row", "modality", "feature", "activation"), batch_rows):
         feat = b["feature"].astype(np.int64)
         if len(feat) and (feat.min() < 0 or feat.max() >= d_sae):
-            raise InputError(CODES, "feature", f"feature id outside [0, {d_sae})")
+            raise InputError(Files.CODES, "feature", f"feature id outside [0, {d_sae})")
         mod = pa.array(b["modality"], pa.string())
         is_text = pc.equal(mod, "text").to_numpy(zero_copy_only=False)
         is_image = pc.equal(mod, "image").to_numpy(zero_copy_only=False)
@@ -278,8 +285,31 @@ def class_counts(df: pd.DataFrame) -> dict[str, int]:
 
 def feature_weights(features: pd.DataFrame, d_sae: int | None = None) -> np.ndarray:
     """Dense weight vector indexed by feature id; 0 where the weight is null (not cross-modal)."""
-    require_columns(FEATURES, list(features.columns), ("feature", "weight"))
+    require_columns(Files.FEATURES, list(features.columns), ("feature", "weight"))
     n = int(d_sae if d_sae is not None else (features["feature"].max() + 1 if len(features) else 0))
     w = np.zeros(n, np.float64)
     w[features["feature"].to_numpy(np.int64)] = features["weight"].astype("float64").fillna(0.0).to_numpy()
     return w
+
+
+STAGE = "features"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+    encode: Path = cli.arg("encode artifact folder (codes.parquet)")
+    extract: Path = cli.arg("extract artifact folder (hidden states)")
+
+
+def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
+    timer = Timer()
+    layer, d_sae = encode_info(inputs.encode)
+    store = ActivationStore(inputs.extract)
+    with timer("features"):
+        df = feature_table(Path(inputs.encode) / Files.CODES, store, layer, d_sae, params.top_k, params.rule,
+                           params.min_per_modality)
+    with atomic_dir(out) as tmp:
+        write_features(df, tmp / Files.FEATURES)
+        counts = {"layer": layer, "d_sae": d_sae, "classes": class_counts(df)}
+        write_manifest(tmp, STAGE, params.as_dict(), {"encode": inputs.encode, "extract": inputs.extract},
+                       counts, timer.timings)

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from mmsae.artifacts import Files
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH, StepClock, add_common_args, machine, report, setup  # noqa: E402
 
@@ -53,7 +55,6 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
     import mmsae.sae.train as T
     from mmsae.activations import ActivationStore
     from mmsae.config import stage_params
-    from mmsae.sae.io import WEIGHTS
 
     dev = setup(args.threads, args.device)
     clock = StepClock(dev)
@@ -83,7 +84,7 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         m = T.train_sae(store, params, Path(tmp) / "out", Path(tmp) / "ckpt", progress=False)
         if args.save_weights:
-            shutil.copyfile(Path(tmp) / "out" / "sae" / WEIGHTS, args.save_weights)
+            shutil.copyfile(Path(tmp) / "out" / "sae" / Files.SAE_WEIGHTS, args.save_weights)
     return {"impl": "mmsae", "arch": args.arch, "d_in": m["d_in"], "d_sae": m["d_sae"], "batch": args.batch,
             "steps": m["steps"], **clock.summary(args.batch), "trainer_train_s": m["timings_s"]["train"],
             "final_loss": m["final_loss"], "l0_eval": m["l0"]}

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmsae.artifacts import Files
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args, current_rss_mb, machine, now, peak_rss_mb, report, setup  # noqa: E402
 
@@ -74,8 +76,8 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     dev = setup(args.threads, args.device)
     import pyarrow.parquet as pq
 
-    from mmsae.activations import TOKENS, ActivationStore
-    from mmsae.features import CODES, FEATURES, feature_table, feature_weights, read_columns, write_features
+    from mmsae.activations import ActivationStore
+    from mmsae.features import feature_table, feature_weights, read_columns, write_features
     from mmsae.sae.encode import encode_store
     from mmsae.sae.io import load_sae
     from mmsae.scoring import CONCEPT_COLUMNS, ScoringContext, score_samples
@@ -84,21 +86,21 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     n_tokens = store.n_tokens
     sae = load_sae(work / "sae", device=dev) if stage in ("encode", "score") else None
     if stage == "score":  # set-up: one id per sample (in the pipeline, from samples.parquet)
-        column = pq.read_table(store.folder / TOKENS, columns=["sample_id"], read_dictionary=["sample_id"])
+        column = pq.read_table(store.folder / Files.TOKENS, columns=["sample_id"], read_dictionary=["sample_id"])
         ids = sorted({str(s) for chunk in column.column(0).chunks for s in chunk.dictionary.to_pylist()})
         del column
     base = current_rss_mb()
     t0, c0 = now(dev), time.process_time()
     out: dict[str, Any] = {}
     if stage == "encode":
-        out.update(encode_store(sae, store, 0, 0.0, args.batch_tokens, work / CODES, progress=False))
+        out.update(encode_store(sae, store, 0, 0.0, args.batch_tokens, work / Files.CODES, progress=False))
     elif stage == "features":
-        df = feature_table(work / CODES, store, 0, args.d_sae, 30, "per_modality", 5, batch_rows=args.batch_rows)
-        write_features(df, work / FEATURES)
+        df = feature_table(work / Files.CODES, store, 0, args.d_sae, 30, "per_modality", 5, batch_rows=args.batch_rows)
+        write_features(df, work / Files.FEATURES)
         out["cross_modal"] = int((df["class"] == "cross-modal").sum())
     else:
-        features = read_columns(work / FEATURES, CONCEPT_COLUMNS)
-        ctx = ScoringContext(ids, codes=work / CODES, weights=feature_weights(features, args.d_sae),
+        features = read_columns(work / Files.FEATURES, CONCEPT_COLUMNS)
+        ctx = ScoringContext(ids, codes=work / Files.CODES, weights=feature_weights(features, args.d_sae),
                              store=store, layer=0, features=features, sae=sae, batch_rows=args.batch_rows,
                              consistency=json.loads(args.consistency))
         if args.score_steps:  # the shared passes one at a time: peak / current RSS after each

@@ -358,13 +358,13 @@ def test_killed_extraction_resumes_from_finished_parts(shard_setup, single_store
 
 def test_part_of_other_params_is_not_reused_and_images_decode_per_part(shard_setup, tmp_path, monkeypatch):
     import mmsae.data.schema as schema
-    from mmsae.activations import PART_INFO, partial_dir
+    from mmsae.activations import partial_dir
 
     model, samples = shard_setup
     out = tmp_path / "extract-x"
     stale = partial_dir(out) / "parts" / "00000"
     stale.mkdir(parents=True)
-    (stale / PART_INFO).write_text(json.dumps({"key": "other", "records": [0, 2], "sample_ids": []}))
+    (stale / "part.json").write_text(json.dumps({"key": "other", "records": [0, 2], "sample_ids": []}))
     decoded, real = [], schema.records_from_frame
     monkeypatch.setattr(schema, "records_from_frame", lambda df, path: decoded.append(len(df)) or real(df, path))
     assert _run_extract(model, samples, out) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,19 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mmsae import cli, features
 from mmsae.activations import ActivationStore, ActivationWriter
 from mmsae.artifacts import write_manifest
 from mmsae.features import FEATURE_SCHEMA, feature_table, feature_weights, write_features
 from mmsae.sae.encode import CODES_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "workflow" / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def make_store(folder: Path, tokens: pd.DataFrame, states: np.ndarray, layer: int = 0,
@@ -153,9 +146,8 @@ def test_feature_weights_and_schema(store, tmp_path):
 
 def test_features_script(store, tmp_path):
     encode = write_encode(tmp_path / "encode", make_codes(TOKENS, ENTRIES), 0, 5)
-    script = load_script("features")
     out = tmp_path / "features"
-    rc = script.main(["--encode", str(encode), "--extract", str(store.folder), "--out", str(out),
+    rc = cli.stage_main(features, ["--encode", str(encode), "--extract", str(store.folder), "--out", str(out),
                       "--params", json.dumps({"top_k": 2, "min_per_modality": 2})])
     assert rc == 0
     df = pd.read_parquet(out / "features.parquet")
@@ -167,7 +159,7 @@ def test_features_script(store, tmp_path):
 def test_features_script_missing_column(store, tmp_path, capsys):
     encode = write_encode(tmp_path / "encode", make_codes(TOKENS, ENTRIES), 0, 5)
     pq.write_table(pq.read_table(encode / "codes.parquet").drop_columns(["activation"]), encode / "codes.parquet")
-    rc = load_script("features").main(["--encode", str(encode), "--extract", str(store.folder), "--out",
+    rc = cli.stage_main(features, ["--encode", str(encode), "--extract", str(store.folder), "--out",
                                        str(tmp_path / "f")])
     assert rc == 2
     err = capsys.readouterr().err

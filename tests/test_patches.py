@@ -338,15 +338,15 @@ def test_stage_script_end_to_end_and_bad_input(tmp_path, capsys):
     common = ["--model", str(a["model"]), "--sae", str(a["sae"]), "--features", str(a["features"])]
     rc, err = _run(["--toyworld", str(a["toyworld"]), *common, "--out", str(out), "--params", json.dumps(params)], capsys)
     assert rc == 0, err[-3000:]
-    acc = pd.read_parquet(out / patches.ACCURACY)
+    acc = pd.read_parquet(out / "accuracy.parquet")
     assert acc[["method", "fraction"]].values.tolist() == [["none", 1.0]] + [
         [m, f] for m in patches.METHODS for f in (0.75, 0.25)]
     assert (acc["n_images"] == 5).all() and acc["accuracy"].between(0, 1).all()
-    pred = pd.read_parquet(out / patches.PREDICTIONS)
+    pred = pd.read_parquet(out / "predictions.parquet")
     assert len(pred) == 5 * 13 and set(pred["prediction"]) <= set(toyworld.SHAPES)
     assert set(pred.loc[pred["fraction"] == 0.25, "n_kept"]) == {4}
-    assert len(pd.read_parquet(out / patches.PATCH_SCORES)) == 5 * 16
-    for png in (patches.PLOT, patches.EXAMPLES):
+    assert len(pd.read_parquet(out / "patch_scores.parquet")) == 5 * 16
+    for png in ("accuracy.png", "examples.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     man = json.loads((out / "manifest.json").read_text())
     assert man["counts"]["n_images"] == 5 and man["counts"]["grid"] == {"rows": 4, "cols": 4, "first": 0}

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.methods import methods_in
@@ -73,7 +74,7 @@ def auroc_table(scores: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     cols = ["method", "kind", "auroc", "n_clean", "n_corrupted"]
     if "corruption" not in samples.columns:
         return pd.DataFrame(columns=cols)
-    require_columns("samples.parquet", list(samples.columns), ("sample_id",))
+    require_columns(Files.SAMPLES, list(samples.columns), ("sample_id",))
     kind = samples.set_index(samples["sample_id"].astype(str))["corruption"]
     kind = kind.reindex(scores["sample_id"].astype(str)).to_numpy(dtype=object)
     kind = np.array([None if pd.isna(k) else str(k) for k in kind], dtype=object)

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 
 
@@ -50,7 +51,7 @@ def filtering_curve(arms: Sequence[Mapping], samples: pd.DataFrame) -> pd.DataFr
             row["n_train"] = len(ids)
             if truth is not None:
                 if not ids.isin(truth.index).all():
-                    raise InputError("samples.parquet", "sample_id", f"arm {arm['method']} trained on unknown samples")
+                    raise InputError(Files.SAMPLES, "sample_id", f"arm {arm['method']} trained on unknown samples")
                 kinds = truth.reindex(ids)
                 row["bad_share"] = float(kinds.notna().mean()) if len(ids) else math.nan
                 for kind in sorted(truth.dropna().unique()):

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.data.sample import sample_frame
 from mmsae.data.toyvocab import COLOURS, SHAPES
 from mmsae.data.toyworld import patch_concepts
@@ -53,20 +54,20 @@ def premise_check(codes: Codes, tokens: pd.DataFrame, samples: pd.DataFrame, gri
     are used: a noise-image sample's objects do not describe its pixels. At most `max_samples` of
     them (seeded, deterministic), as dense token x feature matrices.
     """
-    require_columns("samples.parquet", list(samples.columns), ("sample_id", "objects"))
-    require_columns("tokens.parquet", list(tokens.columns), ("row", "sample_id", "modality", "token_id", "patch"))
+    require_columns(Files.SAMPLES, list(samples.columns), ("sample_id", "objects"))
+    require_columns(Files.TOKENS, list(tokens.columns), ("row", "sample_id", "modality", "token_id", "patch"))
     pool = samples[samples["objects"].notna()]
     if "corruption" in pool.columns:
         pool = pool[pool["corruption"].isna()]
     pool = sample_frame(pool, max_samples, seed)
     if len(pool) == 0:
-        raise InputError("samples.parquet", "objects", "no clean sample with ground-truth objects")
+        raise InputError(Files.SAMPLES, "objects", "no clean sample with ground-truth objects")
     objects = dict(zip(pool["sample_id"].astype(str), pool["objects"], strict=True))
     tok = tokens[tokens["sample_id"].astype(str).isin(objects)]
     text = tok[tok["modality"] == "text"]
     image = tok[(tok["modality"] == "image") & (tok["patch"] >= 0)]
     if len(image) and image["patch"].max() >= grid * grid:
-        raise InputError("tokens.parquet", "patch", f"patch index beyond a {grid}x{grid} grid")
+        raise InputError(Files.TOKENS, "patch", f"patch index beyond a {grid}x{grid} grid")
 
     n_rows = int(tokens["row"].max()) + 1 if len(tokens) else 0
     where = np.full(n_rows, -1, np.int64)  # store row -> index into [text tokens, image tokens]

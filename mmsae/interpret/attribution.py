@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmsae.artifacts import Files
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
 from mmsae.interpret.steering import Clamp, position_mask, sae_layer, steering
@@ -42,7 +43,7 @@ from mmsae.sae.model import SAE
 
 log = logging.getLogger("mmsae.attribution")
 
-PAIRS, TOKENS, PLOTS = "attribution.parquet", "tokens.parquet", "plots"
+PLOTS = "plots"
 
 
 @dataclass
@@ -323,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         corr = (float(np.corrcoef(verified["attribution"], verified["ablation_effect"])[0, 1])
                 if len(verified) > 2 else None)
         with atomic_dir(args.out) as tmp:
-            pairs.to_parquet(tmp / PAIRS, index=False)
-            tokens.to_parquet(tmp / TOKENS, index=False)
+            pairs.to_parquet(tmp / Files.ATTRIBUTION, index=False)
+            tokens.to_parquet(tmp / Files.TOKENS, index=False)
             (tmp / PLOTS).mkdir()
             for i, r in enumerate(results):
                 plot_attribution(r, tmp / PLOTS / plot_name(r.sample_id, i))

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmsae.artifacts import Files
 from mmsae.data.schema import Record, decode_image, read_frame, records_from_frame
 from mmsae.errors import InputError
 from mmsae.models.adapters import ModelAdapter
@@ -18,7 +19,7 @@ def select_records(samples: str | os.PathLike, sample_ids: Sequence[str] | None 
                    n: int | None = None, clean_only: bool = True) -> list[Record]:
     """Records of {samples}/samples.parquet: the given ids (in that order), else the first `n` (null = all)
     in file order, of task `task` (column `task`; null = any) and not corrupted (when `corruption` exists)."""
-    path = Path(samples) / "samples.parquet"
+    path = Path(samples) / Files.SAMPLES
     df = read_frame(path, check_images=False)
     if sample_ids:
         missing = [s for s in sample_ids if s not in set(df["sample_id"])]

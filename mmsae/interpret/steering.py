@@ -33,16 +33,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmsae.artifacts import Files
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
 from mmsae.models.adapters import IMAGE, TEXT, BatchMeta, ModelAdapter
-from mmsae.sae.io import CFG, check_d_in
+from mmsae.sae.io import check_d_in
 from mmsae.sae.model import SAE
 
 log = logging.getLogger("mmsae.steering")
 
 POSITIONS = ("all", "image", "text")
-STEERING = "steering.parquet"
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def sae_layer(sae: SAE) -> int:
     """The decoder layer an SAE reads (cfg.json metadata.hook_layer); InputError when it is unknown."""
     layer = sae.cfg.metadata.get("hook_layer")
     if layer is None:
-        raise InputError(Path(getattr(sae, "source", ".")) / CFG, "metadata.hook_layer",
+        raise InputError(Path(getattr(sae, "source", ".")) / Files.SAE_CFG, "metadata.hook_layer",
                          "missing: cannot tell which decoder layer the SAE reads")
     return int(layer)
 
@@ -244,7 +244,7 @@ def concept_feature(premise: str | os.PathLike, word: str) -> int:
     """The feature the premise stage found for a concept word (max of min(text, image AUROC))."""
     import json
 
-    path = Path(premise) / "premise.json"
+    path = Path(premise) / Files.PREMISE
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
     concepts = {c["word"]: c for c in json.loads(path.read_text())["concepts"]}
@@ -257,9 +257,9 @@ def concept_feature(premise: str | os.PathLike, word: str) -> int:
 
 def max_activations(features: str | os.PathLike, ids: Sequence[int]) -> dict[int, float]:
     """Each feature's largest activation on the encoded data (features.parquet top text / image acts)."""
-    from mmsae.features import FEATURES
+    from mmsae.artifacts import Files
 
-    path = Path(features) / FEATURES
+    path = Path(features) / Files.FEATURES
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
     df = pd.read_parquet(path, columns=["feature", "top_text_acts", "top_image_acts"]).set_index("feature")
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in summary:
             log.info("steer %s", s)
         with atomic_dir(args.out) as tmp:
-            table.to_parquet(tmp / STEERING, index=False)
+            table.to_parquet(tmp / Files.STEERING, index=False)
             write_manifest(tmp, "steer", params,
                            {k: v for k, v in {"model": args.model, "sae": args.sae, "samples": args.samples,
                                               "features": args.features, "premise": args.premise,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from mmsae.models.adapters import (
     Qwen2VLAdapter,
 )
 from mmsae.models.prompts import format_prompt, format_response
+
+if TYPE_CHECKING:
+    from mmsae.params import ModelParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,6 +82,21 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     return cls(model, processor, path)
 
 
+def load_model_with(path: str | os.PathLike, params: ModelParams) -> ModelAdapter:
+    """The model of a stage's --model option, loaded as its 'model' config slice says."""
+    return load_model(path, dtype=params.dtype, device=params.device, trust_remote_code=params.trust_remote_code)
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The model's tokenizer alone (no remote code), which turns token ids back into text."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise InputError(model_dir, "tokenizer", f"cannot load a tokenizer ({exc.__class__.__name__})") from exc
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
 
@@ -99,6 +117,8 @@ __all__ = [
     "format_prompt",
     "format_response",
     "load_model",
+    "load_model_with",
+    "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 
@@ -81,14 +82,14 @@ def adapter_grid(adapter: Any) -> Grid | None:
 
 def token_grid(tokens: pd.DataFrame) -> Grid:
     """A square grid from tokens.parquet: image tokens per image (max patch index + 1) must be a square."""
-    require_columns("tokens.parquet", list(tokens.columns), ("modality", "patch"))
+    require_columns(Files.TOKENS, list(tokens.columns), ("modality", "patch"))
     patches = tokens.loc[tokens["modality"] == "image", "patch"]
     if len(patches) == 0:
-        raise InputError("tokens.parquet", "patch", "no image tokens")
+        raise InputError(Files.TOKENS, "patch", "no image tokens")
     n = int(patches.max()) + 1
     side = square_side(n)
     if side is None:
-        raise InputError("tokens.parquet", "patch", f"{n} image tokens per image is not a square grid")
+        raise InputError(Files.TOKENS, "patch", f"{n} image tokens per image is not a square grid")
     return Grid(side, side)
 
 

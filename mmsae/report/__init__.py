@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmsae.artifacts import write_json
+from mmsae.artifacts import Files, write_json
 from mmsae.evaluation.auroc import DIRECTION, auroc_table
 from mmsae.features import CLASSES
 from mmsae.report import plots
@@ -168,5 +168,5 @@ def build_report(title: str, samples: pd.DataFrame, scores: pd.DataFrame, featur
 
 def write_report(out: str | os.PathLike, report: Mapping[str, Any], figures: Mapping[str, str | None]) -> None:
     out = Path(out)
-    write_json(out / "report.json", report)
-    (out / "index.html").write_text(render(report, figures), encoding="utf-8")
+    write_json(out / Files.REPORT, report)
+    (out / Files.INDEX_HTML).write_text(render(report, figures), encoding="utf-8")

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mmsae.activations import TOKENS, ActivationStore
+from mmsae.activations import ActivationStore
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.sae.io import check_d_in
 from mmsae.sae.model import SAE
 
-CODES = "codes.parquet"
 CODES_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),
@@ -44,10 +44,10 @@ def encode_store(sae: SAE, store: ActivationStore, layer: int, delta: float, bat
     The SAE runs on the device its weights are on. Returns {"n_tokens", "nnz"}.
     """
     check_d_in(sae, store.d_model, store.folder)
-    tokens = pq.read_table(store.folder / TOKENS, columns=["row", "sample_id", "position", "modality"])
+    tokens = pq.read_table(store.folder / Files.TOKENS, columns=["row", "sample_id", "position", "modality"])
     n = store.n_tokens
     if len(tokens) != n or (n and not np.array_equal(tokens["row"].to_numpy(), np.arange(n))):
-        raise InputError(store.folder / TOKENS, "row", f"does not list the {n} rows of the store in order")
+        raise InputError(store.folder / Files.TOKENS, "row", f"does not list the {n} rows of the store in order")
     # arrow columns: compact strings, and take() per block keeps the per-block work small
     sample_id, position, modality = (tokens[c].combine_chunks() for c in ("sample_id", "position", "modality"))
     device = sae.W_enc.device

@@ -29,13 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmsae import __version__
-from mmsae.artifacts import write_json
+from mmsae.artifacts import Files, write_json
 from mmsae.errors import InputError
 from mmsae.sae.model import SAE, SAEConfig, build_sae
-
-CFG = "cfg.json"
-WEIGHTS = "sae_weights.safetensors"
-SPARSITY = "sparsity.safetensors"
 
 # our architecture name <-> SAELens' name
 TO_SAELENS = {"relu": "standard", "topk": "topk"}
@@ -55,7 +51,7 @@ def hook_name(layer: int) -> str:
 def sae_folder(path: str | os.PathLike) -> Path:
     """The folder holding cfg.json: `path` itself, or `path/sae` for a train_sae artifact folder."""
     path = Path(path)
-    if not (path / CFG).exists() and (path / "sae" / CFG).exists():
+    if not (path / Files.SAE_CFG).exists() and (path / "sae" / Files.SAE_CFG).exists():
         return path / "sae"
     return path
 
@@ -92,10 +88,10 @@ def save_sae(sae: SAE, folder: str | os.PathLike, sparsity: torch.Tensor | None 
         if key in meta:
             doc[key] = meta[key]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in folded.weights().items()}
-    save_file(tensors, str(folder / WEIGHTS))
+    save_file(tensors, str(folder / Files.SAE_WEIGHTS))
     if sparsity is not None:
-        save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()}, str(folder / SPARSITY))
-    write_json(folder / CFG, doc)
+        save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()}, str(folder / Files.SAE_SPARSITY))
+    write_json(folder / Files.SAE_CFG, doc)
     return folder
 
 
@@ -113,13 +109,13 @@ def _normalisation(value: Any, cfg_path: Path) -> str:
 def read_cfg(folder: str | os.PathLike) -> SAEConfig:
     """Parse a cfg.json of ours or of any SAELens version into an SAEConfig."""
     folder = sae_folder(folder)
-    cfg_path = folder / CFG
+    cfg_path = folder / Files.SAE_CFG
     if not cfg_path.exists():
-        raise InputError(cfg_path, "cfg.json", "not an SAE folder (cfg.json missing)")
+        raise InputError(cfg_path, Files.SAE_CFG, "not an SAE folder (cfg.json missing)")
     try:
         raw = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(cfg_path, "cfg.json", f"unreadable JSON ({exc.__class__.__name__})") from exc
+        raise InputError(cfg_path, Files.SAE_CFG, f"unreadable JSON ({exc.__class__.__name__})") from exc
     raw = {LEGACY_RENAMES.get(k, k): v for k, v in raw.items()}
     meta = {LEGACY_RENAMES.get(k, k): v for k, v in (raw.get("metadata") or {}).items()}
     for key in LEGACY_TOP_LEVEL:
@@ -177,11 +173,11 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     folder = sae_folder(path)
     cfg = read_cfg(folder)
     cfg.dtype = dtype
-    wpath = folder / WEIGHTS
+    wpath = folder / Files.SAE_WEIGHTS
     if not wpath.exists():
         pickles = sorted(p.name for p in folder.glob("*.p*t"))
         hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
-        raise InputError(wpath, WEIGHTS, f"missing{hint}")
+        raise InputError(wpath, Files.SAE_WEIGHTS, f"missing{hint}")
     with safe_open(str(wpath), framework="pt", device="cpu") as fh:
         state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
@@ -193,7 +189,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     for key in ("scaling_factor", "finetuning_scaling_factor"):  # SAELens' fine-tuning scale: f * s before decode
         if key in state:
             state["W_dec"] = state["W_dec"] * state.pop(key).to(state["W_dec"].dtype)[:, None]
-    if cfg.architecture == "topk" and json.loads((folder / CFG).read_text()).get("rescale_acts_by_decoder_norm"):
+    if cfg.architecture == "topk" and json.loads((folder / Files.SAE_CFG).read_text()).get("rescale_acts_by_decoder_norm"):
         # SAELens TopK with rescale_acts_by_decoder_norm: top k of pre * n, decoded as (f / n) @ W_dec, n = ||W_dec,i||.
         # Folding n: W_enc * n, b_enc * n, W_dec / n gives the same codes and reconstruction (SAELens _fold_norm_topk).
         n = state["W_dec"].double().norm(dim=1)
@@ -210,7 +206,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
 def load_sparsity(path: str | os.PathLike) -> torch.Tensor | None:
     """log10 firing frequencies from sparsity.safetensors, or None if the folder has none."""
-    p = sae_folder(path) / SPARSITY
+    p = sae_folder(path) / Files.SAE_SPARSITY
     if not p.exists():
         return None
     with safe_open(str(p), framework="pt", device="cpu") as fh:
@@ -220,7 +216,7 @@ def load_sparsity(path: str | os.PathLike) -> torch.Tensor | None:
 def check_d_in(sae: SAE, d_model: int, source: str | os.PathLike) -> None:
     """InputError naming cfg.json field d_in when the SAE does not fit activations of width d_model."""
     if sae.cfg.d_in != d_model:
-        cfg_path = Path(getattr(sae, "source", Path("."))) / CFG
+        cfg_path = Path(getattr(sae, "source", Path("."))) / Files.SAE_CFG
         raise InputError(cfg_path, "d_in", f"SAE expects d_in={sae.cfg.d_in} but {source} has d_model={d_model}")
 
 
@@ -230,5 +226,5 @@ def log10_frequency(fire_counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.log10(freq + 1e-10).float()
 
 
-__all__ = ["CFG", "SPARSITY", "WEIGHTS", "check_d_in", "hook_name", "load_sae", "load_sparsity", "log10_frequency",
+__all__ = ["check_d_in", "hook_name", "load_sae", "load_sparsity", "log10_frequency",
            "read_cfg", "sae_folder", "save_sae"]

@@ -53,10 +53,10 @@ from tqdm import tqdm
 
 from mmsae import __version__
 from mmsae.activations import ActivationStore, storage_to_float
-from mmsae.artifacts import atomic_dir, config_hash, write_json
+from mmsae.artifacts import Files, atomic_dir, config_hash, write_json
 from mmsae.device import resolve_device
 from mmsae.errors import InputError
-from mmsae.sae.io import CFG, check_d_in, hook_name, load_sae, log10_frequency, save_sae
+from mmsae.sae.io import check_d_in, hook_name, load_sae, log10_frequency, save_sae
 from mmsae.sae.metrics import evaluate_blocks
 from mmsae.sae.model import ARCHITECTURES, SAE, SAEConfig, build_sae
 
@@ -294,8 +294,8 @@ def save_checkpoint(checkpoint_dir: Path, step: int, sae: SAE, opt: torch.optim.
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     final = checkpoint_dir / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        write_json(tmp / "state.json", {**state, "step": step, "format": CHECKPOINT_FORMAT})
+        save_file(tensors, str(tmp / Files.TRAIN_STATE_TENSORS))
+        write_json(tmp / Files.TRAIN_STATE, {**state, "step": step, "format": CHECKPOINT_FORMAT})
     for old in checkpoint_dir.glob("step-*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -310,13 +310,13 @@ def latest_checkpoint(checkpoint_dir: Path, key: str) -> tuple[dict[str, Any], d
         shutil.rmtree(tmp, ignore_errors=True)
     for folder in sorted(checkpoint_dir.glob("step-*"), reverse=True):
         try:
-            state = json.loads((folder / "state.json").read_text())
+            state = json.loads((folder / Files.TRAIN_STATE).read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if state.get("key") != key or state.get("format") != CHECKPOINT_FORMAT:
             log.warning("ignoring checkpoint %s: made with other params or another store", folder)
             continue
-        return state, load_file(str(folder / "state.safetensors"))
+        return state, load_file(str(folder / Files.TRAIN_STATE_TENSORS))
     return None
 
 
@@ -367,7 +367,7 @@ def import_sae(store: ActivationStore, params: dict[str, Any], source: str | Pat
     check_d_in(sae, store.d_model, source)
     hooked = sae.cfg.metadata.get("hook_layer")
     if hooked is not None and int(hooked) != layer:
-        raise InputError(Path(source) / CFG, "hook_layer", f"SAE hooks layer {hooked}, config train_sae.layer is {layer}")
+        raise InputError(Path(source) / Files.SAE_CFG, "hook_layer", f"SAE hooks layer {hooked}, config train_sae.layer is {layer}")
     sae.cfg.metadata.update(hook_layer=layer, hook_name=hook_name(layer), pretrained=str(source))
     split = select_tokens(store.tokens, params["scope"], params["include_special"], params["eval_fraction"])
     t0 = time.perf_counter()
@@ -382,7 +382,7 @@ def import_sae(store: ActivationStore, params: dict[str, Any], source: str | Pat
         **{k: ov[k] for k in ("l0", "mse", "centred_fvu", "dead_fraction", "dense_fraction")},
         "eval": evals, "timings_s": {"eval": round(time.perf_counter() - t0, 3)},
     }
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / Files.METRICS, metrics)
     return metrics
 
 
@@ -575,5 +575,5 @@ def train_sae(store: ActivationStore, params: dict[str, Any], out_dir: str | Pat
             "overall": "held-out tokens of the trained scope; per-modality entries cover all held-out tokens",
         },
     }
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / Files.METRICS, metrics)
     return metrics

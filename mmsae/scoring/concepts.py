@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
-from mmsae.features import FEATURES, iter_codes, require_columns
+from mmsae.features import iter_codes, require_columns
 from mmsae.scoring.streams import sample_groups, streamed
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def concept_features(ctx: ScoringContext) -> pd.DataFrame:
     not a template word present in most samples (doc_freq), with an image side of comparable size.
     """
     feats = ctx.need("features", "consistency")
-    require_columns(FEATURES, list(feats.columns), CONCEPT_COLUMNS)
+    require_columns(Files.FEATURES, list(feats.columns), CONCEPT_COLUMNS)
     cfg, ti = ctx.consistency, ctx.token_index
     feature = feats["feature"].to_numpy(np.int64)
     d = int(feature.max()) + 1 if len(feature) else 0
@@ -46,7 +47,7 @@ def concept_features(ctx: ScoringContext) -> pd.DataFrame:
     rows = np.concatenate([np.asarray(r, np.int64) for r in feats["top_text_rows"]] + [np.zeros(0, np.int64)])
     acts = np.concatenate([np.asarray(a, np.float64) for a in feats["top_text_acts"]] + [np.zeros(0)])
     if len(rows) and (rows.min() < 0 or rows.max() >= len(ti["token_id"])):
-        raise InputError(FEATURES, "top_text_rows", "row outside tokens.parquet")
+        raise InputError(Files.FEATURES, "top_text_rows", "row outside tokens.parquet")
     mass = (pd.DataFrame({"f": np.repeat(feature, lens), "t": ti["token_id"][rows], "a": acts})
             .groupby(["f", "t"], as_index=False)["a"].sum()
             .sort_values(["f", "a", "t"], ascending=[True, False, True], kind="stable")
@@ -73,7 +74,7 @@ def concept_features(ctx: ScoringContext) -> pd.DataFrame:
         s, side, tid = ctx.code_tokens(b)
         f = b["feature"].astype(np.int64)
         if len(f) and (f.min() < 0 or f.max() >= d):
-            raise InputError(FEATURES, "feature", f"codes use feature {f.max()}, features has {d}")
+            raise InputError(Files.FEATURES, "feature", f"codes use feature {f.max()}, features has {d}")
         act = b["activation"].astype(np.float64)
         m = (act > ctx.delta) & (s >= 0) & (side == 0)
         f, act, tid = f[m], act[m], tid[m]

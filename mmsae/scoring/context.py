@@ -17,11 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from mmsae.activations import TOKENS
+from mmsae.artifacts import Files
 from mmsae.config import stage_params
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
-from mmsae.sae.encode import CODES
 from mmsae.scoring import binding, concepts, offdist
 from mmsae.scoring.streams import CoocStream
 
@@ -163,7 +162,7 @@ class ScoringContext:
             ts, counted = self.token_sides, self.token_counted
         else:  # a tokens frame without `row`: its own order (a count does not depend on it)
             tok, names = self.tokens, []
-            require_columns("tokens.parquet", list(tok.columns), ("sample_id", "position", "modality"))
+            require_columns(Files.TOKENS, list(tok.columns), ("sample_id", "position", "modality"))
             ts = {**self._sides(names)(tok), "modality_names": np.array(names, dtype=str)}
             counted = tok["position"].to_numpy() > 0
         encoded = np.append(np.isin(ts["modality_names"], self.code_stats["modalities"]), False)
@@ -180,9 +179,9 @@ class ScoringContext:
         batch, or else `columns` of the store's tokens.parquet, strings as dictionaries (categoricals: no
         Python string per token)."""
         if self._tokens is not None:
-            require_columns("tokens.parquet", list(self._tokens.columns), columns)
+            require_columns(Files.TOKENS, list(self._tokens.columns), columns)
             return len(self._tokens), iter([self._tokens])
-        path = Path(self.need("store", "tokens").folder) / TOKENS
+        path = Path(self.need("store", "tokens").folder) / Files.TOKENS
         pf = pq.ParquetFile(path, read_dictionary=[c for c in columns if c in ("sample_id", "modality")],
                             pre_buffer=False)
         require_columns(path, pf.schema_arrow.names, columns)
@@ -205,13 +204,13 @@ class ScoringContext:
                 if seen is None:
                     seen = np.arange(n) < at
                 if len(row) and (row.min() < 0 or row.max() >= n or seen[row].any() or len(np.unique(row)) < len(row)):
-                    raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
+                    raise InputError(Files.TOKENS, "row", "rows are not 0..n-1")
                 seen[row] = True
                 for k, v in values.items():
                     out[k][row] = v
             at += len(row)
         if at != n or (seen is not None and not seen.all()):
-            raise InputError("tokens.parquet", "row", "rows are not 0..n-1")
+            raise InputError(Files.TOKENS, "row", "rows are not 0..n-1")
         return out or convert(pd.DataFrame({c: pd.Series([], dtype=np.int64) for c in ("row", *columns)}))
 
     def _sides(self, names: list[str]) -> Callable[[pd.DataFrame], dict[str, np.ndarray]]:
@@ -224,7 +223,7 @@ class ScoringContext:
             local = [str(m) for m in np.asarray(uniques, dtype=object)]
             names.extend(m for m in local if m not in names)
             if len(names) > 127:
-                raise InputError("tokens.parquet", "modality", f"{len(names)} distinct modalities")
+                raise InputError(Files.TOKENS, "modality", f"{len(names)} distinct modalities")
             to_code = np.array([names.index(m) for m in local] + [-1], np.int8)  # factorize's -1 (none) -> -1
             arr = np.array(names, dtype=str)
             side_of = np.append(np.where(arr == "image", 1, np.where(np.isin(arr, self.text_modalities), 0, -1)), -1)
@@ -265,7 +264,7 @@ class ScoringContext:
         row = np.asarray(b["row"], np.int64)
         n_rows = len(self.token_sides["sample"])
         if len(row) and (row.min() < 0 or row.max() >= n_rows):
-            raise InputError(CODES, "row", f"row outside the {n_rows} rows of tokens.parquet")
+            raise InputError(Files.CODES, "row", f"row outside the {n_rows} rows of tokens.parquet")
         return row
 
     def code_tokens(self, b: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.context import ScoringContext
@@ -86,7 +87,7 @@ def score_cosine(ctx: ScoringContext) -> np.ndarray:
     st = ctx.code_stats
     feat = st["cooc_feature"]
     if len(feat) and feat.max() >= len(w):
-        raise InputError("features.parquet", "feature", f"codes use feature {feat.max()}, features has {len(w)}")
+        raise InputError(Files.FEATURES, "feature", f"codes use feature {feat.max()}, features has {len(w)}")
     return np.bincount(st["cooc_sample"], weights=w[feat], minlength=ctx.n).astype(np.float64)
 
 
@@ -167,11 +168,11 @@ def nosae_pass(ctx: ScoringContext, stream: bool) -> np.ndarray:
 @register("model_loss")
 def score_model_loss(ctx: ScoringContext) -> np.ndarray:
     losses = ctx.need("losses", "model_loss")
-    require_columns("loss.parquet", list(losses.columns), ("sample_id", "loss"))
+    require_columns(Files.LOSS, list(losses.columns), ("sample_id", "loss"))
     loss = pd.Series(losses["loss"].astype("float64").to_numpy(), index=losses["sample_id"].astype(str).to_numpy())
     missing = ~ctx.index.isin(loss.index)
     if missing.any():
-        raise InputError("loss.parquet", "sample_id", f"no loss for sample {ctx.ids[missing][0]!r}")
+        raise InputError(Files.LOSS, "sample_id", f"no loss for sample {ctx.ids[missing][0]!r}")
     score = -loss.reindex(ctx.ids).to_numpy()
     bad = ~np.isfinite(score)  # no response tokens: rank last, not dropped
     if bad.any():

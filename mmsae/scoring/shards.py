@@ -30,15 +30,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import METHODS, rank, score_samples
 
-STATS = "stats.parquet"  # per sample: sample_id, l0, l1, image_l0 [, nosae_cosine, image_count, image_error]
-COOC = "cooc.parquet"  # co-occurring (sample_id, feature) pairs
 IMAGE_UNIT = "image_unit.npy"  # per sample (stats.parquet order): sum of unit-norm image hidden states
-SHARD_INFO = "shard.json"
 CODE_METHODS = frozenset({"cosine", "l0", "l1", "cooc_l0", "offdist", "consistency_gated"})
 IMAGE_METHODS = frozenset({"offdist", "consistency_gated"})
 PER_SAMPLE_METHODS = frozenset({"nosae_cosine"})  # final in the shard: its score needs no other sample
@@ -54,7 +52,7 @@ def shard_samples(tokens: pd.DataFrame, sample_ids: Sequence[str], n_shards: int
     """(sample ids, row0, row1) of each shard: the scored samples in store order, cut into n_shards runs of
     (nearly) equal size; the row ranges partition [0, n_rows). Scored samples absent from the store (no
     tokens, so no statistics) go to the last shard."""
-    require_columns("tokens.parquet", list(tokens.columns), ("row", "sample_id"))
+    require_columns(Files.TOKENS, list(tokens.columns), ("row", "sample_id"))
     tok = tokens.sort_values("row", kind="stable") if not tokens["row"].is_monotonic_increasing else tokens
     sid = tok["sample_id"].astype(str).to_numpy()
     n_rows = len(sid)
@@ -62,7 +60,7 @@ def shard_samples(tokens: pd.DataFrame, sample_ids: Sequence[str], n_shards: int
     starts = np.flatnonzero(new)
     order = sid[starts]
     if len(set(order)) != len(order):
-        raise InputError("tokens.parquet", "sample_id", "a sample's tokens are not contiguous in the store")
+        raise InputError(Files.TOKENS, "sample_id", "a sample's tokens are not contiguous in the store")
     wanted = {str(s) for s in sample_ids}
     keep = np.array([s in wanted for s in order], bool)
     order, starts = order[keep], starts[keep]
@@ -201,11 +199,11 @@ def shard_statistics(store, codes: str | os.PathLike, layer: int, sample_ids: Se
 def write_shard(folder: str | os.PathLike, result: dict, shard: int, n_shards: int) -> None:
     """Write a shard_statistics result (stats.parquet, cooc.parquet, image_unit.npy, shard.json)."""
     folder = Path(folder)
-    result["stats"].to_parquet(folder / STATS, index=False)
-    result["cooc"].to_parquet(folder / COOC, index=False)
+    result["stats"].to_parquet(folder / Files.SHARD_STATS, index=False)
+    result["cooc"].to_parquet(folder / Files.SHARD_COOC, index=False)
     if result["image_unit"] is not None:
         np.save(folder / IMAGE_UNIT, result["image_unit"], allow_pickle=False)
-    (folder / SHARD_INFO).write_text(json.dumps({"modalities": result["modalities"], "rows": result["rows"],
+    (folder / Files.SHARD_INFO).write_text(json.dumps({"modalities": result["modalities"], "rows": result["rows"],
                                                  "shard": shard, "n_shards": n_shards}))
 
 
@@ -216,14 +214,14 @@ def gather_context(shards: Sequence[str | os.PathLike], sample_ids: Sequence[str
     frames, coocs, units, modalities = [], [], [], set()
     for k, d in enumerate(shards):
         d = Path(d)
-        if not (d / SHARD_INFO).exists():
-            raise InputError(d / SHARD_INFO, "path", "score shard missing or unfinished")
-        info = json.loads((d / SHARD_INFO).read_text())
+        if not (d / Files.SHARD_INFO).exists():
+            raise InputError(d / Files.SHARD_INFO, "path", "score shard missing or unfinished")
+        info = json.loads((d / Files.SHARD_INFO).read_text())
         if (info["shard"], info["n_shards"]) != (k, len(shards)):
-            raise InputError(d / SHARD_INFO, "shard", f"shard {info['shard']} of {info['n_shards']}, "
+            raise InputError(d / Files.SHARD_INFO, "shard", f"shard {info['shard']} of {info['n_shards']}, "
                                                       f"expected {k} of {len(shards)}")
-        frames.append(pd.read_parquet(d / STATS))
-        coocs.append(pd.read_parquet(d / COOC))
+        frames.append(pd.read_parquet(d / Files.SHARD_STATS))
+        coocs.append(pd.read_parquet(d / Files.SHARD_COOC))
         units.append(np.load(d / IMAGE_UNIT, allow_pickle=False) if (d / IMAGE_UNIT).exists() else None)
         modalities.update(info["modalities"])
     stats = pd.concat(frames, ignore_index=True)

@@ -17,15 +17,15 @@ from typing import Any
 import pyarrow as pa
 
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.config import stage_params
 from mmsae.errors import InputError
-from mmsae.features import CODES, FEATURES, encode_info, feature_weights, read_columns
+from mmsae.features import encode_info, feature_weights, read_columns
 from mmsae.scoring.concepts import CONCEPT_COLUMNS
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import score_samples
 from mmsae.scoring.shards import gather_context, score_gathered, shard_folder, shard_statistics, write_shard
-from mmsae.scoring.subsets import SCORES, SUBSETS, read_samples, write_subsets
+from mmsae.scoring.subsets import SUBSETS, read_samples, write_subsets
 
 Folder = str | os.PathLike
 
@@ -49,12 +49,13 @@ def needs_concepts(methods: Sequence[str]) -> bool:
 def load_layer_sae(path: Folder, store: ActivationStore, extract: Folder, layer: int):
     """The SAE of `path` (train_sae artifact or SAELens folder), checked against the store's width and the
     codes' layer."""
-    from mmsae.sae.io import CFG, check_d_in, load_sae
+    from mmsae.artifacts import Files
+    from mmsae.sae.io import check_d_in, load_sae
 
     sae = load_sae(path)
     check_d_in(sae, store.d_model, extract)
     if sae.cfg.metadata.get("hook_layer") != layer:
-        raise InputError(sae.source / CFG, "metadata.hook_layer",
+        raise InputError(sae.source / Files.SAE_CFG, "metadata.hook_layer",
                          f"SAE is for layer {sae.cfg.metadata.get('hook_layer')}, the codes for layer {layer}")
     return sae
 
@@ -73,7 +74,7 @@ def run(*, samples: Folder, extract: Folder, encode: Folder, features: Folder, o
     table = read_samples(samples)
     layer, d_sae = encode_info(encode)
     concept = needs_concepts(methods)
-    feats = read_columns(Path(features) / FEATURES, CONCEPT_COLUMNS if concept else ("feature", "weight"))
+    feats = read_columns(Path(features) / Files.FEATURES, CONCEPT_COLUMNS if concept else ("feature", "weight"))
     store = ActivationStore(extract)
     model = load_layer_sae(sae, store, extract, layer) if sae else None
     rule = feature_rule(features)
@@ -81,9 +82,9 @@ def run(*, samples: Folder, extract: Folder, encode: Folder, features: Folder, o
     ids = table.column("sample_id").to_pylist()
     if shard is not None:
         return run_shard(shard, params, ids, store, layer, model, text, timer, extract=extract, encode=encode, out=out)
-    losses = read_columns(Path(model_loss) / "loss.parquet", ("sample_id", "loss")) if model_loss else None
+    losses = read_columns(Path(model_loss) / Files.LOSS, ("sample_id", "loss")) if model_loss else None
     context = dict(
-        codes=Path(encode) / CODES, weights=feature_weights(feats, d_sae), store=store, layer=layer, losses=losses,
+        codes=Path(encode) / Files.CODES, weights=feature_weights(feats, d_sae), store=store, layer=layer, losses=losses,
         delta=params["delta"], seed=params["seed"], text_modalities=text, features=feats if concept else None,
         sae=model, consistency=params["consistency"],
     )
@@ -114,7 +115,7 @@ def write_scores(out: Folder, samples: pa.Table, scores, params: dict[str, Any],
                  counts: dict[str, Any], timer: Timer) -> None:
     """scores.parquet, the subsets and the manifest, into `out` atomically."""
     with atomic_dir(out) as tmp:
-        scores.to_parquet(tmp / SCORES, index=False)
+        scores.to_parquet(tmp / Files.SCORES, index=False)
         with timer("subsets"):
             written = write_subsets(samples, scores, params["methods"], params["fractions"], tmp / SUBSETS)
         write_manifest(tmp, "score", params, inputs, {**counts, "subsets": written}, timer.timings)
@@ -127,7 +128,7 @@ def run_shard(shard: int, params: dict[str, Any], ids: Sequence[str], store: Act
     if not 0 <= shard < n_shards:
         raise InputError("--shard", "shard", f"shard {shard} outside 0..{n_shards - 1} (score.shards = {n_shards})")
     with timer("shard"):
-        result = shard_statistics(store, Path(encode) / CODES, layer, ids, params["methods"], shard, n_shards,
+        result = shard_statistics(store, Path(encode) / Files.CODES, layer, ids, params["methods"], shard, n_shards,
                                   delta=params["delta"], text_modalities=text, sae=sae)
     with atomic_dir(shard_folder(out, shard)) as tmp:
         write_shard(tmp, result, shard, n_shards)

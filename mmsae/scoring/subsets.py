@@ -13,19 +13,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmsae.artifacts import Files
 from mmsae.data.schema import REQUIRED_COLUMNS, validate_frame
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.methods import rank
 
-SCORES = "scores.parquet"
 SUBSETS = "subsets"
 
 
 def read_samples(folder: str | os.PathLike) -> pa.Table:
     """{folder}/samples.parquet as an arrow table (its exact schema, for the subsets), validated
     without decoding images."""
-    path = Path(folder) / "samples.parquet"
+    path = Path(folder) / Files.SAMPLES
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
     table = pq.read_table(path)

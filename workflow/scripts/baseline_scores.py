@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import sys
 
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
-from mmsae.cli import add_model_args, load_records_and_model, parser, run
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
+from mmsae.cli import add_model_args, load_records_and_model_from_args, parser, run
 
 STAGE = "baseline_scores"
 
@@ -37,18 +37,18 @@ def body(args, params: dict) -> None:
     from mmsae.evaluation.baselines import clip_scores, ifd_scores
 
     timer = Timer()
-    records, adapter, model_params = load_records_and_model(args, timer)
+    records, adapter, model_params = load_records_and_model_from_args(args, timer)
     with timer("ifd"):
         ifd = ifd_scores(adapter, records, params["batch_size"], params["ifd_threshold"])
     with timer("clip"):
         clip, skipped = clip_scores(records, params["clip_model"], params["clip_text"], params["batch_size"],
                                     device=str(adapter.device))
     with atomic_dir(args.out) as tmp:
-        ifd.to_parquet(tmp / "ifd.parquet", index=False)
+        ifd.to_parquet(tmp / Files.IFD, index=False)
         counts = {"n_samples": len(ifd), "ifd_mean": float(ifd["ifd"].mean()),
                   "ifd_at_or_above_threshold": int((ifd["ifd"] >= params["ifd_threshold"]).sum())}
         if clip is not None:
-            clip.to_parquet(tmp / "clip.parquet", index=False)
+            clip.to_parquet(tmp / Files.CLIP, index=False)
             counts["clip_mean"] = float(clip["clip_score"].mean())
         else:
             counts["clip_skipped"] = skipped

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.cli import parser, run
 from mmsae.errors import InputError
 
@@ -99,7 +99,7 @@ def body(args, params: dict) -> None:
     with atomic_dir(args.out) as tmp:
         for name, frame in frames.items():
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
-        write_json(tmp / "results.json", results)
+        write_json(tmp / Files.RESULTS, results)
         inputs = {"model": args.model}
         if args.toy_heldout:
             inputs["toy_heldout"] = args.toy_heldout

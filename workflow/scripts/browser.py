@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from mmsae import cli
-from mmsae.activations import TOKENS
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.config import stage_params
-from mmsae.features import CODES, FEATURES, encode_info
+from mmsae.features import encode_info
 from mmsae.interpret.browser import build_site, model_view, read_features, read_tokens
 
 
@@ -34,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         model_params = stage_params("model", args.model_params, source="--model-params")
         layer, d_sae = encode_info(args.encode)
         with timer("read"):
-            features = read_features(Path(args.features) / FEATURES)
-            tokens = read_tokens(Path(args.extract) / TOKENS)
+            features = read_features(Path(args.features) / Files.FEATURES)
+            tokens = read_tokens(Path(args.extract) / Files.TOKENS)
             tokenizer, grid = model_view(args.model, model_params["trust_remote_code"])
         with atomic_dir(args.out) as tmp:
             with timer("build"):
-                counts = build_site(tmp, features, Path(args.encode) / CODES, tokens,
-                                    Path(args.samples) / "samples.parquet", tokenizer, grid, params, layer, d_sae,
+                counts = build_site(tmp, features, Path(args.encode) / Files.CODES, tokens,
+                                    Path(args.samples) / Files.SAMPLES, tokenizer, grid, params, layer, d_sae,
                                     title=params["title"])
             write_manifest(tmp, "browser", params,
                            {"features": args.features, "encode": args.encode, "extract": args.extract,

@@ -15,14 +15,14 @@ from pathlib import Path
 import pandas as pd
 
 from mmsae import cli
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.display import esc
 from mmsae.errors import InputError
 from mmsae.evaluation.auroc import DIRECTION, auroc_spread
 from mmsae.report.html import CSS, para, section, table
 
-SPREAD = "auroc_spread.parquet"
-PAGE = "auroc_spread.html"
+SPREAD = Files.AUROC_SPREAD
+PAGE = Files.AUROC_SPREAD_HTML
 
 
 def read_reports(pairs: list[str]) -> dict[str, dict]:

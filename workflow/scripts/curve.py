@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.cli import parser, run
 from mmsae.errors import InputError
 
@@ -44,7 +44,7 @@ def build_parser():
 
 
 def _results(folder: str) -> dict:
-    path = Path(folder) / "results.json"
+    path = Path(folder) / Files.RESULTS
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -60,10 +60,10 @@ def body(args, params: dict) -> None:
     if not args.arm:
         raise InputError("arguments", "--arm", "no fine-tune arm given")
     timer = Timer()
-    samples = pd.read_parquet(Path(args.samples) / "samples.parquet", columns=None)
+    samples = pd.read_parquet(Path(args.samples) / Files.SAMPLES, columns=None)
     arms = [{"method": "start", "fraction": 0.0, "seed": None, "train_ids": None, "results": _results(args.start)}]
     for method, fraction, seed, finetune, bench in args.arm:
-        ids_path = Path(finetune) / "train_ids.parquet"
+        ids_path = Path(finetune) / Files.TRAIN_IDS
         if not ids_path.exists():
             raise InputError(ids_path, "sample_id", "missing: the finetune arm did not finish")
         arms.append({"method": method, "fraction": float(fraction), "seed": None if seed == "-" else int(seed),
@@ -80,11 +80,11 @@ def body(args, params: dict) -> None:
     best = {str(f): g.sort_values(f"{metric}_mean", ascending=False)["method"].iloc[0]
             for f, g in selective.groupby("fraction")}
     with atomic_dir(args.out) as tmp:
-        curve.to_parquet(tmp / "curve.parquet", index=False)
-        summary.to_parquet(tmp / "summary.parquet", index=False)
+        curve.to_parquet(tmp / Files.CURVE, index=False)
+        summary.to_parquet(tmp / Files.SUMMARY, index=False)
         if png:
-            (tmp / "curve.png").write_bytes(base64.b64decode(png))
-        write_json(tmp / "curve.json", {"metric": metric, "best_by_fraction": best,
+            (tmp / Files.CURVE_PLOT).write_bytes(base64.b64decode(png))
+        write_json(tmp / Files.CURVE_JSON, {"metric": metric, "best_by_fraction": best,
                                         "summary": summary.to_dict(orient="records"),
                                         "start": curve.loc[curve["method"] == "start", metric].tolist()})
         inputs = {"samples": args.samples, "start": args.start,

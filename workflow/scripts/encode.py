@@ -19,7 +19,7 @@ import sys
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.errors import InputError
 
 STAGE = "encode"
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args, params):
         from mmsae.device import resolve_device
-        from mmsae.sae.encode import CODES, encode_store
-        from mmsae.sae.io import CFG, check_d_in, load_sae
+        from mmsae.sae.encode import encode_store
+        from mmsae.sae.io import check_d_in, load_sae
 
         timer = Timer()
         store = ActivationStore(args.extract)
@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         check_d_in(sae, store.d_model, args.extract)
         layer = sae.cfg.metadata.get("hook_layer")
         if not isinstance(layer, int):
-            raise InputError(sae.source / CFG, "metadata.hook_layer", "missing: cannot tell which layer to encode")
+            raise InputError(sae.source / Files.SAE_CFG, "metadata.hook_layer", "missing: cannot tell which layer to encode")
         store.array(layer)  # InputError if that layer was not extracted
         with atomic_dir(args.out) as tmp:
             with timer("encode"):
-                counts = encode_store(sae, store, layer, params["delta"], params["batch_tokens"], tmp / CODES)
+                counts = encode_store(sae, store, layer, params["delta"], params["batch_tokens"], tmp / Files.CODES)
             counts.update(layer=layer, d_sae=sae.cfg.d_sae, hook_name=sae.cfg.metadata.get("hook_name"))
             write_manifest(tmp, STAGE, params, {"extract": args.extract, "sae": args.sae}, counts, timer.timings)
 

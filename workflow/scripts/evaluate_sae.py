@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from mmsae import cli
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmsae.sae.splice import evaluate_splice, summary_table
 
         timer = Timer()
-        records, mllm, model_cfg = cli.load_records_and_model(args, timer)
+        records, mllm, model_cfg = cli.load_records_and_model_from_args(args, timer)
         if params["n_samples"]:
             records = records[: params["n_samples"]]
         saes, layers = {}, set()
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in summary.itertuples():
             cli.log.info("%s", row)
         with atomic_dir(args.out) as tmp:
-            ce.to_parquet(tmp / "ce.parquet", index=False)
-            recon.to_parquet(tmp / "reconstruction.parquet", index=False)
-            summary.to_parquet(tmp / "summary.parquet", index=False)
+            ce.to_parquet(tmp / Files.CE, index=False)
+            recon.to_parquet(tmp / Files.RECONSTRUCTION, index=False)
+            summary.to_parquet(tmp / Files.SUMMARY, index=False)
             inputs = {"samples": args.samples, "model": args.model, **{f"sae_{k}": v for k, v in
                       (s.partition("=")[::2] for s in args.sae)}}
             if args.base_model:

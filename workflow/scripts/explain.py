@@ -16,13 +16,12 @@ from pathlib import Path
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.errors import InputError
-from mmsae.features import CODES, FEATURES, read_columns
+from mmsae.features import read_columns
 from mmsae.interpret.explain import (
     DEFAULT_PROMPT,
     EXPLANATION_SCHEMA,
-    EXPLANATIONS,
     IMAGES,
     explain_features,
     explainer_config,
@@ -52,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         timer = Timer()
         cfg = explainer_config(params)  # before any work: no endpoint, no run
         prompt = params["prompt"] or DEFAULT_PROMPT
-        features = read_columns(Path(args.features) / FEATURES, ("feature", "class", "weight", "top_text_rows"))
+        features = read_columns(Path(args.features) / Files.FEATURES, ("feature", "class", "weight", "top_text_rows"))
         selected = select_features(features, params["top_n"], params["features"])
         tokens = ActivationStore(args.extract).tokens
         grid = image_grid(args.extract, tokens)
         with timer("activations"):
-            acts = image_activations(Path(args.encode) / CODES, tokens, selected, grid)
+            acts = image_activations(Path(args.encode) / Files.CODES, tokens, selected, grid)
             tops = top_images(acts, params["n_images"], params["image_rank"], grid)
             refs = reference_activations(acts)
         with timer("inputs"):
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         df["image_samples"] = [[s for s, _ in views.get(f, [])] for f in df["feature"]]
         df["texts"] = [texts.get(f, []) for f in df["feature"]]
         with atomic_dir(args.out) as tmp:
-            write_table(df, tmp / EXPLANATIONS, EXPLANATION_SCHEMA)
+            write_table(df, tmp / Files.EXPLANATIONS, EXPLANATION_SCHEMA)
             (tmp / IMAGES).mkdir()
             for f, v in views.items():
                 for i, (_, png) in enumerate(v):

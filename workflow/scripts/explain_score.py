@@ -19,13 +19,11 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.errors import InputError
-from mmsae.features import CODES, read_columns
+from mmsae.features import read_columns
 from mmsae.interpret.explain import (
-    EXPLANATIONS,
     SCORE_SCHEMA,
-    SCORES,
     FileMasks,
     ToyMasks,
     image_activations,
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args, params):
         timer = Timer()
         explain_params = read_manifest(args.explain)["params"]
-        expl = read_columns(Path(args.explain) / EXPLANATIONS, ("feature", "explanation", "image_samples",
+        expl = read_columns(Path(args.explain) / Files.EXPLANATIONS, ("feature", "explanation", "image_samples",
                                                                  "ref_activation"))
         masks_path = args.masks or params["masks"]
         if masks_path:
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             samples = read_mask_samples(args.samples)
             if "objects" not in samples.columns:
-                raise InputError(Path(args.samples) / "samples.parquet", "objects",
+                raise InputError(Path(args.samples) / Files.SAMPLES, "objects",
                                  "no ground-truth objects: give explain_score.masks (a segmenter's masks parquet)")
             masks = ToyMasks(samples)
         tokens = ActivationStore(args.extract).tokens
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for ids in tops.values():  # the random draws each feature will use
             wanted |= set(random_images(pool, params["n_random"], params["seed"], set(ids)))
         with timer("activations"):
-            acts = image_activations(Path(args.encode) / CODES, tokens, list(tops), grid)
+            acts = image_activations(Path(args.encode) / Files.CODES, tokens, list(tops), grid)
             images = read_images(args.samples, sorted(wanted))
         refs = {int(f): float(v) for f, v in zip(expl["feature"], expl["ref_activation"], strict=True) if pd.notna(v)}
         with timer("score"):
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                    "masks": str(masks_path) if masks_path else "toy-world ground truth (samples' objects)"}
         log.info("explain_score: %s", summary)
         with atomic_dir(args.out) as tmp:
-            write_table(df, tmp / SCORES, SCORE_SCHEMA)
+            write_table(df, tmp / Files.EXPLANATION_SCORES, SCORE_SCHEMA)
             write_manifest(tmp, "explain_score", params, {"samples": args.samples, "extract": args.extract,
                                                           "encode": args.encode, "explain": args.explain,
                                                           **({"masks": masks_path} if masks_path else {})},

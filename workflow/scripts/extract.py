@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.cli import add_model_args, parser, run
 from mmsae.config import stage_params
 from mmsae.errors import InputError
@@ -67,8 +67,8 @@ def body(args, params: dict) -> None:
     timer = Timer()
     model_params = stage_params("model", args.model_params, source="--model-params")
     with timer("read"):  # images are decoded part by part (LazyRecords); the sample stage checked them
-        records = LazyRecords(read_frame(Path(args.samples) / "samples.parquet", check_images=False),
-                              Path(args.samples) / "samples.parquet")
+        records = LazyRecords(read_frame(Path(args.samples) / Files.SAMPLES, check_images=False),
+                              Path(args.samples) / Files.SAMPLES)
     with timer("load_model"):
         adapter = load_model(args.model, dtype=model_params["dtype"], device=model_params["device"],
                              trust_remote_code=model_params["trust_remote_code"])
@@ -116,7 +116,7 @@ def gather(args, params: dict) -> None:
         m = read_manifest(shard_dir(args.out, k))  # InputError when the shard is missing or unfinished
         c = m["counts"]
         if (c.get("shard"), c.get("n_shards"), c.get("extraction_key")) != (k, n_shards, key):
-            raise InputError(shard_dir(args.out, k) / "manifest.json", "counts",
+            raise InputError(shard_dir(args.out, k) / Files.MANIFEST, "counts",
                              f"not shard {k} of {n_shards} of this extraction (params or model differ)")
         manifests.append(m)
     parts, names = [], []

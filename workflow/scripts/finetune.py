@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.cli import parser, run
 from mmsae.errors import InputError
 
@@ -69,8 +69,8 @@ def body(args, params: dict) -> None:
     with atomic_dir(out) as tmp:
         with timer("finetune"):
             metrics = finetune(args.model, df, tmp / MODEL_DIR, params, staging, args.data)
-        write_json(tmp / "metrics.json", metrics)
-        df[["sample_id"]].astype(str).to_parquet(tmp / "train_ids.parquet", index=False)
+        write_json(tmp / Files.METRICS, metrics)
+        df[["sample_id"]].astype(str).to_parquet(tmp / Files.TRAIN_IDS, index=False)
         counts = {"n_records": len(df), "steps": metrics["global_step"], "train_loss": metrics["train_loss"],
                   "processes": metrics["processes"], "layout_identical": metrics["layout_check"]["identical"]}
         inputs = {"model": args.model, "data": args.data}

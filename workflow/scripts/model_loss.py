@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
-from mmsae.cli import add_model_args, load_records_and_model, parser, run
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
+from mmsae.cli import add_model_args, load_records_and_model_from_args, parser, run
 
 STAGE = "model_loss"
-LOSS = "loss.parquet"
+LOSS = Files.LOSS
 
 
 def build_parser():
@@ -32,7 +32,7 @@ def body(args, params: dict) -> None:
     from mmsae.models.loss import response_loss
 
     timer = Timer()
-    records, adapter, model_params = load_records_and_model(args, timer)
+    records, adapter, model_params = load_records_and_model_from_args(args, timer)
     with timer("loss"):
         df = response_loss(adapter, records, params["batch_size"])
     with atomic_dir(args.out) as tmp:

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from mmsae import cli
-from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.config import stage_params
 from mmsae.errors import InputError
-from mmsae.features import FEATURES, read_columns
+from mmsae.features import read_columns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from mmsae.interpret import patches
         from mmsae.models import load_model
-        from mmsae.sae.io import CFG, check_d_in, load_sae
+        from mmsae.sae.io import check_d_in, load_sae
 
         torch.manual_seed(params["seed"])
         timer = Timer()
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             if images_root:
                 images = patches.image_folder_set(images_root, params["max_images"], params["seed"])
             elif args.toyworld:
-                images = patches.toy_image_set(Path(args.toyworld) / "heldout.parquet", params["question"],
+                images = patches.toy_image_set(Path(args.toyworld) / Files.HELDOUT, params["question"],
                                                params["max_images"], params["seed"])
             else:
                 raise InputError("--images", "patch_filter.images", "give an ImageFolder (--images) or --toyworld")
@@ -57,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         check_d_in(sae, adapter.d_model, args.model)
         layer = sae.cfg.metadata.get("hook_layer")
         if layer is None:
-            raise InputError(sae.source / CFG, "metadata.hook_layer", "the SAE does not say which layer it reads")
+            raise InputError(sae.source / Files.SAE_CFG, "metadata.hook_layer", "the SAE does not say which layer it reads")
         layer = adapter.check_layers([int(layer)], "train_sae.layer")[0]
         fmanifest = read_manifest(args.features)
         counts = fmanifest.get("counts", {})
         if counts.get("layer") not in (None, layer) or counts.get("d_sae") not in (None, sae.cfg.d_sae):
-            raise InputError(Path(args.features) / "manifest.json", "counts",
+            raise InputError(Path(args.features) / Files.MANIFEST, "counts",
                              f"features are for layer {counts.get('layer')} / d_sae {counts.get('d_sae')}, "
                              f"the SAE for layer {layer} / d_sae {sae.cfg.d_sae}")
-        features = read_columns(Path(args.features) / FEATURES, ("feature", "weight", "class"))
+        features = read_columns(Path(args.features) / Files.FEATURES, ("feature", "weight", "class"))
         rule = fmanifest.get("params", {}).get("rule", "per_modality")
         with timer("patch_filter"):
             result = patches.patch_filter(adapter, sae, layer, features, images, params,
@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row.method:>10} kept {row.fraction:.2f}: accuracy {row.accuracy:.3f} ({row.n_correct}/{row.n_images})",
                   file=sys.stderr)
         with atomic_dir(args.out) as tmp:
-            acc.to_parquet(tmp / patches.ACCURACY, index=False)
-            result["predictions"].to_parquet(tmp / patches.PREDICTIONS, index=False)
-            result["patch_scores"].to_parquet(tmp / patches.PATCH_SCORES, index=False)
-            patches.plot_accuracy(acc, chance, tmp / patches.PLOT,
+            acc.to_parquet(tmp / Files.ACCURACY, index=False)
+            result["predictions"].to_parquet(tmp / Files.PREDICTIONS, index=False)
+            result["patch_scores"].to_parquet(tmp / Files.PATCH_SCORES, index=False)
+            patches.plot_accuracy(acc, chance, tmp / Files.ACCURACY_PLOT,
                                   f"{params['question']} ({len(images)} images, {params['classify']})")
             patches.plot_examples(adapter, images, result["patch_scores"], params["methods"],
-                                  min(params["fractions"]), params["seed"], tmp / patches.EXAMPLES)
+                                  min(params["fractions"]), params["seed"], tmp / Files.EXAMPLES_PLOT)
             table = {m: {f"{f:g}": float(a) for f, a in zip(part["fraction"], part["accuracy"], strict=True)}
                      for m, part in acc.groupby("method", sort=False)}
             inputs = {"model": args.model, "sae": args.sae, "features": args.features,

@@ -15,10 +15,10 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.errors import InputError
 from mmsae.evaluation.premise import concept_words, patch_grid, premise_check, word_token_ids
-from mmsae.features import CODES, encode_info
+from mmsae.features import encode_info
 from mmsae.report import json_safe
 from mmsae.scoring import read_samples
 
@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         word_ids = word_token_ids(load_tokenizer(args.model), list(concept_words()))
         grid = patch_grid(tokens)
         with timer("premise"):
-            table = premise_check(Path(args.encode) / CODES, tokens, samples, grid, word_ids, d_sae,
+            table = premise_check(Path(args.encode) / Files.CODES, tokens, samples, grid, word_ids, d_sae,
                                   params["max_samples"], params["seed"])
         result = {"layer": layer, "d_sae": d_sae, "word_ids": word_ids, **table.attrs,
                   "concepts": table.astype(object).where(pd.notna(table), None).to_dict("records")}
         with atomic_dir(args.out) as tmp:
-            write_json(tmp / "premise.json", json_safe(result))
+            write_json(tmp / Files.PREMISE, json_safe(result))
             best = table["min_auroc"].max() if table["min_auroc"].notna().any() else None
             write_manifest(tmp, "premise", params,
                            {"samples": args.samples, "extract": args.extract, "encode": args.encode, "model": args.model},

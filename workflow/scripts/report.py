@@ -16,11 +16,11 @@ from pathlib import Path
 import pandas as pd
 
 from mmsae import cli
-from mmsae.artifacts import Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.errors import InputError
-from mmsae.features import FEATURES, read_columns
+from mmsae.features import read_columns
 from mmsae.report import build_report, write_report
-from mmsae.scoring import SCORES, rank, read_samples
+from mmsae.scoring import rank, read_samples
 
 
 def read_json(path: Path) -> dict:
@@ -51,43 +51,43 @@ def main(argv: list[str] | None = None) -> int:
         timer = Timer()
         with timer("read"):
             samples = read_samples(args.samples).drop_columns(["image"]).to_pandas()
-            scores = read_columns(Path(args.score) / SCORES, ("sample_id",), all_columns=True)
-            features = read_columns(Path(args.features) / FEATURES, ("feature", "class"))
-            sae_metrics = read_json(Path(args.train_sae) / "metrics.json")
-            premise = read_json(Path(args.premise) / "premise.json") if args.premise else None
-            toy = read_json(Path(args.toy_model) / "metrics.json") if args.toy_model else None
+            scores = read_columns(Path(args.score) / Files.SCORES, ("sample_id",), all_columns=True)
+            features = read_columns(Path(args.features) / Files.FEATURES, ("feature", "class"))
+            sae_metrics = read_json(Path(args.train_sae) / Files.METRICS)
+            premise = read_json(Path(args.premise) / Files.PREMISE) if args.premise else None
+            toy = read_json(Path(args.toy_model) / Files.METRICS) if args.toy_model else None
             score_manifest = read_manifest(args.score)
             layer_scores = {}
             for spec in args.layer_score:
                 layer, sep, folder = spec.partition("=")
                 if not sep or not layer.isdigit():
                     raise InputError("--layer-score", "layer", f"expected LAYER=FOLDER, got {spec!r}")
-                layer_scores[int(layer)] = read_columns(Path(folder) / SCORES, ("sample_id",), all_columns=True)
+                layer_scores[int(layer)] = read_columns(Path(folder) / Files.SCORES, ("sample_id",), all_columns=True)
             sae_eval = ({name: pd.read_parquet(Path(args.sae_eval) / f"{name}.parquet")
                          for name in ("ce", "reconstruction", "summary")} if args.sae_eval else None)
             rule = read_manifest(args.features).get("params", {}).get("rule", "")
             if args.baseline_scores:
-                ifd = read_columns(Path(args.baseline_scores) / "ifd.parquet", ("sample_id", "ifd_score"))
+                ifd = read_columns(Path(args.baseline_scores) / Files.IFD, ("sample_id", "ifd_score"))
                 scores = scores.merge(ifd[["sample_id", "ifd_score"]].rename(columns={"ifd_score": "score_ifd"}),
                                       on="sample_id", how="left", validate="one_to_one")
                 if scores["score_ifd"].isna().any():
-                    raise InputError(Path(args.baseline_scores) / "ifd.parquet", "sample_id",
+                    raise InputError(Path(args.baseline_scores) / Files.IFD, "sample_id",
                                      "a scored sample has no IFD score")
                 scores["rank_ifd"] = rank(scores["score_ifd"].to_numpy())
             curve = None
             if args.curve:
-                cj = read_json(Path(args.curve) / "curve.json")
-                curve = {"curve": pd.read_parquet(Path(args.curve) / "curve.parquet"),
-                         "summary": pd.read_parquet(Path(args.curve) / "summary.parquet"),
+                cj = read_json(Path(args.curve) / Files.CURVE_JSON)
+                curve = {"curve": pd.read_parquet(Path(args.curve) / Files.CURVE),
+                         "summary": pd.read_parquet(Path(args.curve) / Files.SUMMARY),
                          "metric": cj["metric"], "best_by_fraction": cj["best_by_fraction"]}
 
         inputs = {"samples": args.samples, "train_sae": args.train_sae, "features": args.features, "score": args.score}
         inputs.update({k: v for k, v in (("premise", args.premise), ("toy_model", args.toy_model),
                                          ("sae_eval", args.sae_eval), ("curve", args.curve),
                                          ("baseline_scores", args.baseline_scores)) if v})
-        files = {"samples": "samples.parquet", "train_sae": "metrics.json", "features": FEATURES, "score": SCORES,
-                 "premise": "premise.json", "toy_model": "metrics.json", "sae_eval": "summary.parquet",
-                 "curve": "curve.parquet", "baseline_scores": "ifd.parquet"}
+        files = {"samples": Files.SAMPLES, "train_sae": Files.METRICS, "features": Files.FEATURES, "score": Files.SCORES,
+                 "premise": Files.PREMISE, "toy_model": Files.METRICS, "sae_eval": Files.SUMMARY,
+                 "curve": Files.CURVE, "baseline_scores": Files.IFD}
         out_parent = Path(args.out).resolve().parent
         links = {k: os.path.relpath(Path(v).resolve() / files[k], out_parent / Path(args.out).name)
                  for k, v in inputs.items()}

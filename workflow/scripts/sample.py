@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from mmsae import cli
-from mmsae.artifacts import Timer, atomic_dir, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.config import stage_params
 from mmsae.data import sample_frame
 from mmsae.data.readers import read_dataset
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         with timer("sample"):
             out = sample_frame(df, params["n"], params["seed"])
         with atomic_dir(args.out) as tmp:
-            out.to_parquet(tmp / "samples.parquet", index=False)
-            bad.to_parquet(tmp / "bad_rows.parquet", index=False)
+            out.to_parquet(tmp / Files.SAMPLES, index=False)
+            bad.to_parquet(tmp / Files.BAD_ROWS, index=False)
             counts = {"n_input": len(df) + len(bad), "n_bad_rows": len(bad), "n_samples": len(out)}
             if "corruption" in out.columns:
                 counts["corruption"] = out["corruption"].fillna("clean").value_counts().sort_index().to_dict()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mmsae.artifacts import Timer, atomic_dir, write_json, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.cli import parser, run
 from mmsae.data.schema import read_frame
 
@@ -34,12 +34,12 @@ def toy_model(toyworld: str | Path, out: str | Path, params: dict) -> dict:
     toyworld = Path(toyworld)
     timer = Timer()
     with timer("read"):
-        train = read_frame(toyworld / "train.parquet")
-        heldout = read_frame(toyworld / "heldout.parquet")
+        train = read_frame(toyworld / Files.TRAIN)
+        heldout = read_frame(toyworld / Files.HELDOUT)
     with atomic_dir(out) as tmp:
         with timer("train"):
             metrics = train_toy_model(train, heldout, params, tmp)
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / Files.METRICS, metrics)
         write_manifest(
             tmp, STAGE, params,
             inputs={"toyworld": toyworld},

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import CLASSES, iter_codes, read_columns, require_columns
 from mmsae.models.grid import Grid, adapter_grid
@@ -54,7 +55,7 @@ def modality_totals(tokens: pd.DataFrame) -> dict[str, int]:
 
 def feature_stats(features: pd.DataFrame, totals: dict[str, int]) -> pd.DataFrame:
     """features plus density (overall and per modality) and max_act (top text or image activation)."""
-    require_columns("features.parquet", list(features.columns), FEATURE_COLUMNS)
+    require_columns(Files.FEATURES, list(features.columns), FEATURE_COLUMNS)
     df = features.copy()
     n_all = sum(totals.values())
     df["density"] = (df["n_text"] + df["n_image"] + df["n_special"]) / max(n_all, 1)

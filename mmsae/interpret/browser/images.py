@@ -9,6 +9,8 @@ from pathlib import Path
 
 import matplotlib
 
+from mmsae.artifacts import Files
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -69,7 +71,7 @@ def check_grid(tokens: pd.DataFrame, sample_of_row: np.ndarray, grid: Grid) -> N
     per_sample = np.bincount(sample_of_row[image])
     per_sample = per_sample[per_sample > 0]
     if per_sample.min() < grid.span:
-        raise InputError("tokens.parquet", "patch", f"a sample has {per_sample.min()} image tokens, fewer than the "
+        raise InputError(Files.TOKENS, "patch", f"a sample has {per_sample.min()} image tokens, fewer than the "
                          f"model's {grid.rows}x{grid.cols} patch grid (+{grid.first}) needs: wrong --model?")
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import CLASSES
 from mmsae.interpret.browser.data import (
@@ -46,7 +47,7 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
     stats = feature_stats(features, totals)
     listed = select_features(stats, params["n_features"], params["per_class"])
     if len(stats) and int(stats["feature"].max()) >= d_sae:
-        raise InputError("features.parquet", "feature", f"feature id outside [0, {d_sae})")
+        raise InputError(Files.FEATURES, "feature", f"feature id outside [0, {d_sae})")
     sample_of_row, sample_ids = pd.factorize(tokens["sample_id"], sort=False)
     sample_of_row = sample_of_row.astype(np.int64)
     if grid is not None:
@@ -80,7 +81,7 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
 
     info = {"title": title, "layer": layer, "d_sae": d_sae, "totals": totals, "per_class": params["per_class"],
             "classes": {c: int((stats["class"] == c).sum()) for c in CLASSES}}
-    (out / "index.html").write_text(index_html(listed, info, previews))
+    (out / Files.INDEX_HTML).write_text(index_html(listed, info, previews))
     log.info("browser: %d feature pages, %d images, %d heat maps, %d contexts, grid %s",
              len(listed), len(questions), pages.n_heat, pages.n_contexts, grid)
     return {"n_listed": len(listed), "n_images": len(questions), "n_heat_maps": pages.n_heat,

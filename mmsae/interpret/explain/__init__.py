@@ -90,16 +90,14 @@ from mmsae.interpret.explain.score import (
 from mmsae.interpret.explain.tables import (
     DEFAULT_PROMPT,
     EXPLANATION_SCHEMA,
-    EXPLANATIONS,
     IMAGES,
     SCORE_SCHEMA,
-    SCORES,
     prompt_hash,
     write_table,
 )
 
-__all__ = ["ChatError", "DEFAULT_PROMPT", "EXPLANATIONS", "EXPLANATION_SCHEMA", "ExplainerConfig",
-           "FileMasks", "IMAGES", "SCORES", "SCORE_SCHEMA", "ToyMasks", "activation_grid",
+__all__ = ["ChatError", "DEFAULT_PROMPT", "EXPLANATION_SCHEMA", "ExplainerConfig",
+           "FileMasks", "IMAGES", "SCORE_SCHEMA", "ToyMasks", "activation_grid",
            "activation_index", "activation_mask", "api_key", "build_messages", "chat", "data_uri",
            "explain_features", "explainer_config", "feature_images", "image_activations", "image_grid",
            "iou", "load_tokenizer", "masked_image", "parse_explanation", "png_bytes",

@@ -14,24 +14,24 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mmsae.artifacts import MANIFEST, read_manifest
+from mmsae.artifacts import MANIFEST, Files, read_manifest
 from mmsae.errors import InputError
-from mmsae.features import FEATURES, Codes, iter_codes, require_columns
+from mmsae.features import Codes, iter_codes, require_columns
 from mmsae.models.grid import Grid, token_grid, upsample
 
 
 def select_features(features: pd.DataFrame, top_n: int, explicit: Sequence[int] | None = None) -> list[int]:
     """An explicit list as given (each must be in features.parquet), else the top_n cross-modal
     features by weight (ties by feature id)."""
-    require_columns(FEATURES, list(features.columns), ("feature", "class", "weight"))
+    require_columns(Files.FEATURES, list(features.columns), ("feature", "class", "weight"))
     if explicit:
         missing = sorted(set(int(f) for f in explicit) - set(features["feature"].astype(int)))
         if missing:
-            raise InputError(FEATURES, "explain.features", f"feature(s) {missing[:10]} not in features.parquet")
+            raise InputError(Files.FEATURES, "explain.features", f"feature(s) {missing[:10]} not in features.parquet")
         return [int(f) for f in dict.fromkeys(explicit)]
     cross = features[features["class"] == "cross-modal"].assign(_w=lambda d: d["weight"].astype("float64"))
     if cross.empty:
-        raise InputError(FEATURES, "class", "no cross-modal feature to explain (give explain.features)")
+        raise InputError(Files.FEATURES, "class", "no cross-modal feature to explain (give explain.features)")
     cross = cross.sort_values(["_w", "feature"], ascending=[False, True], kind="stable")
     return [int(f) for f in cross["feature"].head(top_n)]
 
@@ -53,7 +53,7 @@ def image_grid(extract: str | os.PathLike, tokens: pd.DataFrame) -> Grid:
 def image_activations(codes: Codes, tokens: pd.DataFrame, features: Sequence[int], grid: Grid) -> pd.DataFrame:
     """feature, sample_id, cell, activation: the codes of `features` on image tokens inside the grid
     (streamed; memory is bounded by the selected features' image activations)."""
-    require_columns("tokens.parquet", list(tokens.columns), ("row", "sample_id", "modality", "patch"))
+    require_columns(Files.TOKENS, list(tokens.columns), ("row", "sample_id", "modality", "patch"))
     n_rows = int(tokens["row"].max()) + 1 if len(tokens) else 0
     img = tokens[tokens["modality"] == "image"]
     cell, ok = grid.cell_index(img["patch"].to_numpy(np.int64))
@@ -137,7 +137,7 @@ def png_bytes(image: Image.Image, min_side: int = 0) -> bytes:
 
 def read_images(samples: str | os.PathLike, ids: Sequence[str]) -> dict[str, Image.Image]:
     """sample_id -> decoded RGB image, for the given ids that have an image."""
-    path = Path(samples) / "samples.parquet"
+    path = Path(samples) / Files.SAMPLES
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
     want = sorted(set(map(str, ids)))

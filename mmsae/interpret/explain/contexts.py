@@ -8,8 +8,9 @@ from typing import Any
 
 import pandas as pd
 
+from mmsae.artifacts import Files
 from mmsae.errors import InputError
-from mmsae.features import FEATURES, require_columns
+from mmsae.features import require_columns
 
 
 def render_context(tokenizer: Any, window: pd.DataFrame, target_position: int, mark: tuple[str, str] = ("<<", ">>")) -> str:
@@ -43,8 +44,8 @@ def render_context(tokenizer: Any, window: pd.DataFrame, target_position: int, m
 def text_contexts(features: pd.DataFrame, tokens: pd.DataFrame, selected: Sequence[int], tokenizer: Any,
                   n: int, context_tokens: int) -> dict[int, list[str]]:
     """feature -> up to n contexts of its top text tokens (features.parquet top_text_rows, in order)."""
-    require_columns(FEATURES, list(features.columns), ("feature", "top_text_rows"))
-    require_columns("tokens.parquet", list(tokens.columns), ("row", "sample_id", "position", "modality", "token_id"))
+    require_columns(Files.FEATURES, list(features.columns), ("feature", "top_text_rows"))
+    require_columns(Files.TOKENS, list(tokens.columns), ("row", "sample_id", "position", "modality", "token_id"))
     tops = {int(f): [int(r) for r in rows][:n]
             for f, rows in zip(features["feature"], features["top_text_rows"], strict=True) if int(f) in set(selected)}
     by_row = tokens.set_index("row")
@@ -57,7 +58,7 @@ def text_contexts(features: pd.DataFrame, tokens: pd.DataFrame, selected: Sequen
         contexts = []
         for r in tops.get(int(f), []):
             if r not in by_row.index:
-                raise InputError("tokens.parquet", "row", f"feature {f}: top text row {r} is not in tokens.parquet")
+                raise InputError(Files.TOKENS, "row", f"feature {f}: top text row {r} is not in tokens.parquet")
             sid, pos = str(by_row.at[r, "sample_id"]), int(by_row.at[r, "position"])
             toks = per_sample[sid]
             win = toks[(toks["position"] >= pos - context_tokens) & (toks["position"] <= pos + context_tokens)]

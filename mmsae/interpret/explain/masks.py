@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
+from mmsae.artifacts import Files
 from mmsae.data.toyvocab import COLOURS, SHAPES
 from mmsae.data.toyworld import object_mask
 from mmsae.errors import InputError
@@ -30,7 +31,7 @@ class ToyMasks:
     """Ground-truth concept masks of the toy world from the samples' `objects` (colour, shape, bbox)."""
 
     def __init__(self, samples: pd.DataFrame) -> None:
-        require_columns("samples.parquet", list(samples.columns), ("sample_id", "objects"))
+        require_columns(Files.SAMPLES, list(samples.columns), ("sample_id", "objects"))
         noise = samples["corruption"].astype("string").eq("noise_image").fillna(False) \
             if "corruption" in samples.columns else pd.Series(False, index=samples.index)
         self.objects: dict[str, list[dict]] = {}
@@ -61,7 +62,7 @@ class ToyMasks:
         objs = [o for o in self.objects[sample_id]
                 if (not colours or o["colour"] in colours) and (not shapes or o["shape"] in shapes)]
         if size[0] != size[1]:
-            raise InputError("samples.parquet", "objects", f"sample {sample_id}: toy-world masks need square images")
+            raise InputError(Files.SAMPLES, "objects", f"sample {sample_id}: toy-world masks need square images")
         return object_mask(objs, size[0])
 
 
@@ -135,7 +136,7 @@ class FileMasks:
 
 def read_mask_samples(samples: str | os.PathLike) -> pd.DataFrame:
     """samples.parquet without images (sample_id and the ground-truth columns that exist)."""
-    path = Path(samples) / "samples.parquet"
+    path = Path(samples) / Files.SAMPLES
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
     names = pq.read_schema(path).names

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mmsae.artifacts import read_manifest
+from mmsae.artifacts import Files, read_manifest
 from mmsae.features import require_columns
 from mmsae.interpret.explain.activations import (
     activation_grid,
@@ -26,7 +26,7 @@ from mmsae.interpret.explain.activations import (
     top_images,
 )
 from mmsae.interpret.explain.masks import FileMasks, ToyMasks, read_mask_samples
-from mmsae.interpret.explain.tables import EXPLANATIONS, SCORE_SCHEMA
+from mmsae.interpret.explain.tables import SCORE_SCHEMA
 from mmsae.models.grid import Grid, upsample
 
 
@@ -56,7 +56,7 @@ def score_explanations(explanations: pd.DataFrame, masks: ToyMasks | FileMasks, 
                        random_pool: Sequence[str], n_random: int, seed: int, center_crop: bool = False) -> pd.DataFrame:
     """Per explained feature: IoU of its explanation's mask with its activation mask on each of its top
     images (explanations.image_samples) and on n_random random images; means over the scored pairs."""
-    require_columns(EXPLANATIONS, list(explanations.columns), ("feature", "explanation", "image_samples"))
+    require_columns(Files.EXPLANATIONS, list(explanations.columns), ("feature", "explanation", "image_samples"))
     rows = []
     index = activation_index(acts)
     for r in explanations.itertuples(index=False):
@@ -102,14 +102,14 @@ def premise_localization(premise: str | os.PathLike, n_images: int = 20, n_rando
     images (score_explanations with the word as the explanation). How localized the cross-modal
     concept features are: an upper reference for explanations that name the concept exactly."""
     man = read_manifest(premise)
-    result = json.loads((Path(premise) / "premise.json").read_text())
+    result = json.loads((Path(premise) / Files.PREMISE).read_text())
     samples, extract, encode = (man["inputs"][k] for k in ("samples", "extract", "encode"))
-    tokens = pd.read_parquet(Path(extract) / "tokens.parquet")
+    tokens = pd.read_parquet(Path(extract) / Files.TOKENS)
     grid = image_grid(extract, tokens)
     masks = ToyMasks(read_mask_samples(samples))
     pool = sorted(masks.covered & set(tokens.loc[tokens["modality"] == "image", "sample_id"].astype(str)))
     words = [(c["word"], int(c["feature"])) for c in result["concepts"] if c.get("feature") is not None]
-    acts = image_activations(Path(encode) / "codes.parquet", tokens, sorted({f for _, f in words}), grid)
+    acts = image_activations(Path(encode) / Files.CODES, tokens, sorted({f for _, f in words}), grid)
     tops = top_images(acts, n_images, "max", grid, allowed=set(pool))
     wanted = {s for ids in tops.values() for s in ids}
     for _, f in words:

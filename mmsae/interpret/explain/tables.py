@@ -9,8 +9,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-EXPLANATIONS = "explanations.parquet"
-SCORES = "explanation_scores.parquet"
 IMAGES = "images"
 DEFAULT_PROMPT = (
     "We are studying one feature of a multimodal neural network. First come the images on which it fires "

@@ -44,9 +44,6 @@ accuracy, `patch_filter`), `plots` (figures).
 """
 
 from mmsae.interpret.patches.classify import (
-    ACCURACY,
-    PATCH_SCORES,
-    PREDICTIONS,
     UNMASKED,
     View,
     accuracy_table,
@@ -65,12 +62,7 @@ from mmsae.interpret.patches.images import (
     toy_image_set,
     toy_label_set,
 )
-from mmsae.interpret.patches.plots import (
-    EXAMPLES,
-    PLOT,
-    plot_accuracy,
-    plot_examples,
-)
+from mmsae.interpret.patches.plots import plot_accuracy, plot_examples
 from mmsae.interpret.patches.scores import (
     METHODS,
     SAE_METHODS,
@@ -83,8 +75,7 @@ from mmsae.interpret.patches.scores import (
     tiebreak,
 )
 
-__all__ = ["ACCURACY", "AttentionRows", "EXAMPLES", "ImageSet", "METHODS", "PATCH_SCORES", "PLOT",
-           "PREDICTIONS", "SAE_METHODS", "UNMASKED", "View", "accuracy_table", "black_out", "black_pixel",
+__all__ = ["AttentionRows", "ImageSet", "METHODS", "SAE_METHODS", "UNMASKED", "View", "accuracy_table", "black_out", "black_pixel",
            "classify_views", "image_folder_set", "keep_mask", "masked_batch", "normalise_answer",
            "patch_filter", "patch_grid", "plot_accuracy", "plot_examples", "random_scores",
            "response_logprob", "sae_patch_scores", "score_patches", "tiebreak", "toy_image_set",

@@ -22,7 +22,6 @@ from mmsae.models.adapters import TEXT, ModelAdapter
 from mmsae.models.grid import Grid, pixel_boxes
 
 UNMASKED = "none"
-ACCURACY, PREDICTIONS, PATCH_SCORES = "accuracy.parquet", "predictions.parquet", "patch_scores.parquet"
 
 
 @dataclass

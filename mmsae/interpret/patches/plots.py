@@ -15,8 +15,6 @@ from mmsae.interpret.patches.images import ImageSet
 from mmsae.interpret.patches.scores import patch_grid
 from mmsae.models.adapters import ModelAdapter
 
-PLOT, EXAMPLES = "accuracy.png", "examples.png"
-
 
 def plot_accuracy(accuracy: pd.DataFrame, chance: float, path: str | os.PathLike, title: str = "") -> None:
     """Accuracy against the kept fraction, one line per method from the unmasked point at 1.0."""
