@@ -78,6 +78,7 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     from mmsae.activations import ActivationStore
     from mmsae.features import feature_table, feature_weights, read_columns, write_features
+    from mmsae.params import ScoreParams
     from mmsae.sae.encode import encode_store
     from mmsae.sae.io import load_sae
     from mmsae.scoring import CONCEPT_COLUMNS, ScoringContext, score_samples
@@ -102,7 +103,7 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         features = read_columns(work / Files.FEATURES, CONCEPT_COLUMNS)
         ctx = ScoringContext(ids, codes=work / Files.CODES, weights=feature_weights(features, args.d_sae),
                              store=store, layer=0, features=features, sae=sae, batch_rows=args.batch_rows,
-                             consistency=json.loads(args.consistency))
+                             consistency=ScoreParams.load({"consistency": json.loads(args.consistency)}).consistency)
         if args.score_steps:  # the shared passes one at a time: peak / current RSS after each
             out["steps"] = []
             for step in SCORE_STEPS:

@@ -54,6 +54,7 @@ from transformers import (
 )
 
 from mmsae.data import Record, toyvocab, toyworld
+from mmsae.params import ScoreConsistencyParams, ScoreParams
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 WORDS = ["USER:", "ASSISTANT:", *toyvocab.VOCAB_WORDS]
@@ -358,3 +359,8 @@ class Stub:
 
 def completion(text: str) -> tuple[int, dict]:
     return 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+
+def consistency(cfg: dict) -> ScoreConsistencyParams:
+    """The typed score.consistency slice of a partial dict (the rest from the schema's defaults)."""
+    return ScoreParams.load({"consistency": cfg}).consistency

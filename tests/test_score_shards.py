@@ -10,12 +10,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import consistency
 from test_sae import synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import write_manifest
 from mmsae.errors import InputError
 from mmsae.features import feature_table, feature_weights, iter_codes, write_features
+from mmsae.params import ScoreParams
 from mmsae.sae.encode import encode_store
 from mmsae.sae.io import load_sae
 from mmsae.sae.train import train_sae
@@ -31,7 +33,7 @@ from mmsae.scoring.shards import (
     shard_statistics,
     write_shard,
 )
-from mmsae.scoring.stage import run
+from mmsae.scoring.stage import Inputs, run
 
 N_SAMPLES = 23
 
@@ -114,7 +116,8 @@ def test_sharded_scores_equal_one_job(chain, tmp_path, n_shards):
     losses = pd.read_parquet(chain["dirs"]["model_loss"] / "loss.parquet")
     context = dict(codes=chain["codes"], weights=feature_weights(chain["features"], chain["sae"].cfg.d_sae),
                    store=chain["store"], layer=0, losses=losses, seed=3, features=chain["features"], sae=chain["sae"],
-                   consistency={"min_per_modality": 2, "min_selectivity": 0.0, "max_doc_freq": 1.0}, batch_rows=37)
+                   consistency=consistency({"min_per_modality": 2, "min_selectivity": 0.0, "max_doc_freq": 1.0}),
+                   batch_rows=37)
     one = ScoringContext(chain["ids"], **context)
     want = score_samples(one, methods)
     shards = []
@@ -139,9 +142,9 @@ def test_sharded_scores_equal_one_job(chain, tmp_path, n_shards):
 
 def _run(chain, out: Path, shards: int = 1, **mode) -> None:
     d = chain["dirs"]
-    run(samples=str(d["samples"]), extract=str(d["extract"]), encode=str(d["encode"]), features=str(d["features"]),
-        model_loss=str(d["model_loss"]), sae=str(d["sae"]), out=str(out),
-        params={"fractions": [0.3, 1.0], "shards": shards}, **mode)
+    inputs = Inputs(samples=d["samples"], extract=d["extract"], encode=d["encode"], features=d["features"],
+                    model_loss=d["model_loss"], sae=d["sae"], **mode)
+    run(inputs, ScoreParams.load({"fractions": [0.3, 1.0], "shards": shards}), out)
 
 
 def test_score_stage_sharded_equals_unsharded(chain, tmp_path):

@@ -10,14 +10,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from helpers import consistency
 from test_features import make_codes, make_store, write_encode
 
 from mmsae.artifacts import write_json, write_manifest
 from mmsae.errors import InputError
 from mmsae.features import feature_table, write_features
+from mmsae.params import ScoreParams
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import METHODS, rank, score_samples
-from mmsae.scoring.stage import run
+from mmsae.scoring.stage import Inputs, run
 from mmsae.scoring.subsets import subset_size, write_subsets
 
 # Four samples, each: pos 0 special, pos 1-2 image, pos 3-4 text. s3 has no codes at all.
@@ -175,8 +177,9 @@ def build_artifacts(tmp_path: Path) -> dict[str, Path]:
 
 
 def run_score(a: dict[str, Path], out: Path, params: dict, with_loss: bool = True, **kw) -> None:
-    run(samples=str(a["samples"]), extract=str(a["extract"]), encode=str(a["encode"]), features=str(a["features"]),
-        out=str(out), params=params, model_loss=str(a["model_loss"]) if with_loss else None, **kw)
+    inputs = Inputs(samples=a["samples"], extract=a["extract"], encode=a["encode"], features=a["features"],
+                    model_loss=a["model_loss"] if with_loss else None, **kw)
+    run(inputs, ScoreParams.load(params), out)
 
 
 def test_score_stage(tmp_path):
@@ -248,6 +251,7 @@ def cctx(tmp_path, **kw) -> ScoringContext:
     args = dict(codes=make_codes(CTOKENS, CENTRIES), store=store, layer=0, features=concept_frame(),
                 consistency={"min_per_modality": 1})
     args.update(kw)
+    args["consistency"] = consistency(args["consistency"])
     return ScoringContext(CIDS, **args)
 
 
@@ -409,7 +413,7 @@ def bctx(tmp_path, **cfg) -> ScoringContext:
     states[[BR["b5", 1], BR["b5", 2]]] = [0.0, 1.0]  # b5's image: far from the pool's
     store = make_store(tmp_path / "bextract", BTOKENS, states)
     return ScoringContext(BIDS, codes=make_codes(BTOKENS, binding_entries()), store=store, layer=0,
-                          features=binding_frame(), consistency={"min_per_modality": 1, "max_doc_freq": 1.0, **cfg})
+                          features=binding_frame(), consistency=consistency({"min_per_modality": 1, "max_doc_freq": 1.0, **cfg}))
 
 
 def test_binding_selection_is_the_four_words(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import consistency
 from test_features import make_codes, make_store, write_encode
 from test_scoring import BIDS, BTOKENS, ENTRIES, IDS, STATES, TOKENS, WEIGHTS, binding_entries, binding_frame
 
@@ -157,7 +158,7 @@ def test_scores_with_shuffled_codes_equal_scores_with_ordered_codes(tmp_path):
         # binding keys text tokens by their position (an int column of the codes)
         ctx = ScoringContext(BIDS, codes=codes[[*NUMERIC, "position"]], weights=np.full(4, 0.5), store=store, layer=0,
                              losses=losses, features=binding_frame(), batch_rows=5,
-                             consistency={"min_per_modality": 1, "max_doc_freq": 1.0})
+                             consistency=consistency({"min_per_modality": 1, "max_doc_freq": 1.0}))
         return score_samples(ctx, list(METHODS))
 
     want, got = scores(ordered), scores(shuffled)

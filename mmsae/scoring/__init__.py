@@ -18,14 +18,14 @@ The names other modules import are re-exported here.
 """
 
 from mmsae.scoring.concepts import CONCEPT_COLUMNS
-from mmsae.scoring.context import CONSISTENCY_DEFAULTS, ScoringContext
+from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import METHODS, methods_in, rank, register, score_samples
 from mmsae.scoring.offdist import sae_rows
 from mmsae.scoring.streams import CoocStream
 from mmsae.scoring.subsets import SUBSETS, keep_top, read_samples, subset_name, subset_size, write_subsets
 
 __all__ = [
-    "CONCEPT_COLUMNS", "CONSISTENCY_DEFAULTS", "METHODS", "SUBSETS", "CoocStream", "ScoringContext",
+    "CONCEPT_COLUMNS", "METHODS", "SUBSETS", "CoocStream", "ScoringContext",
     "keep_top", "methods_in", "rank", "read_samples", "register", "sae_rows", "score_samples", "subset_name",
     "subset_size", "write_subsets",
 ]

@@ -43,7 +43,7 @@ def binding_pass(ctx: ScoringContext, stream: bool) -> dict[str, np.ndarray]:
         s, side, key, j, act = (np.concatenate([p[i] for p in parts] + [np.zeros(0, d)])
                                 for i, d in enumerate((np.int64, np.int64, np.int64, np.int64, np.float64)))
         parts.clear()
-        if ctx.consistency["per_modality_norm"] and n_sel:
+        if ctx.consistency.per_modality_norm and n_sel:
             act = np.minimum(act / np.where(side == 0, norms[0][j], norms[1][j]), 1.0)
         order = np.lexsort((key, side, s))
         s, side, key, j, act = s[order], side[order], key[order], j[order], act[order]
@@ -51,15 +51,15 @@ def binding_pass(ctx: ScoringContext, stream: bool) -> dict[str, np.ndarray]:
         for a, z in zip(starts, np.r_[starts[1:], len(s)] if len(s) else starts, strict=True):
             i = s[a]
             out["coverage"][i], out["deficit"][i], out["n_pairs"][i] = binding_sample(
-                side[a:z], key[a:z], j[a:z], act[a:z], float(cfg["bind_min_text"]), int(cfg["bind_max_gap"]),
-                str(cfg["bind_aggregate"]))
+                side[a:z], key[a:z], j[a:z], act[a:z], float(cfg.bind_min_text), int(cfg.bind_max_gap),
+                str(cfg.bind_aggregate))
         bar.update(len(starts))
 
     for b, s, side, tid in sample_groups(ctx, ("position", "feature", "activation"), stream):
         j = pos[b["feature"].astype(np.int64)]
         act = b["activation"].astype(np.float64)
         m = (act > ctx.delta) & (s >= 0) & (side >= 0) & (j >= 0)
-        if cfg["bind_own_word"]:  # a concept feature's text side counts on its own word only
+        if cfg.bind_own_word:  # a concept feature's text side counts on its own word only
             m &= (side == 1) | (tid == top[np.clip(j, 0, None)] if n_sel else False)
         # text tokens are keyed by position (their order), image tokens by store row
         key = np.where(side == 0, b["position"].astype(np.int64), b["row"].astype(np.int64))

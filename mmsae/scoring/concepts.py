@@ -85,9 +85,9 @@ def concept_features(ctx: ScoringContext) -> pd.DataFrame:
     n_text[feature] = feats["n_text"].to_numpy(np.float64)
     n_image[feature] = feats["n_image"].to_numpy(np.float64)
     weight[feature] = feats["weight"].astype("float64").fillna(0.0).to_numpy()
-    m = int(cfg["min_per_modality"])
-    selected = ((n_text >= m) & (n_image >= m) & (weight > 0) & (top >= 0) & (balance >= cfg["min_balance"])
-                & (selectivity >= cfg["min_selectivity"]) & (doc_freq <= cfg["max_doc_freq"]))
+    m = int(cfg.min_per_modality)
+    selected = ((n_text >= m) & (n_image >= m) & (weight > 0) & (top >= 0) & (balance >= cfg.min_balance)
+                & (selectivity >= cfg.min_selectivity) & (doc_freq <= cfg.max_doc_freq))
     return pd.DataFrame({"feature": np.arange(d), "top_token": top, "norm_text": norm_t, "norm_image": norm_i,
                          "balance": balance, "doc_freq": doc_freq, "selectivity": selectivity,
                          "selected": selected})
@@ -139,7 +139,7 @@ def concept_pass(ctx: ScoringContext, stream: bool) -> dict[str, np.ndarray]:
         for sd in (0, 1):
             k, v = max_by_key(np.concatenate(keys[sd] + [np.zeros(0, np.int64)]),
                               np.concatenate(vals[sd] + [np.zeros(0)]))
-            if ctx.consistency["per_modality_norm"] and n_sel:
+            if ctx.consistency.per_modality_norm and n_sel:
                 v = np.minimum(v / norms[sd][k % n_sel], 1.0)
             kv[sd] = (k, v)
             keys[sd].clear()

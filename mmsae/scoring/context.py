@@ -18,14 +18,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from mmsae.artifacts import Files
-from mmsae.config import stage_params
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
+from mmsae.params import ScoreConsistencyParams, ScoreParams
 from mmsae.scoring import binding, concepts, offdist
 from mmsae.scoring.streams import CoocStream
 
-# config score.consistency, defaults from config/schema.yaml; see mmsae.scoring.concepts.concept_features
-CONSISTENCY_DEFAULTS = stage_params("score", {})["consistency"]
 TOKEN_ROWS = 1 << 20  # rows of tokens.parquet per read when the per-row arrays are built
 
 
@@ -38,14 +36,14 @@ class ScoringContext:
     the per-token denominators). losses: frame with sample_id, loss (model_loss). features: the
     features.parquet frame (CONCEPT_COLUMNS; the consistency methods). sae: the SAE behind the codes
     (offdist's reconstruction error; optional). consistency: the config `score.consistency` slice
-    (missing keys take CONSISTENCY_DEFAULTS).
+    (None: the schema's defaults; see mmsae.scoring.concepts.concept_features).
     """
 
     def __init__(self, sample_ids: Sequence[str], codes: Codes | None = None, weights: np.ndarray | None = None,
                  store=None, layer: int | None = None, tokens: pd.DataFrame | None = None,
                  losses: pd.DataFrame | None = None, delta: float = 0.0, seed: int = 0,
                  text_modalities: Sequence[str] = ("text",), batch_rows: int = 1 << 20,
-                 features: pd.DataFrame | None = None, sae=None, consistency: dict | None = None) -> None:
+                 features: pd.DataFrame | None = None, sae=None, consistency: ScoreConsistencyParams | None = None) -> None:
         self.ids = np.array(sorted(str(s) for s in sample_ids), dtype=object)
         if len(set(self.ids)) != len(self.ids):
             raise InputError("samples", "sample_id", "duplicate sample ids")
@@ -56,7 +54,7 @@ class ScoringContext:
         self.text_modalities = tuple(text_modalities)
         self.batch_rows = batch_rows
         self.features, self.sae = features, sae
-        self.consistency = {**CONSISTENCY_DEFAULTS, **(consistency or {})}
+        self.consistency = consistency or ScoreParams.load({}).consistency
 
     @property
     def n(self) -> int:

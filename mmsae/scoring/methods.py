@@ -209,7 +209,7 @@ def score_offdist(ctx: ScoringContext) -> np.ndarray:
 
 @register("consistency_gated")
 def score_consistency_gated(ctx: ScoringContext) -> np.ndarray:
-    return score_consistency(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency["gate_z"]))
+    return score_consistency(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency.gate_z))
 
 
 @register("consistency_binding")
@@ -220,7 +220,7 @@ def score_consistency_binding(ctx: ScoringContext) -> np.ndarray:
 
 @register("consistency_binding_gated")
 def score_consistency_binding_gated(ctx: ScoringContext) -> np.ndarray:
-    return score_consistency_binding(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency["gate_z"]))
+    return score_consistency_binding(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency.gate_z))
 
 
 def rank(scores: np.ndarray) -> np.ndarray:

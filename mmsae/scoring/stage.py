@@ -1,14 +1,21 @@
-"""The score stage (workflow/scripts/score.py parses the arguments and calls `run`).
+"""Stage score: one score per sample per method (higher = kept first), ranks, and the top subsets.
 
-Reads the samples, extract, encode and features artifacts (and model_loss, the SAE), scores every sample
-with each method of config score.methods and writes scores.parquet (sample_id, score_<m>, rank_<m>),
-subsets/{method}/top{pct:03d}.parquet and the manifest. Sharded (score.shards = N > 1): `shard=K` writes
-the per-sample statistics of the K-th of N sample ranges to OUT.shards/K; `gather=True` finishes the scores
-from all N of them (same output as one job; mmsae.scoring.shards).
+Methods (config score.methods): cosine (SAE-V Algorithm 1), l0, l1, cooc_l0, random, nosae_cosine,
+model_loss (needs --model-loss), and the cross-modal consistency scores consistency, consistency_image,
+consistency_cos (concept features of features.parquet, config score.consistency), offdist and
+consistency_gated (off-distribution images; with --sae, the SAE's reconstruction error on image tokens
+is one of offdist's statistics). Writes scores.parquet (sample_id, score_<m>, rank_<m>; rank 1 =
+best, ties by sample_id) and subsets/{method}/top{pct:03d}.parquet: the best ceil(f*N) samples for
+every fraction f, in the samples.parquet record schema. See mmsae.scoring.
+
+Sharded (score.shards = N > 1): `--shard K` writes the per-sample statistics of the K-th of N sample
+ranges to OUT.shards/K (4 digits); `--gather` finishes the scores from all N of them (same output as
+one job). See mmsae.scoring.shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,11 +23,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from mmsae import cli
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
-from mmsae.config import stage_params
 from mmsae.errors import InputError
 from mmsae.features import encode_info, feature_weights, read_columns
+from mmsae.params import ScoreParams
 from mmsae.scoring.concepts import CONCEPT_COLUMNS
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import score_samples
@@ -49,7 +57,6 @@ def needs_concepts(methods: Sequence[str]) -> bool:
 def load_layer_sae(path: Folder, store: ActivationStore, extract: Folder, layer: int):
     """The SAE of `path` (train_sae artifact or SAELens folder), checked against the store's width and the
     codes' layer."""
-    from mmsae.artifacts import Files
     from mmsae.sae.io import check_d_in, load_sae
 
     sae = load_sae(path)
@@ -60,44 +67,60 @@ def load_layer_sae(path: Folder, store: ActivationStore, extract: Folder, layer:
     return sae
 
 
-def run(*, samples: Folder, extract: Folder, encode: Folder, features: Folder, out: Folder,
-        params: dict[str, Any] | str | None = None, model_loss: Folder | None = None, sae: Folder | None = None,
-        shard: int | None = None, gather: bool = False) -> None:
-    """Run the score stage into `out` (written atomically). `params`: the score config slice (defaults filled
-    from config/schema.yaml). `shard` (one shard's statistics) and `gather` (finish from every shard) exclude
-    each other; neither = one job. Bad input raises InputError."""
-    params = stage_params("score", params)
+STAGE = "score"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+    samples: Path = cli.arg("sample artifact folder (samples.parquet)")
+    extract: Path = cli.arg("extract artifact folder")
+    encode: Path = cli.arg("encode artifact folder (codes.parquet)")
+    features: Path = cli.arg("features artifact folder (features.parquet)")
+    model_loss: Path | None = cli.arg("model_loss artifact folder (loss.parquet)", default=None)
+    sae: Path | None = cli.arg("train_sae artifact folder (or SAELens folder) of the SAE behind --encode: adds its "
+                               "image reconstruction error to offdist / consistency_gated (optional)", default=None)
+    shard: int | None = cli.arg("only the per-sample statistics of shard K of score.shards, into OUT.shards/K",
+                                default=None, type=int)
+    gather: bool = cli.arg("finish the scores from the score.shards shards of OUT", default=False)
+
+
+def run(inputs: Inputs, params: ScoreParams, out: Path) -> None:
+    """Run the score stage into `out` (written atomically). `shard` (one shard's statistics) and `gather`
+    (finish from every shard) exclude each other; neither = one job. Bad input raises InputError."""
+    if inputs.shard is not None and inputs.gather:
+        raise InputError("--shard", "gather", "--shard and --gather exclude each other")
     timer = Timer()
-    methods = params["methods"]
-    if "model_loss" in methods and not model_loss:
+    methods = params.methods
+    if "model_loss" in methods and not inputs.model_loss:
         raise InputError("score.methods", "model_loss", "method 'model_loss' needs --model-loss")
-    table = read_samples(samples)
-    layer, d_sae = encode_info(encode)
+    table = read_samples(inputs.samples)
+    layer, d_sae = encode_info(inputs.encode)
     concept = needs_concepts(methods)
-    feats = read_columns(Path(features) / Files.FEATURES, CONCEPT_COLUMNS if concept else ("feature", "weight"))
-    store = ActivationStore(extract)
-    model = load_layer_sae(sae, store, extract, layer) if sae else None
-    rule = feature_rule(features)
+    feats = read_columns(Path(inputs.features) / Files.FEATURES, CONCEPT_COLUMNS if concept else ("feature", "weight"))
+    store = ActivationStore(inputs.extract)
+    model = load_layer_sae(inputs.sae, store, inputs.extract, layer) if inputs.sae else None
+    rule = feature_rule(inputs.features)
     text = text_modalities(rule)
     ids = table.column("sample_id").to_pylist()
-    if shard is not None:
-        return run_shard(shard, params, ids, store, layer, model, text, timer, extract=extract, encode=encode, out=out)
-    losses = read_columns(Path(model_loss) / Files.LOSS, ("sample_id", "loss")) if model_loss else None
+    if inputs.shard is not None:
+        return run_shard(inputs.shard, params, ids, store, layer, model, text, timer, extract=inputs.extract,
+                         encode=inputs.encode, out=out)
+    losses = read_columns(Path(inputs.model_loss) / Files.LOSS, ("sample_id", "loss")) if inputs.model_loss else None
     context = dict(
-        codes=Path(encode) / Files.CODES, weights=feature_weights(feats, d_sae), store=store, layer=layer, losses=losses,
-        delta=params["delta"], seed=params["seed"], text_modalities=text, features=feats if concept else None,
-        sae=model, consistency=params["consistency"],
+        codes=Path(inputs.encode) / Files.CODES, weights=feature_weights(feats, d_sae), store=store, layer=layer,
+        losses=losses, delta=params.delta, seed=params.seed, text_modalities=text, features=feats if concept else None,
+        sae=model, consistency=params.consistency,
     )
     with timer("score"):
-        ctx, scores = score_all(ids, methods, context, out, params["shards"] if gather else None)
+        ctx, scores = score_all(ids, methods, context, out, params.shards if inputs.gather else None)
     counts: dict[str, Any] = {"n_samples": len(scores), "feature_rule": rule}
-    if gather:
-        counts["n_shards"] = params["shards"]
+    if inputs.gather:
+        counts["n_shards"] = params.shards
     if concept:
         counts["n_concept_features"] = int(ctx.concept_features["selected"].sum())
-    inputs = {"samples": samples, "extract": extract, "encode": encode, "features": features}
-    inputs.update({k: v for k, v in (("model_loss", model_loss), ("sae", sae)) if v})
-    write_scores(out, table, scores, params, {k: os.fspath(v) for k, v in inputs.items()}, counts, timer)
+    read = {"samples": inputs.samples, "extract": inputs.extract, "encode": inputs.encode, "features": inputs.features}
+    read.update({k: v for k, v in (("model_loss", inputs.model_loss), ("sae", inputs.sae)) if v})
+    write_scores(out, table, scores, params, {k: os.fspath(v) for k, v in read.items()}, counts, timer)
 
 
 def score_all(ids: Sequence[str], methods: Sequence[str], context: dict[str, Any], out: Folder,
@@ -111,27 +134,27 @@ def score_all(ids: Sequence[str], methods: Sequence[str], context: dict[str, Any
     return ctx, score_gathered(ctx, methods, done)
 
 
-def write_scores(out: Folder, samples: pa.Table, scores, params: dict[str, Any], inputs: dict[str, str],
+def write_scores(out: Folder, samples: pa.Table, scores, params: ScoreParams, inputs: dict[str, str],
                  counts: dict[str, Any], timer: Timer) -> None:
     """scores.parquet, the subsets and the manifest, into `out` atomically."""
     with atomic_dir(out) as tmp:
         scores.to_parquet(tmp / Files.SCORES, index=False)
         with timer("subsets"):
-            written = write_subsets(samples, scores, params["methods"], params["fractions"], tmp / SUBSETS)
-        write_manifest(tmp, "score", params, inputs, {**counts, "subsets": written}, timer.timings)
+            written = write_subsets(samples, scores, params.methods, params.fractions, tmp / SUBSETS)
+        write_manifest(tmp, STAGE, params.as_dict(), inputs, {**counts, "subsets": written}, timer.timings)
 
 
-def run_shard(shard: int, params: dict[str, Any], ids: Sequence[str], store: ActivationStore, layer: int, sae,
+def run_shard(shard: int, params: ScoreParams, ids: Sequence[str], store: ActivationStore, layer: int, sae,
               text: Sequence[str], timer: Timer, *, extract: Folder, encode: Folder, out: Folder) -> None:
     """The per-sample statistics of the `shard`-th sample range, into OUT.shards/K (mmsae.scoring.shards)."""
-    n_shards = params["shards"]
+    n_shards = params.shards
     if not 0 <= shard < n_shards:
         raise InputError("--shard", "shard", f"shard {shard} outside 0..{n_shards - 1} (score.shards = {n_shards})")
     with timer("shard"):
-        result = shard_statistics(store, Path(encode) / Files.CODES, layer, ids, params["methods"], shard, n_shards,
-                                  delta=params["delta"], text_modalities=text, sae=sae)
+        result = shard_statistics(store, Path(encode) / Files.CODES, layer, ids, params.methods, shard, n_shards,
+                                  delta=params.delta, text_modalities=text, sae=sae)
     with atomic_dir(shard_folder(out, shard)) as tmp:
         write_shard(tmp, result, shard, n_shards)
-        write_manifest(tmp, "score_shard", params, {"extract": os.fspath(extract), "encode": os.fspath(encode)},
+        write_manifest(tmp, "score_shard", params.as_dict(), {"extract": os.fspath(extract), "encode": os.fspath(encode)},
                        {"shard": shard, "n_shards": n_shards, "n_samples": len(result["stats"]),
                         "rows": result["rows"]}, timer.timings)
