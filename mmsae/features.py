@@ -292,6 +292,17 @@ def feature_weights(features: pd.DataFrame, d_sae: int | None = None) -> np.ndar
     return w
 
 
+def feature_rule(features: str | os.PathLike) -> str:
+    """The rule the features artifact was built with (its manifest's params.rule; per_modality if absent)."""
+    return read_manifest(features).get("params", {}).get("rule", "per_modality")
+
+
+def text_modalities(rule: str) -> tuple[str, ...]:
+    """The modalities that count as text for features built with `rule`: the release rule's "text" is every
+    non-image token (modalities text and special), per_modality's the modality `text` only."""
+    return ("text", "special") if rule == "release" else ("text",)
+
+
 STAGE = "features"
 
 

@@ -3,7 +3,6 @@ codes, the black-out geometry, the labelled image sets, classification on a tiny
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -322,12 +321,12 @@ def _artifacts(tmp_path: Path) -> dict[str, Path]:
 
 
 def _run(args: list[str], capsys) -> tuple[int, str]:
-    """The stage script's main() in this process (a subprocess pays ~10 s of imports per call)."""
-    spec = importlib.util.spec_from_file_location("patch_filter_script", REPO / "workflow/scripts/patch_filter.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    """The stage's command line in this process (a subprocess pays ~10 s of imports per call)."""
+    from mmsae import cli
+    from mmsae.interpret.patches import stage
+
     capsys.readouterr()
-    rc = script.main(args)
+    rc = cli.stage_main(stage, args)
     return rc, capsys.readouterr().err
 
 

@@ -25,9 +25,9 @@ import pyarrow as pa
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.errors import InputError
-from mmsae.features import encode_info, feature_weights, read_columns
+from mmsae.features import encode_info, feature_rule, feature_weights, read_columns, text_modalities
 from mmsae.params import ScoreParams
 from mmsae.scoring.concepts import CONCEPT_COLUMNS
 from mmsae.scoring.context import ScoringContext
@@ -36,17 +36,6 @@ from mmsae.scoring.shards import gather_context, score_gathered, shard_folder, s
 from mmsae.scoring.subsets import SUBSETS, read_samples, write_subsets
 
 Folder = str | os.PathLike
-
-
-def feature_rule(features: Folder) -> str:
-    """The rule the features artifact was built with (its manifest's params.rule; per_modality if absent)."""
-    return read_manifest(features).get("params", {}).get("rule", "per_modality")
-
-
-def text_modalities(rule: str) -> tuple[str, ...]:
-    """The modalities that count as text for features built with `rule`: the release rule's "text" is every
-    non-image token (modalities text and special), per_modality's the modality `text` only."""
-    return ("text", "special") if rule == "release" else ("text",)
 
 
 def needs_concepts(methods: Sequence[str]) -> bool:

@@ -20,6 +20,7 @@ from mmsae.interpret.patches.images import ImageSet
 from mmsae.interpret.patches.scores import keep_mask, patch_grid, score_patches, tiebreak
 from mmsae.models.adapters import TEXT, ModelAdapter
 from mmsae.models.grid import Grid, pixel_boxes
+from mmsae.params import PatchFilterParams
 
 UNMASKED = "none"
 
@@ -139,7 +140,7 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 def patch_filter(adapter: ModelAdapter, sae: Any, layer: int, features: pd.DataFrame, images: ImageSet,
-                 params: dict[str, Any], text_modalities: Sequence[str] = (TEXT,),
+                 params: PatchFilterParams, text_modalities: Sequence[str] = (TEXT,),
                  progress: bool = True) -> dict[str, pd.DataFrame]:
     """The whole experiment: {'patch_scores', 'predictions', 'accuracy'} frames (see the module
     docstring); `params` is the patch_filter config slice."""
@@ -148,23 +149,23 @@ def patch_filter(adapter: ModelAdapter, sae: Any, layer: int, features: pd.DataF
     from mmsae.features import feature_weights
 
     grid = patch_grid(adapter)
-    methods, fractions = list(params["methods"]), [float(f) for f in params["fractions"]]
+    methods, fractions = list(params.methods), [float(f) for f in params.fractions]
     d_sae = int(sae.cfg.d_sae) if sae is not None else int(features["feature"].max()) + 1
     weights = feature_weights(features, d_sae)
     cross = np.zeros(d_sae, bool)
     cross[features.loc[features["class"] == "cross-modal", "feature"].to_numpy(np.int64)] = True
-    question = params["question"]
-    scores = score_patches(adapter, sae, layer, images, params["score_question"] or question, weights, cross, methods,
-                           params["delta"], params["cooccurrence"], text_modalities, params["seed"],
-                           params["batch_size"], progress)
+    question = params.question
+    scores = score_patches(adapter, sae, layer, images, params.score_question or question, weights, cross, methods,
+                           params.delta, params.cooccurrence, text_modalities, params.seed,
+                           params.batch_size, progress)
     fill = black_pixel(adapter)
     by_image = dict(tuple(scores.groupby("image_id", sort=False)))
     rows = []
     bar = tqdm(total=len(images), unit="image", desc="classify", disable=not progress, file=sys.stderr, mininterval=1.0)
     for image_id, image, label in zip(images.ids, images.images, images.labels, strict=True):
-        views = views_of(image_id, by_image[image_id].sort_values("patch"), methods, fractions, params["seed"])
+        views = views_of(image_id, by_image[image_id].sort_values("patch"), methods, fractions, params.seed)
         preds = classify_views(adapter, image_id, image, question, views, images.label_set, grid, fill,
-                               params["classify"], params["batch_size"], params["max_new_tokens"])
+                               params.classify, params.batch_size, params.max_new_tokens)
         for v, p in zip(views, preds, strict=True):
             rows.append({"image_id": image_id, "label": label, "method": v.method, "fraction": v.fraction,
                          "n_kept": int(v.keep.sum()), "prediction": p,
