@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from helpers import Stub, completion, tiny_tokenizer
 from PIL import Image, ImageDraw
-from test_features import load_script, make_codes, make_store, write_encode
+from test_features import make_codes, make_store, write_encode
 
+from mmsae import cli
 from mmsae.artifacts import write_manifest
 from mmsae.data.toyworld import object_mask
 from mmsae.errors import InputError
@@ -36,9 +37,11 @@ from mmsae.interpret.explain import (
     parse_explanation,
     render_context,
     score_explanations,
+    score_stage,
     select_features,
     top_images,
 )
+from mmsae.interpret.explain import stage as explain_stage
 from mmsae.models.grid import Grid
 
 
@@ -377,7 +380,7 @@ def test_explain_and_score_scripts_end_to_end(tmp_path):
 
     params = {"top_n": 1, "n_images": 2, "n_texts": 5, "context_tokens": 3, "dim": 0.0, "min_side": 64, "backoff_s": 0}
     with Stub(reply) as stub:
-        rc = load_script("explain").main(argv(paths, EXPLAIN_ARGS, tmp_path / "explain",
+        rc = cli.stage_main(explain_stage, argv(paths, EXPLAIN_ARGS, tmp_path / "explain",
                                               {**params, "base_url": stub.url, "model": "explainer-x"}))
     assert rc == 0
     (req,) = stub.requests  # top_n 1: the highest-weight cross-modal feature only
@@ -395,7 +398,7 @@ def test_explain_and_score_scripts_end_to_end(tmp_path):
     assert sorted(p.name for p in (tmp_path / "explain" / "images").iterdir()) == ["feature7_0.png", "feature7_1.png"]
 
     paths["--explain"] = tmp_path / "explain"
-    rc = load_script("explain_score").main(argv(paths, SCORE_ARGS, tmp_path / "score", {"n_random": 5}))
+    rc = cli.stage_main(score_stage, argv(paths, SCORE_ARGS, tmp_path / "score", {"n_random": 5}))
     assert rc == 0
     s = pd.read_parquet(tmp_path / "score" / "explanation_scores.parquet").iloc[0]
     # top images s0 and s1: the red square (121 px) inside the active 256-px quarter
@@ -408,14 +411,13 @@ def test_explain_and_score_scripts_end_to_end(tmp_path):
 
 def test_explain_script_errors_are_one_line(tmp_path, capsys):
     paths = toy_world(tmp_path)
-    script = load_script("explain")
-    assert script.main(argv(paths, EXPLAIN_ARGS, tmp_path / "x", {})) == 2
+    assert cli.stage_main(explain_stage, argv(paths, EXPLAIN_ARGS, tmp_path / "x", {})) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: explain params: field 'explain.base_url': not set: give the explainer's "
                    "OpenAI-compatible endpoint, e.g. http://host:8000/v1"]
     # every request fails: exit 2, nothing written
     with Stub(lambda n, body: (500, {"error": "down"})) as stub:
-        rc = script.main(argv(paths, EXPLAIN_ARGS, tmp_path / "x", {"base_url": stub.url, "retries": 1, "backoff_s": 0}))
+        rc = cli.stage_main(explain_stage, argv(paths, EXPLAIN_ARGS, tmp_path / "x", {"base_url": stub.url, "retries": 1, "backoff_s": 0}))
     assert rc == 2 and not (tmp_path / "x").exists() and len(stub.requests) == 4  # 2 features x 2 attempts
     assert "every request failed" in capsys.readouterr().err
 
@@ -429,7 +431,7 @@ def test_explain_score_bad_masks_file_is_one_line(tmp_path, capsys):
     paths["--explain"] = tmp_path / "explain"
     bad = tmp_path / "masks.parquet"
     pd.DataFrame({"sample_id": ["s0"], "concept": ["red"], "mask": [b"garbage"]}).to_parquet(bad)
-    rc = load_script("explain_score").main(argv(paths, SCORE_ARGS, tmp_path / "score", {"masks": str(bad)}))
+    rc = cli.stage_main(score_stage, argv(paths, SCORE_ARGS, tmp_path / "score", {"masks": str(bad)}))
     assert rc == 2 and not (tmp_path / "score").exists()
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {bad}: field 'mask': row 0 (sample s0): not a decodable image")
@@ -437,7 +439,7 @@ def test_explain_score_bad_masks_file_is_one_line(tmp_path, capsys):
     good = tmp_path / "good.parquet"
     pd.DataFrame({"sample_id": ["s0", "s3"], "concept": ["red", "red"], "box": [[0, 0, 16, 16], [16, 16, 32, 32]]}
                  ).to_parquet(good)
-    rc = load_script("explain_score").main(argv(paths, SCORE_ARGS, tmp_path / "score", {"masks": str(good)}))
+    rc = cli.stage_main(score_stage, argv(paths, SCORE_ARGS, tmp_path / "score", {"masks": str(good)}))
     assert rc == 0
     s = pd.read_parquet(tmp_path / "score" / "explanation_scores.parquet").iloc[0]
     assert s["iou_top"] == 1.0 and s["n_top"] == 1

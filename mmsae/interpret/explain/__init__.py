@@ -72,7 +72,6 @@ from mmsae.interpret.explain.client import (
     parse_explanation,
 )
 from mmsae.interpret.explain.contexts import (
-    load_tokenizer,
     render_context,
     text_contexts,
 )
@@ -100,7 +99,7 @@ __all__ = ["ChatError", "DEFAULT_PROMPT", "EXPLANATION_SCHEMA", "ExplainerConfig
            "FileMasks", "IMAGES", "SCORE_SCHEMA", "ToyMasks", "activation_grid",
            "activation_index", "activation_mask", "api_key", "build_messages", "chat", "data_uri",
            "explain_features", "explainer_config", "feature_images", "image_activations", "image_grid",
-           "iou", "load_tokenizer", "masked_image", "parse_explanation", "png_bytes",
+           "iou", "masked_image", "parse_explanation", "png_bytes",
            "premise_localization", "prompt_hash", "random_images", "read_images", "read_mask_samples",
            "reference_activations", "render_context", "score_explanations", "select_features",
            "text_contexts", "top_images", "write_table"]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mmsae.errors import InputError
 from mmsae.interpret.explain.tables import prompt_hash
+from mmsae.params import ExplainParams
 
 log = logging.getLogger("mmsae.explain")
 
@@ -144,11 +145,11 @@ def explain_features(selected: Sequence[int], images: Mapping[int, Sequence[byte
     return pd.DataFrame(rows)
 
 
-def explainer_config(params: Mapping[str, Any]) -> ExplainerConfig:
+def explainer_config(params: ExplainParams) -> ExplainerConfig:
     """The client settings of the `explain` config slice; base_url is required."""
-    if not params.get("base_url"):
+    if not params.base_url:
         raise InputError("explain params", "explain.base_url",
                          "not set: give the explainer's OpenAI-compatible endpoint, e.g. http://host:8000/v1")
-    return ExplainerConfig(base_url=params["base_url"], model=params["model"], api_key_env=params["api_key_env"],
-                           temperature=params["temperature"], max_tokens=params["max_tokens"],
-                           timeout_s=params["timeout_s"], retries=params["retries"], backoff_s=params["backoff_s"])
+    return ExplainerConfig(base_url=params.base_url, model=params.model, api_key_env=params.api_key_env,
+                           temperature=params.temperature, max_tokens=params.max_tokens,
+                           timeout_s=params.timeout_s, retries=params.retries, backoff_s=params.backoff_s)

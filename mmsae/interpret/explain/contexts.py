@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,13 +64,3 @@ def text_contexts(features: pd.DataFrame, tokens: pd.DataFrame, selected: Sequen
             contexts.append(render_context(tokenizer, win, pos))
         out[int(f)] = contexts
     return out
-
-
-def load_tokenizer(model_dir: str | os.PathLike) -> Any:
-    """The model's tokenizer (no remote code), which turns token ids back into text."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise InputError(model_dir, "tokenizer", f"cannot load a tokenizer ({exc.__class__.__name__})") from exc
