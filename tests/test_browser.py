@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import build_tiny_llava, tiny_tokenizer
 from PIL import Image
-from test_features import load_script
 
+from mmsae import cli
 from mmsae.artifacts import write_manifest
 from mmsae.errors import InputError
 from mmsae.features import FEATURE_SCHEMA
@@ -33,7 +33,9 @@ from mmsae.interpret.browser import (
     token_strings,
     write_redirect,
 )
+from mmsae.interpret.browser import stage as browser_stage
 from mmsae.models.grid import Grid
+from mmsae.params import BrowserParams
 from mmsae.sae.encode import CODES_SCHEMA
 
 SCRIPT = "<script>document.title='pwned'</script>"
@@ -50,8 +52,8 @@ CODES = {  # feature -> [(row, activation)]
 }  # feature 4: dead
 WEIGHT = {0: 0.9, 1: 0.2}
 CLASS = {0: "cross-modal", 1: "cross-modal", 2: "text-only", 3: "image-only", 4: "dead"}
-PARAMS = {"n_features": 10, "per_class": 1, "n_images": 8, "n_contexts": 10, "context_tokens": 3,
-          "image_size": 32, "bins": 4, "title": "browser <test>"}
+PARAMS = BrowserParams.load({"n_features": 10, "per_class": 1, "n_images": 8, "n_contexts": 10, "context_tokens": 3,
+                             "image_size": 32, "bins": 4, "title": "browser <test>"})
 
 
 def make_tokens(tok) -> pd.DataFrame:
@@ -126,7 +128,7 @@ def site(tmp_path_factory) -> dict:
     features = pd.read_parquet(a["features"] / "features.parquet")
     counts = build_site(root / "site", features, a["encode"] / "codes.parquet", tokens,
                         a["samples"] / "samples.parquet", a["tokenizer"], GRID, PARAMS, layer=0, d_sae=5,
-                        title=PARAMS["title"])
+                        title=PARAMS.title)
     return {"root": root, "out": root / "site", "counts": counts, "tokens": tokens, "features_df": features, **a}
 
 
@@ -220,22 +222,21 @@ def test_script_end_to_end_and_bad_input(site, tmp_path, capsys):
         model.config.vision_config.image_size = side
         model.config.save_pretrained(tmp_path / name)
         processor.save_pretrained(tmp_path / name)
-    script = load_script("browser")
     args = ["--features", str(site["features"]), "--encode", str(site["encode"]), "--extract", str(site["extract"]),
             "--samples", str(site["samples"])]
-    assert script.main([*args, "--model", str(tmp_path / "model16"), "--out", str(tmp_path / "ok"),
+    assert cli.stage_main(browser_stage, [*args, "--model", str(tmp_path / "model16"), "--out", str(tmp_path / "ok"),
                         "--params", json.dumps({"n_features": 2, "per_class": 0})]) == 0
     manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
     assert manifest["counts"]["grid"] == {"rows": 2, "cols": 2, "first": 0} and manifest["counts"]["n_listed"] == 2
     assert sorted(p.name for p in (tmp_path / "ok" / "features").iterdir()) == ["0.html", "1.html"]
     assert (tmp_path / "ok" / "heat" / "0_0.png").exists() and manifest["params"]["n_images"] == 8
     # a 4x4 grid but these samples have 4 image tokens: one-line error, exit 2, no folder
-    assert script.main([*args, "--model", str(tmp_path / "model32"), "--out", str(tmp_path / "b1")]) == 2
+    assert cli.stage_main(browser_stage, [*args, "--model", str(tmp_path / "model32"), "--out", str(tmp_path / "b1")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: tokens.parquet: field 'patch':") and not (tmp_path / "b1").exists()
     bad = [*args, "--model", str(tmp_path / "model16"), "--out", str(tmp_path / "b2"),
            "--params", json.dumps({"n_features": 0})]
-    assert script.main(bad) == 2 and "field 'browser.n_features'" in capsys.readouterr().err
+    assert cli.stage_main(browser_stage, bad) == 2 and "field 'browser.n_features'" in capsys.readouterr().err
 
 
 def test_redirect_page(tmp_path):

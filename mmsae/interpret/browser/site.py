@@ -26,6 +26,7 @@ from mmsae.interpret.browser.data import (
 from mmsae.interpret.browser.images import Histograms, check_grid, heat_png, patch_heat, write_images
 from mmsae.interpret.browser.pages import context_block, feature_html, image_card, index_html, nav_links
 from mmsae.models.grid import Grid
+from mmsae.params import BrowserParams
 
 log = logging.getLogger("mmsae.browser")
 
@@ -35,7 +36,7 @@ TopSamples = dict[int, list[tuple[int, int, float]]]  # feature -> [(sample, row
 
 def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.PathLike | pd.DataFrame,
                tokens: pd.DataFrame, samples: str | os.PathLike, tokenizer: Any, grid: Grid | None,
-               params: dict[str, Any], layer: int, d_sae: int, title: str = "mmsae feature browser") -> dict[str, Any]:
+               params: BrowserParams, layer: int, d_sae: int, title: str = "mmsae feature browser") -> dict[str, Any]:
     """Write the site into `out` (an existing folder); returns counts for the manifest.
 
     `tokens` is read_tokens' frame, `samples` the samples.parquet path, `params` the browser slice.
@@ -45,7 +46,7 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
         (out / sub).mkdir(parents=True, exist_ok=True)
     totals = modality_totals(tokens)
     stats = feature_stats(features, totals)
-    listed = select_features(stats, params["n_features"], params["per_class"])
+    listed = select_features(stats, params.n_features, params.per_class)
     if len(stats) and int(stats["feature"].max()) >= d_sae:
         raise InputError(Files.FEATURES, "feature", f"feature id outside [0, {d_sae})")
     sample_of_row, sample_ids = pd.factorize(tokens["sample_id"], sort=False)
@@ -53,14 +54,14 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
     if grid is not None:
         check_grid(tokens, sample_of_row, grid)
 
-    top_img, top_txt = _top_rows(listed, sample_of_row, params["n_images"], params["n_contexts"])
+    top_img, top_txt = _top_rows(listed, sample_of_row, params.n_images, params.n_contexts)
     pairs = {(f, s) for f, v in (*top_img.items(), *top_txt.items()) for s, _, _ in v}
     feats = listed["feature"].to_numpy(np.int64)
-    hist, hi, found = scan_codes(codes, feats, d_sae, sample_of_row, pairs, params["bins"])
+    hist, hi, found = scan_codes(codes, feats, d_sae, sample_of_row, pairs, params.bins)
 
     # images of the shown samples, once each
     shown = sorted({s for v in top_img.values() for s, _, _ in v})
-    questions = write_images(samples, [str(sample_ids[s]) for s in shown], shown, out / "img", params["image_size"])
+    questions = write_images(samples, [str(sample_ids[s]) for s in shown], shown, out / "img", params.image_size)
     pages = _FeaturePages(out, tokenizer, tokens, sample_of_row, sample_ids, grid, params, found, questions)
 
     previews = text_previews(tokenizer, listed, tokens)
@@ -75,11 +76,11 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
             if has_hist:
                 hists.save(hist[i], hi[i], out / "hist" / f"{f}.png")
             (out / "features" / f"{f}.html").write_text(
-                feature_html(r, cards, contexts, has_hist, nav_links(feature_list, i), params["image_size"], grid))
+                feature_html(r, cards, contexts, has_hist, nav_links(feature_list, i), params.image_size, grid))
     finally:
         hists.close()
 
-    info = {"title": title, "layer": layer, "d_sae": d_sae, "totals": totals, "per_class": params["per_class"],
+    info = {"title": title, "layer": layer, "d_sae": d_sae, "totals": totals, "per_class": params.per_class,
             "classes": {c: int((stats["class"] == c).sum()) for c in CLASSES}}
     (out / Files.INDEX_HTML).write_text(index_html(listed, info, previews))
     log.info("browser: %d feature pages, %d images, %d heat maps, %d contexts, grid %s",
@@ -106,10 +107,10 @@ class _FeaturePages:
     each heat map) and text contexts; counts the heat maps and contexts written."""
 
     def __init__(self, out: Path, tokenizer: Any, tokens: pd.DataFrame, sample_of_row: np.ndarray,
-                 sample_ids: Any, grid: Grid | None, params: dict[str, Any],
+                 sample_ids: Any, grid: Grid | None, params: BrowserParams,
                  found: dict[tuple[int, int], dict[int, float]], questions: dict[int, str]) -> None:
         self.out, self.tokenizer, self.grid, self.found, self.questions = out, tokenizer, grid, found, questions
-        self.sample_ids, self.context_tokens = sample_ids, params["context_tokens"]
+        self.sample_ids, self.context_tokens = sample_ids, params.context_tokens
         self.token_rows = pd.Series(np.arange(len(tokens))).groupby(sample_of_row).indices
         self.tok = {c: tokens[c].to_numpy() for c in ("position", "modality", "token_id")}
         self.patch = tokens["patch"].to_numpy(np.int64)
