@@ -13,7 +13,8 @@ from test_steering import D_SAE, make_sae, prompt_batch
 
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
-from mmsae.interpret.attribution import ablate, answer_token, answers_of, attribute, main
+from mmsae.interpret.attribute import main
+from mmsae.interpret.attribution import ablate, answer_token, answers_of, attribute
 from mmsae.interpret.steering import Clamp, position_mask
 from mmsae.models.adapters import LlavaAdapter
 from mmsae.sae.io import save_sae

@@ -21,19 +21,8 @@ from helpers import (
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
 from mmsae.interpret.common import select_records
-from mmsae.interpret.steering import (
-    Clamp,
-    build_runs,
-    concept_feature,
-    flip_summary,
-    generate,
-    main,
-    max_activations,
-    parse_clamps,
-    position_mask,
-    steer_records,
-    steering,
-)
+from mmsae.interpret.steer import build_runs, concept_feature, main, max_activations, parse_clamps
+from mmsae.interpret.steering import Clamp, flip_summary, generate, position_mask, steer_records, steering
 from mmsae.models.adapters import (
     IMAGE,
     TEXT,
@@ -42,6 +31,7 @@ from mmsae.models.adapters import (
     LlavaNextAdapter,
     Qwen2VLAdapter,
 )
+from mmsae.params import SteerParams
 from mmsae.sae.io import save_sae
 from mmsae.sae.model import SAEConfig, build_sae
 
@@ -200,7 +190,7 @@ def test_steer_records_and_flip_summary():
 def test_steer_records_table(adapter):
     sae = make_sae()
     records = tiny_records(2)
-    runs = build_runs({"values": [CONST_VALUE, 20.0]}, [CONST], None)
+    runs = build_runs(SteerParams.load({"values": [CONST_VALUE, 20.0]}), [CONST], None)
     table = steer_records(adapter, sae, records, runs, "all", 5, target="red", progress=False)
     assert len(table) == 4 and list(table["run"]) == ["value=0.7", "value=20", "value=0.7", "value=20"]
     natural = table[table["run"] == "value=0.7"]
@@ -209,10 +199,10 @@ def test_steer_records_table(adapter):
 
 
 def test_runs_from_multiples_and_inputs(tmp_path):
-    runs = build_runs({"values": None, "multiples": [0.5, 2]}, [3, 9], {3: 2.0, 9: 4.0})
+    runs = build_runs(SteerParams.load({"values": None, "multiples": [0.5, 2]}), [3, 9], {3: 2.0, 9: 4.0})
     assert [(c.feature, c.value) for c in runs[1].clamps] == [(3, 4.0), (9, 8.0)] and runs[0].multiple == 0.5
     with pytest.raises(InputError, match="nothing to clamp"):
-        build_runs({"values": [1.0]}, [], None)
+        build_runs(SteerParams.load({"values": [1.0]}), [], None)
     assert parse_clamps(["3=1.5", "7=-2"]) == [Clamp(3, 1.5), Clamp(7, -2.0)]
     with pytest.raises(InputError, match="FEATURE=VALUE"):
         parse_clamps(["3:1.5"])

@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmsae.artifacts import Files
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
 from mmsae.interpret.steering import Clamp, position_mask, sae_layer, steering
@@ -43,7 +42,6 @@ from mmsae.sae.model import SAE
 
 log = logging.getLogger("mmsae.attribution")
 
-PLOTS = "plots"
 
 
 @dataclass
@@ -276,66 +274,3 @@ def plot_attribution(result: Attribution, path: str | os.PathLike) -> None:
 
 def plot_name(sample_id: str, i: int) -> str:
     return f"{i:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', sample_id)[:60]}.png"
-
-
-# --------------------------------------------------------------------------------------------------
-# command line (workflow/scripts/attribute.py, console script mmsae-attribute)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stage attribute: activation x gradient attribution of logit(A) - logit(B) to (token, SAE feature).
-
-    Prompts: --image + --question, or --samples with --sample-id (repeatable) or the config's task /
-    n_samples selection. A / B: --answer-a / --answer-b (or the config's), else each sample's preferred
-    and other response. Writes attribution.parquet (top pairs: sample_id, rank, position, feature,
-    activation, gradient, attribution, token, modality, patch, ablation_effect), tokens.parquet (per
-    token: attr_features, attr_error, attr_total), plots/*.png (patch heat map + text-token bars).
-    """
-    from mmsae import cli
-    from mmsae.artifacts import Timer, atomic_dir, write_manifest
-    from mmsae.interpret.common import add_prompt_args, load_model_and_sae, prompt_records
-
-    argp = cli.parser("attribute", main.__doc__)
-    add_prompt_args(argp, "attribute")
-    argp.add_argument("--question", help="question for --image")
-    argp.add_argument("--answer-a", help="answer A (overrides the config)")
-    argp.add_argument("--answer-b", help="answer B (overrides the config)")
-
-    def body(args, params):
-        timer = Timer()
-        records = prompt_records(args, params)
-        adapter, sae = load_model_and_sae(args, timer)
-        answer_a, answer_b = args.answer_a or params["answer_a"], args.answer_b or params["answer_b"]
-        results = []
-        with timer("attribute"):
-            for i, record in enumerate(records):
-                r = attribute(adapter, sae, record, answer_a, answer_b, params["positions"], params["top_k"],
-                              params["verify"])
-                results.append(r)
-                top = r.pairs.head(5)
-                print(f"[{r.sample_id}] {record.question}  logit({r.answer_a}) - logit({r.answer_b}) = {r.metric:.4f}")
-                for p in top.itertuples(index=False):
-                    print(f"  pos {p.position:3d} {p.token!s:>10} feature {p.feature:6d}  act {p.activation:8.3f}"
-                          f"  attr {p.attribution:+9.4f}  ablation {p.ablation_effect:+9.4f}")
-                log.info("attribute %d/%d %s", i + 1, len(records), r.sample_id)
-        pairs = pd.concat([r.pairs for r in results], ignore_index=True)
-        tokens = pd.concat([r.tokens for r in results], ignore_index=True)
-        verified = pairs.dropna(subset=["ablation_effect"])
-        corr = (float(np.corrcoef(verified["attribution"], verified["ablation_effect"])[0, 1])
-                if len(verified) > 2 else None)
-        with atomic_dir(args.out) as tmp:
-            pairs.to_parquet(tmp / Files.ATTRIBUTION, index=False)
-            tokens.to_parquet(tmp / Files.TOKENS, index=False)
-            (tmp / PLOTS).mkdir()
-            for i, r in enumerate(results):
-                plot_attribution(r, tmp / PLOTS / plot_name(r.sample_id, i))
-            per_sample = [{"sample_id": r.sample_id, "answer_a": r.answer_a, "answer_b": r.answer_b,
-                           "metric": r.metric, "metric_spliced": r.extras["metric_spliced"],
-                           "attr_total": float(r.tokens["attr_total"].sum())} for r in results]
-            write_manifest(tmp, "attribute", params,
-                           {k: v for k, v in {"model": args.model, "sae": args.sae, "samples": args.samples,
-                                              "image": args.image}.items() if v},
-                           {"n_prompts": len(results), "layer": sae_layer(sae), "samples": per_sample,
-                            "n_verified": len(verified), "verify_corr": corr}, timer.timings)
-
-    return cli.run("attribute", argp, body, argv)

@@ -1,17 +1,19 @@
-"""What the steer and attribute command lines share: the model / SAE / prompt arguments, the records they
-select (samples.parquet rows or one image + question), and loading the model with its SAE."""
+"""What the steer and attribute stages share: the model / SAE / prompt inputs, the records they select
+(samples.parquet rows or one image + question), and loading the model with its SAE."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from mmsae import cli
 from mmsae.artifacts import Files
 from mmsae.data.schema import Record, decode_image, read_frame, records_from_frame
 from mmsae.errors import InputError
 from mmsae.models.adapters import ModelAdapter
+from mmsae.params import ModelParams
 from mmsae.sae.model import SAE
 
 
@@ -48,36 +50,40 @@ def image_record(image: str | os.PathLike, question: str) -> Record:
     return Record(path.stem, question, decode_image(path.read_bytes(), path, path.stem), [], -1)
 
 
-def add_prompt_args(argp, what: str) -> None:
-    """The arguments steer and attribute share: model, SAE and which prompts."""
-    argp.add_argument("--model", required=True, help="model folder or hub id")
-    argp.add_argument("--model-params", default="{}", help="the 'model' config slice: dtype, device, trust_remote_code")
-    argp.add_argument("--sae", required=True, help="SAE folder (SAELens layout) or train_sae artifact folder")
-    argp.add_argument("--samples", help="sample artifact folder (samples.parquet)")
-    argp.add_argument("--sample-id", action="append", default=[], help=f"a sample to {what} (repeatable)")
-    argp.add_argument("--image", help="an image file (with --question) instead of --samples")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptInputs:
+    """The inputs steer and attribute share: model, SAE and which prompts (a base of their Inputs)."""
+
+    model: str = cli.arg("model folder or hub id")
+    model_params: ModelParams = cli.arg("the 'model' config slice: dtype, device, trust_remote_code (JSON)",
+                                        default_factory=lambda: ModelParams.load({}))
+    sae: Path = cli.arg("SAE folder (SAELens layout) or train_sae artifact folder")
+    samples: Path | None = cli.arg("sample artifact folder (samples.parquet)", default=None)
+    sample_id: tuple[str, ...] = cli.arg("a sample to use (repeatable)", default=(), action="append")
+    image: Path | None = cli.arg("an image file (with --question) instead of --samples", default=None)
+    question: str | None = cli.arg("question for --image (steer: also in place of the samples' own questions)",
+                                   default=None)
 
 
-def prompt_records(args, params: dict[str, Any]) -> list[Record]:
-    """--image + --question, or the --sample-id / config-selected records of --samples."""
-    if args.image:
-        if not args.question:
+def prompt_records(inputs: PromptInputs, sample_ids: Sequence[str] | None, task: str | None,
+                   n_samples: int | None) -> list[Record]:
+    """--image + --question, or the --sample-id (else config-selected: sample_ids, task, n_samples) records
+    of --samples."""
+    if inputs.image:
+        if not inputs.question:
             raise InputError("--question", "question", "--image needs --question")
-        return [image_record(args.image, args.question)]
-    if args.samples:
-        return select_records(args.samples, args.sample_id or params["sample_ids"], params["task"], params["n_samples"])
+        return [image_record(inputs.image, inputs.question)]
+    if inputs.samples:
+        return select_records(inputs.samples, list(inputs.sample_id) or sample_ids, task, n_samples)
     raise InputError("--samples", "samples", "give --samples or --image")
 
 
-def load_model_and_sae(args, timer) -> tuple[ModelAdapter, SAE]:
+def load_model_and_sae(inputs: PromptInputs, timer) -> tuple[ModelAdapter, SAE]:
     """The adapter of --model (with --model-params) and the SAE of --sae on the model's device."""
-    from mmsae.config import stage_params
-    from mmsae.models import load_model
+    from mmsae.models import load_model_with
     from mmsae.sae.io import load_sae
 
-    model_params = stage_params("model", args.model_params, source="--model-params")
     with timer("load"):
-        sae = load_sae(args.sae)
-        adapter = load_model(args.model, dtype=model_params["dtype"], device=model_params["device"],
-                             trust_remote_code=model_params["trust_remote_code"])
+        sae = load_sae(inputs.sae)
+        adapter = load_model_with(inputs.model, inputs.model_params)
     return adapter, sae.to(adapter.device)

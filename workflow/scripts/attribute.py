@@ -1,14 +1,8 @@
-"""Stage attribute (opt-in): activation x gradient attribution of logit(A) - logit(B) to (token, SAE feature).
-
-Writes attribution.parquet, tokens.parquet and plots/*.png; see mmsae.interpret.attribution
-(`python workflow/scripts/attribute.py --help` for the arguments).
-"""
-
-from __future__ import annotations
+"""Stage attribute: see mmsae.interpret.attribute (python workflow/scripts/attribute.py --help)."""
 
 import sys
 
-from mmsae.interpret.attribution import main
+from mmsae.interpret import attribute
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(attribute.main())

@@ -1,14 +1,8 @@
-"""Stage steer (opt-in): clamp SAE features while the model generates, keeping the SAE's error term.
-
-Prints the answer before and after for each prompt and writes steering.parquet; see mmsae.interpret.steering
-(`python workflow/scripts/steer.py --help` for the arguments).
-"""
-
-from __future__ import annotations
+"""Stage steer: see mmsae.interpret.steer (python workflow/scripts/steer.py --help)."""
 
 import sys
 
-from mmsae.interpret.steering import main
+from mmsae.interpret import steer
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(steer.main())
