@@ -24,6 +24,12 @@ class DataParams(StageParams):
     #: 'error' stops at the first unreadable row; 'skip' drops them and lists their ids in
     #: bad_rows.parquet
     on_bad_row: Literal["error", "skip"]
+    #: largest encoded image read (bytes, 32 MiB by default); a bigger file or inline image is a bad row,
+    #: so a device file or a huge file never fills memory
+    max_image_bytes: int
+    #: longest question or response (characters); a longer one is a bad row. 100,000 characters is far
+    #: above any model context; extract.max_length is the token guard
+    max_text_chars: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
@@ -30,6 +31,7 @@ from mmsae.errors import InputError
 IMAGE = "image"
 REQUIRED_COLUMNS = ("sample_id", "question", "image", "responses", "preferred")
 OPTIONAL_COLUMNS = ("corruption", "task", "objects")
+PROBLEM = "_problem"  # a reader's (field, message) for a row it could not map; never written
 
 
 @dataclass
@@ -58,17 +60,45 @@ def decode_image(data: bytes | None, path: str | os.PathLike, sample_id: str) ->
         raise InputError(path, "image", f"sample {sample_id!r}: undecodable image ({exc.__class__.__name__})") from exc
 
 
-def row_problem(row: dict, check_images: bool = True) -> tuple[str, str] | None:
+def type_name(value: object) -> str:
+    """How a message names a value's type: 'null', 'int', 'str', 'list', ..."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "null"
+    if isinstance(value, np.ndarray):
+        return "list"
+    return type(value).__name__
+
+
+def text_problem(value: object, max_chars: int | None) -> str | None:
+    """Why `value` is not usable text: a wrong type, blank, or longer than `max_chars`."""
+    if not isinstance(value, str):
+        return f"expected a string, got {type_name(value)}"
+    if not value.strip():
+        return "empty text"
+    if max_chars is not None and len(value) > max_chars:
+        return f"{len(value)} characters, more than data.max_text_chars = {max_chars}"
+    return None
+
+
+def row_problem(row: dict, check_images: bool = True, max_text_chars: int | None = None) -> tuple[str, str] | None:
     """(field, message) for the first problem of one record, or None when it is valid."""
-    q = row.get("question")
-    if not isinstance(q, str) or not q.strip():
-        return "question", "empty text"
+    problem = text_problem(row.get("question"), max_text_chars)
+    if problem:
+        return "question", problem
     responses, pref = row.get("responses"), row.get("preferred")
-    responses = [] if responses is None else list(responses)
-    if any(not isinstance(r, str) or not r.strip() for r in responses):
-        return "responses", "empty text"
-    if responses and (pref is None or pd.isna(pref) or not 0 <= int(pref) < len(responses)):
-        return "preferred", f"index {pref} out of range"
+    if responses is None:
+        responses = []
+    if not isinstance(responses, list | tuple | np.ndarray):
+        return "responses", f"expected a list of strings, got {type_name(responses)}"
+    for i, r in enumerate(responses):
+        problem = text_problem(r, max_text_chars)
+        if problem:
+            return "responses", f"response {i}: {problem}"
+    if len(responses):
+        if isinstance(pref, bool) or not isinstance(pref, int | np.integer):
+            return "preferred", f"expected an integer index, got {type_name(pref)}"
+        if not 0 <= int(pref) < len(responses):
+            return "preferred", f"index {int(pref)} out of range for {len(responses)} responses"
     if check_images:
         try:
             decode_image(row.get("image"), "", str(row.get("sample_id")))
@@ -78,11 +108,14 @@ def row_problem(row: dict, check_images: bool = True) -> tuple[str, str] | None:
 
 
 def validate_frame(df: pd.DataFrame, path: str | os.PathLike, check_images: bool = True,
-                   on_bad_row: str = "error") -> pd.DataFrame:
+                   on_bad_row: str = "error", max_text_chars: int | None = None) -> pd.DataFrame:
     """Check the schema; return a frame of bad rows (sample_id, field, message).
 
     on_bad_row="error" raises InputError naming file, field and sample for the first bad row;
     "skip" collects every bad row so the caller can drop, count and report them (never silently).
+    A duplicated id is a bad row for every row that carries it (no way to tell which one is meant).
+    A reader's own findings (an image path outside the root, a field of the wrong type) come in the
+    optional column PROBLEM as (field, message) and are reported first.
     Responses may be empty (interleaved documents have none); then `preferred` is ignored.
     """
     for col in REQUIRED_COLUMNS:
@@ -91,16 +124,18 @@ def validate_frame(df: pd.DataFrame, path: str | os.PathLike, check_images: bool
     if len(df) == 0:
         raise InputError(path, "sample_id", "data set has no rows")
     ids = df["sample_id"].astype(str)
-    if ids.duplicated().any():
-        raise InputError(path, "sample_id", f"duplicate id {ids[ids.duplicated()].iloc[0]!r}")
+    duplicated = set(ids[ids.duplicated()])
+    found = df[PROBLEM] if PROBLEM in df.columns else pd.Series([None] * len(df), index=df.index)
     bad = []
-    for row in df[list(REQUIRED_COLUMNS)].to_dict("records"):
-        problem = row_problem(row, check_images)
+    for row, reader_problem in zip(df[list(REQUIRED_COLUMNS)].to_dict("records"), found, strict=True):
+        sid = str(row["sample_id"])
+        problem = reader_problem or (("sample_id", f"duplicate id {sid!r}") if sid in duplicated else None)
+        problem = problem or row_problem(row, check_images, max_text_chars)
         if problem is None:
             continue
         if on_bad_row == "error":
-            raise InputError(path, problem[0], f"sample {str(row['sample_id'])!r}: {problem[1]}")
-        bad.append({"sample_id": str(row["sample_id"]), "field": problem[0], "message": problem[1]})
+            raise InputError(path, problem[0], f"sample {sid!r}: {problem[1]}")
+        bad.append({"sample_id": sid, "field": problem[0], "message": problem[1]})
     return pd.DataFrame(bad, columns=["sample_id", "field", "message"])
 
 
