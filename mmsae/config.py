@@ -38,6 +38,31 @@ def _fill_defaults(instance: Any, schema: dict[str, Any]) -> Any:
     return instance
 
 
+def _rule(err: jsonschema.ValidationError) -> str:
+    """What a failed schema check asks for, in a few words ('must be >= 1')."""
+    v = err.validator_value
+    words = {"minimum": f"must be >= {v}", "maximum": f"must be <= {v}", "exclusiveMinimum": f"must be > {v}",
+             "exclusiveMaximum": f"must be < {v}", "type": f"must be of type {v}", "minItems": f"needs >= {v} items",
+             "enum": "must be one of " + ", ".join(json.dumps(x) for x in v) if isinstance(v, list) else ""}
+    if err.validator == "additionalProperties":
+        return err.message.replace("Additional properties are not allowed", "unknown key")
+    return words.get(err.validator) or err.message
+
+
+def config_error(config: dict[str, Any], schema: dict | None = None) -> str | None:
+    """The first problem of a whole config as one line naming the field and its value
+    (`config: train_sae.steps = -5: must be >= 1`), or None when the config is valid."""
+    schema = schema or load_schema()
+    filled = _fill_defaults(copy.deepcopy(config), schema)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(filled), key=lambda e: list(e.path))
+    if not errors:
+        return None
+    err = errors[0]
+    field = ".".join(str(p) for p in err.absolute_path) or "<root>"
+    value = "" if err.validator == "additionalProperties" else f" = {json.dumps(err.instance, default=str)}"
+    return f"config: {field}{value}: {_rule(err)}"
+
+
 def validate(config: dict[str, Any], source: str | os.PathLike = "config", schema: dict | None = None) -> dict[str, Any]:
     """Fill defaults, then validate; raise InputError naming the offending field."""
     schema = schema or load_schema()

@@ -8,8 +8,13 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not pip-installed
 from mmsae.artifacts import stage_dirname
-from mmsae.config import execution_keys
+from mmsae.config import config_error, execution_keys
 
+# A bad config stops here with one line naming the field and its value; Snakemake's own validation
+# (which fills the defaults) would bury the field under its traceback.
+if (_problem := config_error(config)) is not None:
+    sys.stderr.write(_problem + "\n")
+    sys.exit(1)
 validate(config, "../config/schema.yaml", set_default=True)
 
 RESULTS = f"results/{config['run']}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmsae import cli
-from mmsae.config import load_schema, render_params_module, stage_params
+from mmsae.config import config_error, load_schema, render_params_module, stage_params
 from mmsae.errors import InputError
 from mmsae.params import BY_STAGE, ModelParams, ScoreConsistencyParams, ScoreParams, TrainSaeParams
 
@@ -103,3 +103,14 @@ def test_stage_main_bad_params_exit_2_with_one_line(capsys):
     assert cli.main("train_sae", lambda *a: None, _Inputs, None, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "wide" in err[0]
+
+
+@pytest.mark.parametrize("config,line", [
+    ({"train_sae": {"steps": -5}}, "config: train_sae.steps = -5: must be >= 1"),
+    ({"train_sae": {"scope": "pixels"}}, 'config: train_sae.scope = "pixels": must be one of "all", "text"'),
+    ({"extract": {"batch_size": "8"}}, 'config: extract.batch_size = "8": must be of type integer'),
+    ({"extract": {"nope": 1}}, "config: extract: unknown key ('nope' was unexpected)"),
+    ({"train_sae": {"steps": 10}}, None),
+])
+def test_config_error_is_one_line_naming_field_and_value(config, line):
+    assert config_error(config) == line

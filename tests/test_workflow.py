@@ -81,7 +81,8 @@ def test_invalid_config_fails_naming_the_field(tmp_path):
     bad.write_text(yaml.safe_dump({"train_sae": {"scope": "pixels"}}))
     r = smk("-n", "--directory", str(tmp_path), "--configfile", str(bad))
     assert r.returncode != 0
-    assert "scope" in r.stdout + r.stderr
+    first = (r.stdout + r.stderr).strip().splitlines()[0]
+    assert first == 'config: train_sae.scope = "pixels": must be one of "all", "text"', first
 
 
 def _config(tmp_path: Path, name: str, **overrides) -> Path:
