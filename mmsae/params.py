@@ -79,6 +79,9 @@ class ModelParams(StageParams):
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     device: str
     trust_remote_code: bool
+    #: load a model folder whose weights are pickle files (pytorch_model.bin); off: safetensors only,
+    #: since unpickling runs code from the file
+    allow_pickle_weights: bool
 
 
 @dataclasses.dataclass(frozen=True)

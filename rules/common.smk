@@ -110,11 +110,12 @@ def hashed_params(stage, **variant):
         params.update(variant)
     if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
                  "steer", "attribute"):
-        params["model"] = config["model"]
+        params["model"] = {k: v for k, v in config["model"].items() if k not in execution_keys("model")}
     if stage == "sample":
         params["data"] = config["data"]
     if stage == "curve":  # the arms' recipe: fine-tuning and benchmarking
-        params.update(finetune=hashed_params("finetune"), benchmark=config["benchmark"], model=config["model"])
+        params.update(finetune=hashed_params("finetune"), benchmark=config["benchmark"],
+                      model={k: v for k, v in config["model"].items() if k not in execution_keys("model")})
     return params
 
 

@@ -225,3 +225,27 @@ def test_image_root_defaults_to_the_data_folder(tmp_path):
     path = write("llava_json", rows, tmp_path)
     with pytest.raises(InputError, match="sample 's1'"):  # s1's img1.png is not in tmp itself
         read_dataset(path, "llava_json")
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path):
+    """A model folder with only pytorch_model.bin would be unpickled (code from the file runs): refused with
+    one line naming the switch; allowed explicitly, it loads."""
+    from helpers import build_tiny_llava
+
+    from mmsae.models import load_model
+
+    model, processor = build_tiny_llava()
+    folder = tmp_path / "pickled"
+    import torch
+
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):  # the same weights as a pickle file only
+        f.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    with pytest.raises(InputError) as err:
+        load_model(folder)
+    assert err.value.field == "model.allow_pickle_weights" and "\n" not in str(err.value)
+    adapter = load_model(folder, allow_pickle_weights=True)
+    assert adapter.d_model == model.config.text_config.hidden_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,9 +64,10 @@ def load_config(path: str | os.PathLike, trust_remote_code: bool = False) -> tup
 
 
 def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto",
-               trust_remote_code: bool = False) -> ModelAdapter:
+               trust_remote_code: bool = False, allow_pickle_weights: bool = False) -> ModelAdapter:
     """Load model + processor (tokenizer for a text-only LLM) from a local folder or hub id and wrap
-    them in the family's adapter."""
+    them in the family's adapter. Weights load from safetensors only unless `allow_pickle_weights`:
+    unpickling a pytorch_model.bin runs whatever code the file carries."""
     import transformers
 
     path = str(path)
@@ -74,8 +76,13 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
     torch_dtype = resolve_dtype(dtype, dev)
     auto_model = getattr(transformers, cls.auto_model)
     try:
-        model = auto_model.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = auto_model.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                           use_safetensors=None if allow_pickle_weights else True)
     except OSError as exc:  # config present, weights missing or unreadable
+        if not allow_pickle_weights and _has_pickle_weights(path):
+            raise InputError(path, "model.allow_pickle_weights", "the weights are pickle files (.bin/.pt), which can "
+                             "run code when loaded; convert them to safetensors, or set model.allow_pickle_weights: "
+                             "true for a folder you trust") from exc
         raise InputError(path, "model.path", f"cannot load the model weights: {_first_line(exc)}") from exc
     model = model.to(dev).eval()
     processor = cls.load_processor(path, trust_remote_code=trust_remote_code)
@@ -84,7 +91,13 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str = "auto
 
 def load_model_with(path: str | os.PathLike, params: ModelParams) -> ModelAdapter:
     """The model of a stage's --model option, loaded as its 'model' config slice says."""
-    return load_model(path, dtype=params.dtype, device=params.device, trust_remote_code=params.trust_remote_code)
+    return load_model(path, dtype=params.dtype, device=params.device, trust_remote_code=params.trust_remote_code,
+                      allow_pickle_weights=params.allow_pickle_weights)
+
+
+def _has_pickle_weights(path: str) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and any(any(folder.glob(f"*.{ext}")) for ext in ("bin", "pt", "pth"))
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
