@@ -9,6 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not pip-installed
 from mmsae.artifacts import stage_dirname
 from mmsae.config import config_error, execution_keys
+from mmsae.models.shape import planned_shape, shape_problems
 
 # A bad config stops here with one line naming the field and its value; Snakemake's own validation
 # (which fills the defaults) would bury the field under its traceback.
@@ -16,6 +17,10 @@ if (_problem := config_error(config)) is not None:
     sys.stderr.write(_problem + "\n")
     sys.exit(1)
 validate(config, "../config/schema.yaml", set_default=True)
+# Layers and k that the model cannot serve, caught now (dry runs included) when its shape is known.
+if (_planned := planned_shape(config)) is not None and (_problems := shape_problems(config, *_planned)):
+    sys.stderr.write("\n".join(_problems) + "\n")
+    sys.exit(1)
 
 RESULTS = f"results/{config['run']}"
 TOY_DATA = config["data"]["source"] == "toyworld"

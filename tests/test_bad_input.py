@@ -249,3 +249,23 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     assert err.value.field == "model.allow_pickle_weights" and "\n" not in str(err.value)
     adapter = load_model(folder, allow_pickle_weights=True)
     assert adapter.d_model == model.config.text_config.hidden_size
+
+
+def test_layers_and_k_the_model_cannot_serve_are_named_before_any_job(tmp_path):
+    from mmsae.config import validate
+    from mmsae.models.shape import planned_shape, shape_problems
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 32, "hidden_size": 4096}}))
+    config = validate({"model": {"path": str(folder)}, "extract": {"layers": [16, 32]},
+                       "train_sae": {"layer": 40, "architecture": "topk", "k": 40000, "expansion": 8}})
+    shape, where = planned_shape(config)
+    assert shape == (32, 4096)
+    assert shape_problems(config, shape, where) == [
+        f"config: extract.layers = [16, 32]: model {str(folder)!r} has 32 decoder layers (0..31)",
+        f"config: train_sae.layer = 40: model {str(folder)!r} has 32 decoder layers (0..31)",
+        f"config: train_sae.k = 40000: exceeds d_sae = 32768 (expansion 8 x d_model 4096 of model {str(folder)!r})"]
+    assert planned_shape(validate({"model": {"path": "llava-hf/llava-v1.6-mistral-7b-hf"}})) is None  # hub id
+    ok = validate({"model": {"path": str(folder)}, "extract": {"layers": [16]}, "train_sae": {"layer": 16}})
+    assert shape_problems(ok, shape, where) == []

@@ -85,6 +85,15 @@ def test_invalid_config_fails_naming_the_field(tmp_path):
     assert first == 'config: train_sae.scope = "pixels": must be one of "all", "text"', first
 
 
+def test_layer_beyond_the_model_fails_at_dry_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"extract": {"layers": [0, 9]}}))
+    r = smk("-n", "--directory", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"), str(bad))
+    assert r.returncode != 0
+    first = (r.stdout + r.stderr).strip().splitlines()[0]
+    assert first == "config: extract.layers = [0, 9]: the toy model has 4 decoder layers (0..3)", first
+
+
 def _config(tmp_path: Path, name: str, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "config/test.yaml").read_text())
     for key, value in overrides.items():
