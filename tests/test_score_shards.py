@@ -18,7 +18,7 @@ from mmsae.errors import InputError
 from mmsae.features import feature_table, feature_weights, iter_codes, write_features
 from mmsae.sae.encode import encode_store
 from mmsae.sae.io import load_sae
-from mmsae.sae.train import train_sae
+from mmsae.sae.training import train_sae
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import METHODS, score_samples
 from mmsae.scoring.shards import (
