@@ -48,6 +48,7 @@ def time_steps(arch: str, args: argparse.Namespace, dev: torch.device) -> dict[s
     """Mean seconds per trainer step (after warm-up) and the profile of one step."""
     from _data import synthetic_acts
 
+    from mmsae.params import TrainSaeParams
     from mmsae.sae.model import SAEConfig, build_sae
     from mmsae.sae.training import optimizer_step
 
@@ -55,7 +56,7 @@ def time_steps(arch: str, args: argparse.Namespace, dev: torch.device) -> dict[s
                     apply_b_dec_to_input=arch == "topk", k=args.k if arch == "topk" else None)
     sae = build_sae(cfg, seed=args.seed).to(dev)
     # relu: the dense step, whose FLOPs are counted above (a sparse batch would take the sparse path)
-    sae.configure_training({"sparse_max_density": 0.0} if arch == "relu" else {})
+    sae.configure_training(TrainSaeParams.load({"sparse_max_density": 0.0} if arch == "relu" else {}))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     xs = [torch.from_numpy(synthetic_acts(args.batch, args.d_in, args.seed, i * args.batch)).to(dev)
           for i in range(4)]
