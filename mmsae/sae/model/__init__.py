@@ -23,7 +23,7 @@ Architectures:
 
 Training hooks (no-ops in the base class, so the ReLU path is unchanged): `configure_training(params)`,
 `init_from_batch(x)` (fresh runs, before step 0), `before_optimizer_step()` (after backward, before
-gradient clipping) and `after_optimizer_step()`; `train.optimizer_step` calls them in that order.
+gradient clipping) and `after_optimizer_step()`; `mmsae.sae.training.optimizer_step` calls them in that order.
 """
 
 from mmsae.sae.model.base import (
