@@ -386,17 +386,17 @@ def test_gather_without_all_shards_is_input_error(shard_setup, tmp_path, capsys)
 def test_sae_training_on_sharded_store_is_identical_and_resumes(shard_setup, single_store, tmp_path):
     """Training reads a store in parts exactly as one array: same weights as on a single-array store of
     the same rows, and a killed run resumes bit-identically (tests/test_sae.py pins the single case)."""
-    from mmsae.config import stage_params
-    from mmsae.sae.train import train_sae
+    from mmsae.params import TrainSaeParams
+    from mmsae.sae.training import train_sae
 
     parts = ActivationStore(single_store)
     plain = ActivationWriter(tmp_path / "plain", parts.layers, parts.d_model, dtype=parts.dtype, chunk_tokens=8)
     plain.append({layer: torch.from_numpy(parts.read(layer)) for layer in parts.layers},
                  parts.tokens.drop(columns="row"))
     plain.close()
-    p = stage_params("train_sae", {"layer": 1, "expansion": 2, "steps": 12, "batch_size": 16, "checkpoint_every": 4,
-                                   "buffer_chunks": 2, "eval_fraction": 0.2, "device": "cpu", "lr_warmup_steps": 2,
-                                   "lr_decay_steps": 4, "l1_warmup_steps": 2})
+    p = TrainSaeParams.load({"layer": 1, "expansion": 2, "steps": 12, "batch_size": 16, "checkpoint_every": 4,
+                             "buffer_chunks": 2, "eval_fraction": 0.2, "device": "cpu", "lr_warmup_steps": 2,
+                             "lr_decay_steps": 4, "l1_warmup_steps": 2})
     full = train_sae(parts, p, tmp_path / "full", tmp_path / "ck_full", progress=False)
     ref = train_sae(ActivationStore(tmp_path / "plain"), p, tmp_path / "ref", tmp_path / "ck_ref", progress=False)
     assert train_sae(parts, p, tmp_path / "res", tmp_path / "ck_res", stop_after=8, progress=False) is None
