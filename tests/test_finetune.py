@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from mmsae import finetune as ft  # trl is a dependency: a missing one fails here, never skips
 from mmsae.errors import InputError
 from mmsae.models import load_model
+from mmsae.params import ToyModelParams
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "logging_steps": 1, "lr": 1e-3}
@@ -32,7 +33,7 @@ def toy_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     processor = toy.build_processor()
     tok = processor.tokenizer
-    model = toy.build_model({"hidden_size": 16, "num_layers": 1, "vision_layers": 1}, len(tok),
+    model = toy.build_model(ToyModelParams.load({"hidden_size": 16, "num_layers": 1, "vision_layers": 1}), len(tok),
                             processor.image_token_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     out = tmp_path_factory.mktemp("toy") / "model"
     model.save_pretrained(out)
