@@ -35,7 +35,10 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
+from mmsae.data.schema import read_frame
 from mmsae.errors import InputError
+from mmsae.evaluation import llava_bench as llava
+from mmsae.models import load_model_with
 from mmsae.models.adapters import ModelAdapter
 from mmsae.params import BenchmarkParams, ModelParams
 
@@ -109,8 +112,6 @@ class _Results:
 
 
 def run(inputs: Inputs, params: BenchmarkParams, out: Path) -> None:
-    from mmsae.models import load_model_with
-
     llava_bench = inputs.llava_bench or params.llava_bench
     if not (inputs.toy_heldout or llava_bench):
         raise InputError("arguments", "--toy-heldout/--llava-bench", "give at least one benchmark")
@@ -137,8 +138,6 @@ def run(inputs: Inputs, params: BenchmarkParams, out: Path) -> None:
 
 def _run_toy(adapter: ModelAdapter, heldout_path: Path, params: BenchmarkParams, timer: Timer,
              acc: _Results) -> None:
-    from mmsae.data.schema import read_frame
-
     with timer("toy"):
         heldout = read_frame(heldout_path)
         frame, summary = toy_benchmark(adapter.model, adapter.processor, heldout, params.toy_max_samples,
@@ -153,8 +152,6 @@ def _run_toy(adapter: ModelAdapter, heldout_path: Path, params: BenchmarkParams,
 
 def _run_llava_bench(adapter: ModelAdapter, folder: str | Path, params: BenchmarkParams, timer: Timer,
                      acc: _Results) -> None:
-    from mmsae.evaluation import llava_bench as llava
-
     bench = llava.read_llava_bench(folder)
     with timer("llava_bench_generate"):
         answers = llava.generate_llava_bench(adapter, bench, folder, params.max_new_tokens)

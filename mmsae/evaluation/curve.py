@@ -133,7 +133,7 @@ def read_arms(inputs: Inputs) -> list[dict]:
 
 
 def run(inputs: Inputs, params: CurveParams, out: Path) -> None:
-    from mmsae.report import plots
+    from mmsae.report import plots  # here: the curve tables alone need neither matplotlib nor the report
 
     if not inputs.arm:
         raise InputError("arguments", "--arm", "no fine-tune arm given")

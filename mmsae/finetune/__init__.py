@@ -57,6 +57,7 @@ from pathlib import Path
 
 from mmsae import cli
 from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
+from mmsae.data.schema import read_frame
 from mmsae.errors import InputError
 from mmsae.finetune.data import (
     build_dataset,
@@ -69,6 +70,7 @@ from mmsae.finetune.data import (
 from mmsae.finetune.layout import check_layout
 from mmsae.finetune.train import DEFAULT_LR, DROP_FILES, finetune, resolve_train_dtype
 from mmsae.params import FinetuneParams
+from mmsae.scoring import keep_top
 
 STAGE = "finetune"
 MODEL_DIR = "model"  # the fine-tuned model's folder inside the artifact
@@ -86,9 +88,6 @@ class Inputs:
 
 
 def run(inputs: Inputs, params: FinetuneParams, out: Path) -> None:
-    from mmsae.data.schema import read_frame
-    from mmsae.scoring import keep_top
-
     timer = Timer()
     with timer("read"):
         df = read_frame(inputs.data)
