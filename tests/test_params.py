@@ -27,7 +27,7 @@ def test_every_stage_section_has_a_class_with_exactly_its_keys():
     stages = {k for k, v in schema.items() if v.get("type") == "object"}
     assert set(BY_STAGE) == stages
     for stage, cls in BY_STAGE.items():
-        assert cls.STAGE == stage
+        assert stage == cls.STAGE
         assert [f.name for f in dataclasses.fields(cls)] == list(schema[stage]["properties"]), stage
 
 
