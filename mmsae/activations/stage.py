@@ -66,11 +66,6 @@ def run(inputs: Inputs, params: ExtractParams, out: Path) -> None:
         extract_records(inputs, params, out)
 
 
-def manifest_params(inputs: Inputs, params: ExtractParams) -> dict:
-    """The params a shard's or the whole artifact's manifest records: the extract slice + the model slice."""
-    return {**params.as_dict(), "model": inputs.model_params.as_dict()}
-
-
 def extract_records(inputs: Inputs, params: ExtractParams, out: Path) -> None:
     """The whole extraction into `out`, or with --shard K its K-th shard into OUT/shards/K."""
     sharded = inputs.shard is not None
@@ -102,7 +97,7 @@ def extract_records(inputs: Inputs, params: ExtractParams, out: Path) -> None:
                       image_grid=adapter.image_grid(), n_parts=len(parts), extraction_key=key)
         if sharded:
             counts.update(shard=shard, n_shards=n_shards)
-        write_manifest(tmp, SHARD_STAGE if sharded else STAGE, manifest_params(inputs, params),
+        write_manifest(tmp, SHARD_STAGE if sharded else STAGE, cli.manifest_params(params, inputs.model_params),
                        inputs={"samples": inputs.samples, "model": inputs.model}, counts=counts, timings=timer.timings)
         move_parts(parts, tmp / PARTS)  # last: renames only, nothing left to fail
     shutil.rmtree(work, ignore_errors=True)
@@ -142,6 +137,6 @@ def gather(inputs: Inputs, params: ExtractParams, out: Path) -> None:
         counts.update({k: first[k] for k in MODEL_COUNTS}, n_parts=len(parts), n_shards=n_shards, extraction_key=key)
         timings = {**timer.timings, **{f"shards.{k}": sum(m["timings_s"].get(k, 0.0) for m in manifests)
                                        for k in ("read", "load_model", "extract", "write")}}
-        write_manifest(tmp, STAGE, manifest_params(inputs, params), inputs=manifests[0]["inputs"], counts=counts,
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params), inputs=manifests[0]["inputs"], counts=counts,
                        timings=timings)
         os.replace(out / SHARDS, tmp / SHARDS)  # last: one rename

@@ -11,19 +11,11 @@
 Images may come as raw bytes, as a Hugging Face image struct {bytes, path}, or as a path relative to
 `image_root`. Unreadable rows either stop the read (on_bad_row="error", one line naming file, field
 and sample) or are dropped *and reported* with their ids (on_bad_row="skip").
-
-Stage sample (`run`): a deterministic, seeded sample of N records from the input data set. Reads the
-data set in its native format (--data-params: the `data` config slice), validates the record schema
-(missing column, empty text, undecodable image -> one-line error naming file and field, or with
-on_bad_row=skip: dropped and listed in bad_rows.parquet) and writes samples.parquet in the record
-schema, plus manifest.json.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +24,8 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from mmsae import cli
-from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
-from mmsae.data.sample import sample_frame
 from mmsae.data.schema import REQUIRED_COLUMNS, validate_frame
 from mmsae.errors import InputError
-from mmsae.params import DataParams, SampleParams
-
-log = logging.getLogger("mmsae")
 
 FORMATS = ("mmsae", "align_anything", "rlaif_v", "llava_json", "obelics")
 
@@ -183,32 +169,3 @@ def read_dataset(path: str | os.PathLike, fmt: str = "mmsae", image_root: str | 
         if len(df) == 0:
             raise InputError(path, bad["field"].iloc[0], f"every row is unreadable ({len(bad)} rows)")
     return df, bad
-
-
-STAGE = "sample"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Inputs:
-    data: Path = cli.arg("input data set (a file in data.format)")
-    data_params: DataParams = cli.arg("the 'data' config slice (format, image_root, on_bad_row)",
-                                      default_factory=lambda: DataParams.load({}))
-
-
-def run(inputs: Inputs, params: SampleParams, out: Path) -> None:
-    timer = Timer()
-    data = inputs.data_params
-    with timer("read"):
-        df, bad = read_dataset(inputs.data, data.format, data.image_root, data.on_bad_row)
-    for row in bad.itertuples():
-        log.warning("unreadable row %s: field %s: %s", row.sample_id, row.field, row.message)
-    with timer("sample"):
-        samples = sample_frame(df, params.n, params.seed)
-    with atomic_dir(out) as tmp:
-        samples.to_parquet(tmp / Files.SAMPLES, index=False)
-        bad.to_parquet(tmp / Files.BAD_ROWS, index=False)
-        counts = {"n_input": len(df) + len(bad), "n_bad_rows": len(bad), "n_samples": len(samples)}
-        if "corruption" in samples.columns:
-            counts["corruption"] = samples["corruption"].fillna("clean").value_counts().sort_index().to_dict()
-        write_manifest(tmp, STAGE, {**params.as_dict(), "data": data.as_dict()}, {"data": inputs.data}, counts,
-                       timer.timings)

@@ -193,6 +193,6 @@ def run(inputs: Inputs, params: BaselineScoresParams, out: Path) -> None:
             counts["clip_mean"] = float(clip["clip_score"].mean())
         else:
             counts["clip_skipped"] = skipped
-        write_manifest(tmp, STAGE, {**params.as_dict(), "model": inputs.model_params.as_dict()},
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params),
                        inputs={"samples": inputs.samples, "model": inputs.model}, counts=counts,
                        timings=timer.timings)

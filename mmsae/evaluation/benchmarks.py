@@ -132,7 +132,7 @@ def run(inputs: Inputs, params: BenchmarkParams, out: Path) -> None:
             manifest_inputs["toy_heldout"] = inputs.toy_heldout
         if llava_bench:
             manifest_inputs["llava_bench"] = llava_bench
-        write_manifest(tmp, STAGE, {**params.as_dict(), "model": inputs.model_params.as_dict()},
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params),
                        inputs=manifest_inputs, counts=acc.counts, timings=timer.timings)
 
 

@@ -73,7 +73,7 @@ from mmsae.params import FinetuneParams
 from mmsae.scoring import keep_top
 
 STAGE = "finetune"
-MODEL_DIR = "model"  # the fine-tuned model's folder inside the artifact
+MODEL_DIR = Files.MODEL_DIR  # the fine-tuned model's folder inside the artifact
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -84,5 +84,5 @@ def run(inputs: Inputs, params: ModelLossParams, out: Path) -> None:
         df.to_parquet(tmp / Files.LOSS, index=False)
         counts = {"n_samples": len(df), "n_tokens": int(df["n_tokens"].sum()),
                   "mean_loss": float(df["loss"].mean()), "model_family": adapter.family}
-        write_manifest(tmp, STAGE, {**params.as_dict(), "model": inputs.model_params.as_dict()},
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params),
                        inputs={"samples": inputs.samples, "model": inputs.model}, counts=counts, timings=timer.timings)

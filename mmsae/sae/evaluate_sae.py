@@ -90,5 +90,5 @@ def run(inputs: Inputs, params: EvaluateSaeParams, out: Path) -> None:
         if inputs.base_model:
             manifest_inputs["base_model"] = inputs.base_model
         counts = {"layer": layer, "n_samples": len(records), "saes": sorted(saes)}
-        write_manifest(tmp, STAGE, {**params.as_dict(), "model": inputs.model_params.as_dict()}, manifest_inputs,
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params), manifest_inputs,
                        counts, timer.timings)

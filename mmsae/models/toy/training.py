@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mmsae.artifacts import Files
 from mmsae.models.toy.build import build_model, build_processor
 from mmsae.models.toy.data import (
     alignment_loss,
@@ -273,12 +274,12 @@ def train_toy_model(train_df: pd.DataFrame, heldout_df: pd.DataFrame, params: To
 
     # save, then measure the model as any later stage sees it: loaded back through the Auto classes
     t = time.perf_counter()
-    model_dir = Path(out_dir) / "model"
+    model_dir = Path(out_dir) / Files.MODEL_DIR
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
     # the base LLM (after stage 0, before any image was seen) with the same tokenizer
-    base_lm.save_pretrained(Path(out_dir) / "base_model")
-    processor.tokenizer.save_pretrained(Path(out_dir) / "base_model")
+    base_lm.save_pretrained(Path(out_dir) / Files.BASE_MODEL_DIR)
+    processor.tokenizer.save_pretrained(Path(out_dir) / Files.BASE_MODEL_DIR)
     reloaded = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     reproc = AutoProcessor.from_pretrained(model_dir)
     timings["save_reload"] = time.perf_counter() - t

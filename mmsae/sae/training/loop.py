@@ -297,7 +297,7 @@ def train_sae(store: ActivationStore, params: TrainSaeParams, out_dir: str | Pat
     evals, sparsity, window = final_eval(run, store, split, params, steps * batch_size)
     timings["eval"] = time.perf_counter() - t_eval
     t_save = time.perf_counter()
-    save_sae(run.sae, out_dir / "sae", sparsity)
+    save_sae(run.sae, out_dir / Files.SAE_DIR, sparsity)
     timings["save"] = time.perf_counter() - t_save
     timings["total"] = time.perf_counter() - t_start
     metrics = training_metrics(run, split, params, evals, window, device, timings)

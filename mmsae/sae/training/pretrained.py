@@ -35,7 +35,7 @@ def import_sae(store: ActivationStore, params: TrainSaeParams, source: str | Pat
     t0 = time.perf_counter()
     with torch.no_grad():
         evals, overall = evaluate_blocks(sae, eval_blocks(store, layer, split), params.dense_threshold)
-    save_sae(sae, out_dir / "sae", log10_frequency(overall.fire_counts, overall.n) if overall.n else None)
+    save_sae(sae, out_dir / Files.SAE_DIR, log10_frequency(overall.fire_counts, overall.n) if overall.n else None)
     ov = evals["overall"]
     metrics = {
         "pretrained": str(source), "architecture": sae.cfg.architecture, "layer": layer, "hook_name": hook_name(layer),
