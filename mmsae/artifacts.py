@@ -31,8 +31,11 @@ class Files:
     METRICS = "metrics.json"  # toy_model, train_sae, finetune
     SUMMARY = "summary.parquet"  # evaluate_sae, curve
     HELDOUT = "heldout.parquet"  # toy_model, patch_filter
-    # toy_model
+    # toyworld: the splits (written as f"{split}.parquet"); toy_model: the model folders
     TRAIN = "train.parquet"
+    POOL = "pool.parquet"
+    MODEL_DIR = "model"  # toy_model and finetune: a Hugging Face model folder
+    BASE_MODEL_DIR = "base_model"
     # sample
     SAMPLES = "samples.parquet"
     BAD_ROWS = "bad_rows.parquet"
@@ -45,7 +48,8 @@ class Files:
     LOSS = "loss.parquet"
     IFD = "ifd.parquet"
     CLIP = "clip.parquet"
-    # train_sae (SAELens layout) and its resumable checkpoint
+    # train_sae (SAELens layout, in its SAE_DIR) and its resumable checkpoint
+    SAE_DIR = "sae"
     SAE_CFG = "cfg.json"
     SAE_WEIGHTS = "sae_weights.safetensors"
     SAE_SPARSITY = "sparsity.safetensors"
@@ -65,7 +69,7 @@ class Files:
     SHARD_COOC = "cooc.parquet"
     # finetune, benchmark, curve
     TRAIN_IDS = "train_ids.parquet"
-    RESULTS = "results.json"
+    RESULTS = "results.json"  # benchmark also writes toy.parquet / llava_bench.parquet (f"{benchmark}.parquet")
     CURVE = "curve.parquet"
     CURVE_JSON = "curve.json"
     CURVE_PLOT = "curve.png"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsae.artifacts import Files
-from mmsae.config import StageParams, stage_params
+from mmsae.config import StageParams
 from mmsae.errors import InputError
 from mmsae.params import BY_STAGE, ModelParams
 
@@ -35,21 +35,6 @@ def parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output artifact folder (written atomically)")
     return p
-
-
-def run(stage: str, argp: argparse.ArgumentParser, body: Callable[[argparse.Namespace, dict[str, Any]], Any],
-        argv: list[str] | None = None) -> int:
-    """Parse args, fill the stage's params, run `body`; bad input exits 2 with one line on stderr."""
-    args = argp.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        params = stage_params(stage, args.params)
-        log.info("%s: params %s", stage, params)
-        body(args, params)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def arg(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
@@ -68,6 +53,11 @@ class ModelInputs:
     model: str = arg("model folder or hub id")
     model_params: ModelParams = arg("the 'model' config slice: dtype, device, trust_remote_code (JSON)",
                                     default_factory=lambda: ModelParams.load({}))
+
+
+def manifest_params(params: StageParams, model_params: ModelParams) -> dict[str, Any]:
+    """What the manifest of a stage that runs the model records as its params: its slice plus the model's."""
+    return {**params.as_dict(), "model": model_params.as_dict()}
 
 
 def load_records_and_model(inputs: ModelInputs, timer: Any) -> tuple[list, Any]:
@@ -133,19 +123,3 @@ def main(stage: str, run_stage: Callable[[Any, Any, Path], Any], inputs_type: ty
 def stage_main(module: Any, argv: list[str] | None = None) -> int:
     """The command line of a stage module (its STAGE, Inputs, run and docstring): what its script runs."""
     return main(module.STAGE, module.run, module.Inputs, module.__doc__, argv)
-
-
-# --- the pre-contract script style; removed once every stage script calls stage_main -------------------
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", required=True, help="sample artifact folder holding samples.parquet")
-    p.add_argument("--model", required=True, help="model folder or hub id")
-    p.add_argument("--model-params", default="{}", help="the 'model' config slice: dtype, device, trust_remote_code")
-
-
-def load_records_and_model_from_args(args: argparse.Namespace, timer: Any) -> tuple[list, Any, dict[str, Any]]:
-    model_params = ModelParams.load(args.model_params, source="--model-params")
-    records, adapter = load_records_and_model(
-        ModelInputs(samples=args.samples, model=args.model, model_params=model_params), timer)
-    return records, adapter, model_params.as_dict()

@@ -422,8 +422,8 @@ class CurveParams(StageParams):
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneParams(StageParams):
-    #: fine-tune a model on a kept subset with TRL (mmsae/finetune.py); the toy defaults run ~1 min per
-    #: arm on a 2-core CPU
+    #: fine-tune a model on a kept subset with TRL (mmsae/finetune/); the toy defaults run ~1 min per arm
+    #: on a 2-core CPU
     STAGE: ClassVar[str] = "finetune"
     #: sft = SFTTrainer on the preferred response; dpo = DPOTrainer, preferred = chosen, the other
     #: response = rejected

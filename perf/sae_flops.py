@@ -1,6 +1,6 @@
 """Achieved FLOP/s of mmsae's SAE training step against the machine's dense matmul peak, same run.
 
-The step is the trainer's own: `sae.loss(x, l1, dead_mask)` + `mmsae.sae.train.optimizer_step`
+The step is the trainer's own: `sae.loss(x, l1, dead_mask)` + `mmsae.sae.training.optimizer_step`
 (backward, gradient hook, clipping, Adam, weight hook) on a batch of synthetic activations already on
 the device (no data loading: that is sae_train.py's business). FLOPs counted are the matmuls of
 forward + backward only (elementwise work, Adam and clipping count 0), with B = batch, D = d_in,
@@ -11,7 +11,7 @@ S = d_sae, k = active latents:
   here), the one a fresh SAE takes; once codes are sparse, the trainer's sparse path does less matmul
   work (sae_train.py times that regime).
 - topk: encoder forward (2BDS, dense: the top-k needs every pre-activation), its weight gradient at the
-  k selected latents only (2BkD, sparse: mmsae/sae/model.py _SelectedPreGrad), the sparse decoder
+  k selected latents only (2BkD, sparse: mmsae/sae/model/sparse.py SelectedPreGrad), the sparse decoder
   gather (2BkD) and its two gradients (4BkD): 2 BDS + 8 BkD (AuxK off: no latent is dead yet). So few
   matmul FLOPs are left that the top-k selection and the elementwise passes over [B, S] weigh as much:
   the topk fraction of peak says how far the step is from matmul-bound, not how fast it is (tokens/s).
@@ -48,14 +48,15 @@ def time_steps(arch: str, args: argparse.Namespace, dev: torch.device) -> dict[s
     """Mean seconds per trainer step (after warm-up) and the profile of one step."""
     from _data import synthetic_acts
 
+    from mmsae.params import TrainSaeParams
     from mmsae.sae.model import SAEConfig, build_sae
-    from mmsae.sae.train import optimizer_step
+    from mmsae.sae.training import optimizer_step
 
     cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, architecture=arch,
                     apply_b_dec_to_input=arch == "topk", k=args.k if arch == "topk" else None)
     sae = build_sae(cfg, seed=args.seed).to(dev)
     # relu: the dense step, whose FLOPs are counted above (a sparse batch would take the sparse path)
-    sae.configure_training({"sparse_max_density": 0.0} if arch == "relu" else {})
+    sae.configure_training(TrainSaeParams.load({"sparse_max_density": 0.0} if arch == "relu" else {}))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     xs = [torch.from_numpy(synthetic_acts(args.batch, args.d_in, args.seed, i * args.batch)).to(dev)
           for i in range(4)]

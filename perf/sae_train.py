@@ -2,7 +2,7 @@
 
 One synthetic extract store (perf/_data.py, written with mmsae's ActivationWriter) is trained on by
 
-- mmsae: `mmsae.sae.train.train_sae` itself (reads its zarr store through the deterministic batch
+- mmsae: `mmsae.sae.training.train_sae` itself (reads its zarr store through the deterministic batch
   schedule, dead-latent counters, loss curve);
 - SAELens: `SAETrainer.fit()` on the same activations, exported to .npy and held in memory as one
   tensor (no I/O at all: conservative for mmsae), in its own venv (perf/.venv-saelens; `make perf`
@@ -52,9 +52,9 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train with mmsae's trainer on --store; the JSON of the run."""
     from safetensors.torch import load_file
 
-    import mmsae.sae.train as T
+    import mmsae.sae.training.loop as T
     from mmsae.activations import ActivationStore
-    from mmsae.config import stage_params
+    from mmsae.params import TrainSaeParams
 
     dev = setup(args.threads, args.device)
     clock = StepClock(dev)
@@ -74,7 +74,7 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
 
         T.build_sae = build_from
     store = ActivationStore(args.store)
-    params = stage_params("train_sae", json.dumps({
+    params = TrainSaeParams.load(json.dumps({
         "architecture": args.arch, "k": args.k, "layer": 0, "expansion": args.d_sae / store.d_model,
         "steps": args.steps, "batch_size": args.batch, "lr": args.lr, "lr_warmup_steps": 0, "lr_decay_steps": 0,
         "l1_coefficient": args.l1, "l1_warmup_steps": 0, "normalize": "none", "scale_inputs": False,

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import math
-import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from helpers import Stub, completion, records_frame, tiny_llava, tiny_records, tiny_tokenizer
 
-from mmsae.cli import run
+from mmsae import cli
+from mmsae import finetune as ft
 from mmsae.data import toyworld
 from mmsae.data.schema import records_from_frame
 from mmsae.errors import InputError
@@ -25,17 +25,6 @@ from mmsae.evaluation import baselines
 from mmsae.evaluation import benchmarks as bm
 from mmsae.evaluation import llava_bench as llava
 from mmsae.models import format_response, load_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
-
 
 # -- a stub OpenAI-compatible server on 127.0.0.1 ---------------------------------------------------
 
@@ -199,12 +188,11 @@ def test_benchmark_script_toy_and_llava_bench(tmp_path):
     heldout.to_parquet(heldout_path, index=False)
     folder = _bench_folder(tmp_path)
     out = tmp_path / "benchmark-0123abcd"
-    script = _script("benchmark")
     with stub_judge(["8 4", "garbled", "6 6"]) as (url, requests):
         params = {"max_new_tokens": 4, "judge": {"base_url": url, "model": "stub", "retries": 0, "timeout_s": 5}}
         argv = ["--model", str(model), "--out", str(out), "--params", json.dumps(params),
                 "--toy-heldout", str(heldout_path), "--llava-bench", str(folder)]
-        assert run("benchmark", script.build_parser(), script.body, argv) == 0
+        assert cli.stage_main(bm, argv) == 0
     assert len(requests) == 3
     results = json.loads((out / "results.json").read_text())
     assert results["toy"]["n_eval"] == 6 and set(results["toy"]["exact_match_by_task"]) <= set(toyworld.POOL_MIX)
@@ -363,9 +351,8 @@ def test_baseline_scores_script(tmp_path):
     samples.mkdir()
     records_frame(tiny_records(4)).to_parquet(samples / "samples.parquet", index=False)
     out = tmp_path / "baseline_scores-0123abcd"
-    script = _script("baseline_scores")
     argv = ["--samples", str(samples), "--model", str(model), "--out", str(out), "--params", '{"batch_size": 3}']
-    assert run("baseline_scores", script.build_parser(), script.body, argv) == 0
+    assert cli.stage_main(baselines, argv) == 0
     ifd = pd.read_parquet(out / "ifd.parquet")
     assert len(ifd) == 4 and set(ifd.columns) >= {"sample_id", "ifd", "ifd_score"}
     manifest = json.loads((out / "manifest.json").read_text())
@@ -373,8 +360,8 @@ def test_baseline_scores_script(tmp_path):
 
 
 def test_scripts_answer_help():
-    for name in ("benchmark", "baseline_scores", "finetune"):
+    for module in (bm, baselines, ft):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
-            _script(name).build_parser().parse_args(["--help"])
+            cli.stage_main(module, ["--help"])
         assert exc.value.code == 0 and "--out" in buf.getvalue()

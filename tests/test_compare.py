@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_features import load_script
 
+from mmsae import cli
 from mmsae.errors import InputError
 from mmsae.evaluation.auroc import auroc_spread
+from mmsae.report import compare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_compare_script(tmp_path, capsys):
     write_reports(tmp_path)
     args = [a for n in RUNS for a in ("--report", f"{n}={tmp_path}/results/{n}/report/report.json")]
     out = tmp_path / "compare"
-    assert load_script("compare_runs").main([*args, "--out", str(out)]) == 0
+    assert cli.stage_main(compare, [*args, "--out", str(out)]) == 0
     spread = pd.read_parquet(out / "auroc_spread.parquet")
     pd.testing.assert_frame_equal(spread, auroc_spread(RUNS), check_dtype=False)
     page = (out / "auroc_spread.html").read_text()
@@ -85,10 +86,10 @@ def test_compare_script(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"n_runs": 3, "rows": 5} and set(manifest["inputs"]) == {f"report:{n}" for n in RUNS}
     # bad input: one line naming the file / field, exit 2, nothing written
-    assert load_script("compare_runs").main(["--report", "s9=/nonexistent.json", "--out", str(tmp_path / "x")]) == 2
+    assert cli.stage_main(compare, ["--report", "s9=/nonexistent.json", "--out", str(tmp_path / "x")]) == 2
     assert "error: /nonexistent.json: field 'path'" in capsys.readouterr().err
-    assert load_script("compare_runs").main(["--report", "no-equals-sign", "--out", str(tmp_path / "x")]) == 2
-    assert load_script("compare_runs").main(["--out", str(tmp_path / "x")]) == 2
+    assert cli.stage_main(compare, ["--report", "no-equals-sign", "--out", str(tmp_path / "x")]) == 2
+    assert cli.stage_main(compare, ["--out", str(tmp_path / "x")]) == 2
     assert "no runs" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 

@@ -1,10 +1,8 @@
-"""encode: sparse codes of every token of a store, and the encode stage script."""
+"""encode: sparse codes of every token of a store, and the encode stage's command line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,19 +10,11 @@ import pytest
 import torch
 from test_sae import D, random_sae, synthetic_store
 
+from mmsae import cli
 from mmsae.activations import ActivationStore
+from mmsae.sae import encode
 from mmsae.sae.encode import CODES_SCHEMA, encode_store
 from mmsae.sae.io import load_sae, save_sae
-
-SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "encode.py"
-
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("encode_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale"])
@@ -52,13 +42,12 @@ def test_encode_store_keeps_only_above_delta(tmp_path, normalize):
 
 
 def test_encode_script_and_d_in_mismatch(tmp_path, capsys):
-    mod = _script()
     store = synthetic_store(tmp_path / "x", n_samples=6, layers=(0, 3))
     sae = random_sae(d_in=D, d_sae=20, seed=2, metadata={"hook_name": "blocks.3.hook_resid_post", "hook_layer": 3})
     save_sae(sae, tmp_path / "train_sae-a" / "sae")
     out = tmp_path / "encode-a"
-    rc = mod.main(["--extract", str(store), "--sae", str(tmp_path / "train_sae-a"), "--out", str(out),
-                   "--params", json.dumps({"delta": 0.1, "batch_tokens": 32, "device": "cpu"})])
+    rc = cli.stage_main(encode, ["--extract", str(store), "--sae", str(tmp_path / "train_sae-a"), "--out", str(out),
+                                 "--params", json.dumps({"delta": 0.1, "batch_tokens": 32, "device": "cpu"})])
     assert rc == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["stage"] == "encode"
@@ -71,7 +60,8 @@ def test_encode_script_and_d_in_mismatch(tmp_path, capsys):
 
     save_sae(random_sae(d_in=D + 1, d_sae=20, metadata={"hook_layer": 3}), tmp_path / "train_sae-b" / "sae")
     capsys.readouterr()
-    rc = mod.main(["--extract", str(store), "--sae", str(tmp_path / "train_sae-b"), "--out", str(tmp_path / "encode-b")])
+    rc = cli.stage_main(encode, ["--extract", str(store), "--sae", str(tmp_path / "train_sae-b"), "--out",
+                                 str(tmp_path / "encode-b")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not (tmp_path / "encode-b").exists()
     assert len(err) == 1 and "cfg.json" in err[0] and "'d_in'" in err[0] and f"d_model={D}" in err[0]

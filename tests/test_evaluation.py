@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_features import load_script, make_codes, make_store, write_encode
+from test_features import make_codes, make_store, write_encode
 
+from mmsae import cli
 from mmsae.artifacts import write_manifest
 from mmsae.errors import InputError
+from mmsae.evaluation import premise
 from mmsae.evaluation.auroc import auroc, auroc_table, average_ranks
 from mmsae.evaluation.premise import patch_grid, premise_check, word_token_ids
 
@@ -131,8 +133,8 @@ def test_word_token_ids_and_premise_script(tmp_path):
         sdir / "samples.parquet", index=False)
     write_manifest(sdir, "sample", {})
     out = tmp_path / "premise"
-    rc = load_script("premise").main(["--samples", str(sdir), "--extract", str(store.folder), "--encode", str(encode),
-                                      "--model", str(model), "--out", str(out), "--params", '{"max_samples": 10}'])
+    rc = cli.stage_main(premise, ["--samples", str(sdir), "--extract", str(store.folder), "--encode", str(encode),
+                                  "--model", str(model), "--out", str(out), "--params", '{"max_samples": 10}'])
     assert rc == 0
     result = json.loads((out / "premise.json").read_text())
     blue = next(c for c in result["concepts"] if c["word"] == "blue")

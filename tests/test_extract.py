@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,7 +22,8 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
-from mmsae.activations import ActivationStore, ActivationWriter, extract
+from mmsae import cli
+from mmsae.activations import ActivationStore, ActivationWriter, extract, stage
 from mmsae.errors import InputError
 from mmsae.models import load_model
 
@@ -168,13 +168,6 @@ def test_bad_layer_is_input_error(family, tmp_path):
         _extract(adapter, tiny_records(1), tmp_path / "x", layers=(0, 7))
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("extract_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _samples_dir(tmp_path: Path, n: int = 4) -> Path:
     d = tmp_path / "sample-abc"
     d.mkdir()
@@ -186,11 +179,9 @@ def test_extract_script_end_to_end(tmp_path):
     model = tiny_llava_next(tmp_path)
     samples = _samples_dir(tmp_path)
     out = tmp_path / "extract-x"
-    script = _load_script()
     params = json.dumps({"layers": [1], "batch_size": 3, "chunk_tokens": 8, "shard_chunks": 2, "dtype": "bfloat16"})
-    rc = script.run("extract", script.build_parser(), script.body,
-                    ["--samples", str(samples), "--model", str(model), "--model-params", '{"dtype": "float32"}',
-                     "--out", str(out), "--params", params])
+    rc = cli.stage_main(stage, ["--samples", str(samples), "--model", str(model), "--model-params", '{"dtype": "float32"}',
+                                "--out", str(out), "--params", params])
     assert rc == 0
     store = ActivationStore(out)
     tokens = store.tokens
@@ -251,10 +242,8 @@ def shard_setup(tmp_path_factory):
 
 
 def _run_extract(model: Path, samples: Path, out: Path, *extra: str, **params) -> int:
-    script = _load_script()
-    return script.run("extract", script.build_parser(), script.body,
-                      ["--samples", str(samples), "--model", str(model), "--out", str(out),
-                       "--params", json.dumps({**SHARD_PARAMS, **params}), *extra])
+    return cli.stage_main(stage, ["--samples", str(samples), "--model", str(model), "--out", str(out),
+                                  "--params", json.dumps({**SHARD_PARAMS, **params}), *extra])
 
 
 def _assert_same_store(a: ActivationStore, b: ActivationStore) -> None:
@@ -326,7 +315,7 @@ class _Killed(BaseException):
 
 
 def test_killed_extraction_resumes_from_finished_parts(shard_setup, single_store, tmp_path, monkeypatch):
-    import mmsae.activations as A
+    import mmsae.activations.extraction as A
 
     model, samples = shard_setup
     out = tmp_path / "extract-killed"
@@ -386,17 +375,17 @@ def test_gather_without_all_shards_is_input_error(shard_setup, tmp_path, capsys)
 def test_sae_training_on_sharded_store_is_identical_and_resumes(shard_setup, single_store, tmp_path):
     """Training reads a store in parts exactly as one array: same weights as on a single-array store of
     the same rows, and a killed run resumes bit-identically (tests/test_sae.py pins the single case)."""
-    from mmsae.config import stage_params
-    from mmsae.sae.train import train_sae
+    from mmsae.params import TrainSaeParams
+    from mmsae.sae.training import train_sae
 
     parts = ActivationStore(single_store)
     plain = ActivationWriter(tmp_path / "plain", parts.layers, parts.d_model, dtype=parts.dtype, chunk_tokens=8)
     plain.append({layer: torch.from_numpy(parts.read(layer)) for layer in parts.layers},
                  parts.tokens.drop(columns="row"))
     plain.close()
-    p = stage_params("train_sae", {"layer": 1, "expansion": 2, "steps": 12, "batch_size": 16, "checkpoint_every": 4,
-                                   "buffer_chunks": 2, "eval_fraction": 0.2, "device": "cpu", "lr_warmup_steps": 2,
-                                   "lr_decay_steps": 4, "l1_warmup_steps": 2})
+    p = TrainSaeParams.load({"layer": 1, "expansion": 2, "steps": 12, "batch_size": 16, "checkpoint_every": 4,
+                             "buffer_chunks": 2, "eval_fraction": 0.2, "device": "cpu", "lr_warmup_steps": 2,
+                             "lr_decay_steps": 4, "l1_warmup_steps": 2})
     full = train_sae(parts, p, tmp_path / "full", tmp_path / "ck_full", progress=False)
     ref = train_sae(ActivationStore(tmp_path / "plain"), p, tmp_path / "ref", tmp_path / "ck_ref", progress=False)
     assert train_sae(parts, p, tmp_path / "res", tmp_path / "ck_res", stop_after=8, progress=False) is None

@@ -11,9 +11,12 @@ import torch
 from helpers import records_frame, tiny_chameleon, tiny_llava, tiny_llava_next, tiny_qwen2_vl, tiny_records
 from safetensors.torch import load_file
 
+from mmsae import cli
 from mmsae import finetune as ft  # trl is a dependency: a missing one fails here, never skips
 from mmsae.errors import InputError
+from mmsae.finetune import data as ft_data
 from mmsae.models import load_model
+from mmsae.params import FinetuneParams, ToyModelParams
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "logging_steps": 1, "lr": 1e-3}
@@ -32,7 +35,7 @@ def toy_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     processor = toy.build_processor()
     tok = processor.tokenizer
-    model = toy.build_model({"hidden_size": 16, "num_layers": 1, "vision_layers": 1}, len(tok),
+    model = toy.build_model(ToyModelParams.load({"hidden_size": 16, "num_layers": 1, "vision_layers": 1}), len(tok),
                             processor.image_token_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     out = tmp_path_factory.mktemp("toy") / "model"
     model.save_pretrained(out)
@@ -46,7 +49,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _run(model_dir: Path, data, tmp_path: Path, **params) -> tuple[dict, Path]:
     out = tmp_path / "model"
-    metrics = ft.finetune(model_dir, data, out, {**FAST, **params}, tmp_path / ".staging")
+    metrics = ft.finetune(model_dir, data, out, FinetuneParams.load({**FAST, **params}), tmp_path / ".staging")
     assert not (tmp_path / ".staging").exists()
     return metrics, out
 
@@ -106,11 +109,12 @@ def test_layout_is_identical_for_every_family(tmp_path, data):
 def test_layout_mismatch_stops_the_run(tmp_path, data, monkeypatch):
     """Without the BOS the tokenizer adds by itself, TRL's sequences would lack it: the check says so."""
     src = tiny_llava(tmp_path)
-    monkeypatch.setattr(ft, "special_prefix", lambda tokenizer, text: "")
+    monkeypatch.setattr(ft_data, "special_prefix", lambda tokenizer, text: "")
     with pytest.raises(InputError, match="layout"):
-        ft.finetune(src, data, tmp_path / "m", {**FAST, "max_steps": 1}, tmp_path / ".staging")
+        ft.finetune(src, data, tmp_path / "m", FinetuneParams.load({**FAST, "max_steps": 1}), tmp_path / ".staging")
     assert not (tmp_path / ".staging").exists() and not (tmp_path / "m").exists()
-    metrics = ft.finetune(src, data, tmp_path / "m", {**FAST, "max_steps": 1, "layout_check": "warn"},
+    metrics = ft.finetune(src, data, tmp_path / "m",
+                          FinetuneParams.load({**FAST, "max_steps": 1, "layout_check": "warn"}),
                           tmp_path / ".staging")
     first = metrics["layout_check"]["mismatches"][0]
     assert not metrics["layout_check"]["identical"] and first["ours"][1:] == first["trl"]
@@ -121,23 +125,17 @@ def test_dpo_needs_a_rejected_response(tmp_path, data):
     bad.at[0, "responses"] = ["red"]
     bad.at[0, "preferred"] = 0
     with pytest.raises(InputError, match="rejected"):
-        ft.finetune(tiny_llava(tmp_path), bad, tmp_path / "m", {**FAST, "method": "dpo"}, tmp_path / ".s")
+        ft.finetune(tiny_llava(tmp_path), bad, tmp_path / "m", FinetuneParams.load({**FAST, "method": "dpo"}),
+                    tmp_path / ".s")
 
 
 def test_script_writes_the_artifact(tmp_path, data, toy_model_dir):
-    sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-    try:
-        import finetune as script
-    finally:
-        sys.path.pop(0)
     parquet = tmp_path / "subset.parquet"
     data.to_parquet(parquet, index=False)
     out = tmp_path / "finetune-0123abcd"
     argv = ["--model", str(toy_model_dir), "--data", str(parquet), "--out", str(out),
             "--params", json.dumps({**FAST, "method": "dpo"})]
-    from mmsae.cli import run
-
-    assert run("finetune", script.build_parser(), script.body, argv) == 0
+    assert cli.stage_main(ft, argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["method"] == "dpo" and manifest["counts"]["steps"] == 3
     assert manifest["counts"]["layout_identical"] is True

@@ -62,3 +62,22 @@ def test_stage_map_rows_name_the_real_rule_file_script_and_module():
             imports = (rf"^\s*from {re.escape(module)} import|^\s*import {re.escape(module)}\b"
                        rf"|^\s*from {re.escape(parent)} import [^\n]*\b{name}\b")
             assert re.search(imports, source, re.M), f"{script} does not import {module}"
+
+
+def test_every_stage_module_follows_the_contract_and_its_script_is_thin():
+    """STAGE, a frozen `Inputs` dataclass and run(inputs, params, out) in the module; the script only
+    hands its command line to it (cli.stage_main)."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from mmsae.params import BY_STAGE
+
+    for row in _stage_map():
+        (script,), (module,) = row["script"], row["module"]
+        mod = importlib.import_module(module)
+        assert mod.STAGE in BY_STAGE, f"{module}.STAGE = {mod.STAGE!r} is not a config section"
+        assert dataclasses.is_dataclass(mod.Inputs) and mod.Inputs.__dataclass_params__.frozen, module
+        assert list(inspect.signature(mod.run).parameters) == ["inputs", "params", "out"], module
+        source = (ROOT / script).read_text()
+        assert len(source.splitlines()) <= 12 and "stage_main" in source + inspect.getsource(mod), script

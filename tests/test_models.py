@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +24,7 @@ from helpers import (
     tiny_tokenizer,
 )
 
+from mmsae import cli
 from mmsae.data import Record
 from mmsae.errors import InputError
 from mmsae.models import (
@@ -36,6 +35,7 @@ from mmsae.models import (
     Qwen2VLAdapter,
     format_prompt,
     load_model,
+    loss,
     resolve_dtype,
 )
 from mmsae.models.loss import response_loss
@@ -297,18 +297,13 @@ def test_response_loss_matches_manual_cross_entropy(which, request):
 
 
 def test_model_loss_script(tmp_path):
-    script_path = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "model_loss.py"
-    spec = importlib.util.spec_from_file_location("model_loss_script", script_path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     samples = tmp_path / "sample-x"
     samples.mkdir()
     records = tiny_records(3)
     records_frame(records).to_parquet(samples / "samples.parquet")
     out = tmp_path / "model_loss-x"
-    rc = script.run("model_loss", script.build_parser(), script.body,
-                    ["--samples", str(samples), "--model", str(tiny_llava(tmp_path)), "--out", str(out),
-                     "--params", '{"batch_size": 2}'])
+    rc = cli.stage_main(loss, ["--samples", str(samples), "--model", str(tiny_llava(tmp_path)), "--out", str(out),
+                               "--params", '{"batch_size": 2}'])
     assert rc == 0
     df = pd.read_parquet(out / "loss.parquet")
     assert df["sample_id"].tolist() == [r.sample_id for r in records]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 import textwrap
@@ -134,7 +135,8 @@ def fake_sae_lens(tmp_path, monkeypatch) -> None:
     (pkg / "config.py").write_text("from sae_lens import _Cfg as SAETrainerConfig\n")
     (pkg / "training" / "__init__.py").write_text("")
     (pkg / "training" / "sae_trainer.py").write_text(textwrap.dedent(FAKE_TRAINER))
-    monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
+    # in front of the caller's PYTHONPATH (a checkout other than the installed one), not in its place
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(pkg.parent), os.environ.get("PYTHONPATH")])))
 
 
 def run_sae_train(tmp_path, capsys, monkeypatch, args: list[str]) -> tuple[str, dict]:

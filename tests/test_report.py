@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from test_features import load_script
 from test_scoring import build_artifacts, run_score
 
+from mmsae import cli
+from mmsae import report as report_stage
 from mmsae.artifacts import write_json
 from mmsae.display import esc
 from mmsae.report import metrics_by_modality
@@ -39,7 +40,7 @@ def test_report_script(tmp_path):
     toy.mkdir()
     write_json(toy / "metrics.json", {"exact_match": 0.93, "exact_match_by_task": {"caption": 0.9}})
     out = tmp_path / "report"
-    rc = load_script("report").main([
+    rc = cli.stage_main(report_stage, [
         "--samples", str(a["samples"]), "--train-sae", str(a["train_sae"]), "--features", str(a["features"]),
         "--score", str(tmp_path / "score"), "--premise", str(premise), "--toy-model", str(toy), "--out", str(out),
         "--params", json.dumps({"title": "run <b>1</b>"})])
@@ -89,7 +90,7 @@ def test_report_shows_the_filtering_curve_and_ifd(tmp_path):
     curve_summary(curve, "answer_logprob").to_parquet(curve_dir / "summary.parquet")
     write_json(curve_dir / "curve.json", {"metric": "answer_logprob", "best_by_fraction": {"0.5": "cosine"}})
     out = tmp_path / "report"
-    rc = load_script("report").main([
+    rc = cli.stage_main(report_stage, [
         "--samples", str(a["samples"]), "--train-sae", str(a["train_sae"]), "--features", str(a["features"]),
         "--score", str(tmp_path / "score"), "--curve", str(curve_dir), "--baseline-scores", str(base),
         "--out", str(out)])

@@ -12,13 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmsae import cli
 from mmsae.activations import ActivationStore, ActivationWriter
-from mmsae.config import stage_params
 from mmsae.errors import InputError
+from mmsae.params import TrainSaeParams
+from mmsae.sae import train
 from mmsae.sae.io import check_d_in, load_sae, load_sparsity, read_cfg, save_sae
 from mmsae.sae.metrics import centred_fvu, dead_fraction, dense_fraction, evaluate, l0, mse
 from mmsae.sae.model import ARCHITECTURES, SAEConfig, TopKSAE, build_sae, geometric_median
-from mmsae.sae.train import BatchSchedule, l1_at, lr_at, optimizer_step, select_tokens, train_sae
+from mmsae.sae.training import BatchSchedule, l1_at, lr_at, optimizer_step, select_tokens, train_sae
 
 D = 16
 
@@ -54,12 +56,12 @@ def synthetic_store(folder: Path, n_samples: int = 40, tokens_per_sample: int = 
     return folder
 
 
-def tiny_params(**kw) -> dict:
+def tiny_params(**kw) -> TrainSaeParams:
     base = {"layer": 0, "expansion": 4, "steps": 20, "batch_size": 32, "lr": 3e-3, "lr_warmup_steps": 5,
             "lr_decay_steps": 5, "l1_coefficient": 1e-3, "l1_warmup_steps": 5, "checkpoint_every": 10,
             "buffer_chunks": 2, "eval_fraction": 0.2, "dead_window": 200, "device": "cpu"}
     base.update(kw)
-    return stage_params("train_sae", base)
+    return TrainSaeParams.load(base)
 
 
 def random_sae(d_in=5, d_sae=7, seed=0, dtype="float32", **cfg) -> torch.nn.Module:
@@ -376,23 +378,18 @@ def test_training_reaches_low_fvu(tmp_path):
     assert sae.cfg.metadata["hook_name"] == "blocks.0.hook_resid_post" and sae.cfg.metadata["scope"] == "all"
     assert load_sparsity(tmp_path / "out").shape == (m["d_sae"],)
     # the saved (scale-folded) SAE gives the same FVU on the held-out raw activations
-    split = select_tokens(store.tokens, "all", False, p["eval_fraction"])
+    split = select_tokens(store.tokens, "all", False, p.eval_fraction)
     x = torch.from_numpy(store.read_rows(0, split.eval_rows))
     assert evaluate(sae, x, split.eval_modality)["overall"]["centred_fvu"] == pytest.approx(m["centred_fvu"], rel=1e-3)
 
 
 def test_train_script(tmp_path, capsys):
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "train_sae.py"
-    spec = importlib.util.spec_from_file_location("train_sae_script", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     store = synthetic_store(tmp_path / "x", layers=(0, 2))
     params = json.dumps({"layer": 2, "steps": 12, "batch_size": 32, "checkpoint_every": 5, "expansion": 2,
                          "device": "cpu"})
     out = tmp_path / "train_sae-abc"
-    rc = mod.main(["--extract", str(store), "--out", str(out), "--checkpoints", str(tmp_path / "ck"), "--params", params])
+    rc = cli.stage_main(train, ["--extract", str(store), "--out", str(out), "--checkpoints", str(tmp_path / "ck"),
+                                "--params", params])
     assert rc == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["stage"] == "train_sae"
@@ -400,22 +397,22 @@ def test_train_script(tmp_path, capsys):
     assert man["counts"]["n_train_tokens"] > 0 and man["counts"]["n_eval_tokens"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "metrics.json", "sae"]
     assert json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_layer"] == 2
-    rc = mod.main(["--extract", str(store), "--out", str(tmp_path / "bad"), "--checkpoints", str(tmp_path / "ck2"),
-                   "--params", json.dumps({"layer": 1})])
+    rc = cli.stage_main(train, ["--extract", str(store), "--out", str(tmp_path / "bad"), "--checkpoints",
+                                str(tmp_path / "ck2"), "--params", json.dumps({"layer": 1})])
     assert rc == 2 and not (tmp_path / "bad").exists()
     assert "layer 1 was not extracted" in capsys.readouterr().err
 
     # a published SAE instead of training: same layout, evaluated on the same held-out split
-    rc = mod.main(["--extract", str(store), "--out", str(tmp_path / "train_sae-imp"), "--checkpoints",
-                   str(tmp_path / "ck3"), "--params", json.dumps({"layer": 2, "pretrained": str(out / "sae")})])
+    rc = cli.stage_main(train, ["--extract", str(store), "--out", str(tmp_path / "train_sae-imp"), "--checkpoints",
+                                str(tmp_path / "ck3"), "--params", json.dumps({"layer": 2, "pretrained": str(out / "sae")})])
     assert rc == 0
     trained, imported = (json.loads((p / "metrics.json").read_text()) for p in (out, tmp_path / "train_sae-imp"))
     assert imported["pretrained"] == str(out / "sae") and imported["steps"] == 0
     for key in ("l0", "centred_fvu", "n_eval_tokens"):
         assert imported[key] == pytest.approx(trained[key], rel=1e-5), key
     other = synthetic_store(tmp_path / "y", d=D + 1, layers=(2,))
-    rc = mod.main(["--extract", str(other), "--out", str(tmp_path / "bad2"), "--checkpoints", str(tmp_path / "ck4"),
-                   "--params", json.dumps({"layer": 2, "pretrained": str(out / "sae")})])
+    rc = cli.stage_main(train, ["--extract", str(other), "--out", str(tmp_path / "bad2"), "--checkpoints",
+                                str(tmp_path / "ck4"), "--params", json.dumps({"layer": 2, "pretrained": str(out / "sae")})])
     assert rc == 2 and not (tmp_path / "bad2").exists()
     assert "d_in" in capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -434,14 +431,14 @@ def test_topk_registry_init_and_config():
         build_sae(SAEConfig(d_in=8, d_sae=24, architecture="topk"))
     with pytest.raises(ValueError, match="k"):
         SAEConfig(d_in=8, d_sae=24, architecture="topk", k=25)
-    p = stage_params("train_sae", {"architecture": "topk"})
-    assert (p["k"], p["aux_k"], p["aux_coefficient"], p["apply_b_dec_to_input"]) == (32, None, 1 / 32, None)
-    assert stage_params("train_sae", {})["architecture"] == "relu"
+    p = TrainSaeParams.load({"architecture": "topk"})
+    assert (p.k, p.aux_k, p.aux_coefficient, p.apply_b_dec_to_input) == (32, None, 1 / 32, None)
+    assert TrainSaeParams.load({}).architecture == "relu"
     with pytest.raises(InputError, match="architecture"):
-        stage_params("train_sae", {"architecture": "gated"})
+        TrainSaeParams.load({"architecture": "gated"})
     sae.configure_training(p)
     assert (sae.aux_k, sae.aux_coefficient) == (4, 1 / 32)  # null -> d_in // 2
-    sae.configure_training({**p, "aux_k": 100, "aux_coefficient": 0.5})
+    sae.configure_training(p.replace(aux_k=100, aux_coefficient=0.5))
     assert (sae.aux_k, sae.aux_coefficient) == (24, 0.5)  # capped at d_sae
 
 
@@ -689,7 +686,7 @@ def test_topk_training_reaches_low_fvu(tmp_path):
         for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(trained, k).copy_(tensors[f"sae.{k}"])
     trained.input_scale = state["input_scale"]
-    split = select_tokens(store.tokens, "all", False, p["eval_fraction"])
+    split = select_tokens(store.tokens, "all", False, p.eval_fraction)
     x = torch.from_numpy(store.read_rows(0, split.eval_rows))
     with torch.no_grad():
         f_trained, f_saved = trained.encode(x), sae.encode(x)

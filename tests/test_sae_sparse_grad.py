@@ -1,4 +1,4 @@
-"""The speed-ups of mmsae/sae/model.py that perf/ measures change how gradients are computed, not what they
+"""The speed-ups of mmsae/sae/model/ that perf/ measures change how gradients are computed, not what they
 are: each is compared here, in float64, with plain autograd through the dense formula."""
 
 from __future__ import annotations

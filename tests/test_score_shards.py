@@ -20,7 +20,7 @@ from mmsae.features import feature_table, feature_weights, iter_codes, write_fea
 from mmsae.params import ScoreParams
 from mmsae.sae.encode import encode_store
 from mmsae.sae.io import load_sae
-from mmsae.sae.train import train_sae
+from mmsae.sae.training import train_sae
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import METHODS, score_samples
 from mmsae.scoring.shards import (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -11,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mmsae import cli
 from mmsae.data import toyvocab, toyworld
 from mmsae.models import toy
 from mmsae.models.prompts import format_prompt, format_response
+from mmsae.params import ToyModelParams
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 16, "num_layers": 1, "vision_layers": 1, "batch_size": 8, "steps_text": 3,
@@ -32,13 +33,6 @@ def processor():
 
 def _image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("toy_model_script", ROOT / "workflow" / "scripts" / "toy_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_chat_template_layout(processor):
@@ -66,7 +60,7 @@ def test_image_token_count(processor, world):
     pixels = toy.normalize_images(toy.decode_images([row["image"]]), processor)
     torch.testing.assert_close(pixels, inputs["pixel_values"], atol=1e-5, rtol=0)
     # and the model's image features fill exactly those positions
-    model = toy.build_model(TINY, len(processor.tokenizer), processor.image_token_id)
+    model = toy.build_model(ToyModelParams.load(TINY), len(processor.tokenizer), processor.image_token_id)
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     assert feats[0].shape[0] == n_image
@@ -84,7 +78,7 @@ def test_image_features_equal_the_models_own_and_fill_the_image_slots(processor,
     exactly what the model's forward does with pixel_values: same image features, same logits."""
     rows = world["heldout"].iloc[:3]
     inputs = toy.model_inputs(processor, list(rows["question"]), list(rows["image"]))
-    model = toy.build_model(TINY, len(processor.tokenizer), processor.image_token_id).eval()
+    model = toy.build_model(ToyModelParams.load(TINY), len(processor.tokenizer), processor.image_token_id).eval()
     with torch.no_grad():
         ours = toy.image_features(model, inputs["pixel_values"])
         theirs = _pooled(model.model.get_image_features(pixel_values=inputs["pixel_values"]))
@@ -180,7 +174,7 @@ def test_tiny_run_end_to_end(tmp_path, world):
     for split in ("train", "heldout"):
         world[split].to_parquet(toy_dir / f"{split}.parquet")
     out = tmp_path / "toy_model"
-    rc = _script().main(["--toyworld", str(toy_dir), "--out", str(out), "--params", json.dumps(TINY)])
+    rc = cli.stage_main(toy, ["--toyworld", str(toy_dir), "--out", str(out), "--params", json.dumps(TINY)])
     assert rc == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -196,7 +190,7 @@ def test_tiny_run_end_to_end(tmp_path, world):
     assert not list(tmp_path.glob(".toy_model.tmp-*"))
 
     # the reloaded model equals a fresh in-memory run with the same params (training is deterministic)
-    model, processor, _ = toy.fit_toy_model(world["train"], TINY)
+    model, processor, _ = toy.fit_toy_model(world["train"], ToyModelParams.load(TINY))
     reloaded = AutoModelForImageTextToText.from_pretrained(out / "model").eval()
     reproc = AutoProcessor.from_pretrained(out / "model")
     rows = world["heldout"].iloc[:6]
@@ -208,10 +202,9 @@ def test_tiny_run_end_to_end(tmp_path, world):
 
 
 def test_script_help_and_bad_input(tmp_path, capsys):
-    script = _script()
     with pytest.raises(SystemExit) as exc:
-        script.main(["--help"])
+        cli.stage_main(toy, ["--help"])
     assert exc.value.code == 0
     assert "--toyworld" in capsys.readouterr().out
-    assert script.main(["--toyworld", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert cli.stage_main(toy, ["--toyworld", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "train.parquet" in capsys.readouterr().err

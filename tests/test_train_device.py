@@ -12,7 +12,7 @@ from test_sae import synthetic_store, tiny_params
 from mmsae.activations import ActivationStore, ActivationWriter
 from mmsae.errors import InputError
 from mmsae.sae.model import ARCHITECTURES, SAEConfig, build_sae
-from mmsae.sae.train import BatchSchedule, optimizer_step, precision_context, select_tokens, train_sae
+from mmsae.sae.training import BatchSchedule, optimizer_step, precision_context, select_tokens, train_sae
 
 
 def _bf16_copy(store: ActivationStore, folder) -> ActivationStore:
@@ -56,7 +56,7 @@ def test_precision_context_is_fp32_off_cuda():
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(InputError, match="precision"):
         precision_context(torch.device("cpu"), "fp8")
-    assert tiny_params()["precision"] == "bf16"
+    assert tiny_params().precision == "bf16"
 
 
 @pytest.mark.parametrize("arch", [*sorted(ARCHITECTURES), "relu_sparse"])

@@ -7,19 +7,27 @@ sample carries its ground truth: the objects with their boxes (for patch-level c
 - train:   clean samples the toy model learns from (includes the image-free text-only task);
 - pool:    the data set the pipeline scores and filters, with `corruption_rate` bad samples;
 - heldout: clean questions for exact-match evaluation of a model.
+
+Stage toyworld (`run`): writes the synthetic data set with ground truth. Outputs (in --out):
+train.parquet (clean, for the toy model), pool.parquet (the data set that is scored, with known-bad
+samples), heldout.parquet (clean benchmark), manifest.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from mmsae.artifacts import Timer, atomic_dir, write_manifest
 from mmsae.data.toyvocab import COLOURS, SHAPES, SIDES
+from mmsae.params import ToyworldParams
 
 # how each colour word (toyvocab.COLOURS) is drawn
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
@@ -239,3 +247,25 @@ def patch_concepts(objects_json: str, grid: int, image_size: int = IMAGE_SIZE, m
                     concepts |= {o["colour"], o["shape"]}
             out.append(concepts)
     return out
+
+
+STAGE = "toyworld"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+    """The toy world reads nothing: its config slice is all it needs."""
+
+
+def run(inputs: Inputs, params: ToyworldParams, out: Path) -> None:
+    timer = Timer()
+    with atomic_dir(out) as tmp:
+        with timer("generate"):
+            splits = generate(params.seed, params.n_samples, params.corruption_rate, params.corruption_kinds,
+                              params.n_train, params.n_heldout)
+        for name, df in splits.items():  # train.parquet, pool.parquet, heldout.parquet
+            df.to_parquet(tmp / f"{name}.parquet", index=False)
+        pool = splits["pool"]
+        counts = {f"n_{k}": len(v) for k, v in splits.items()}
+        counts["pool_corruption"] = pool["corruption"].fillna("clean").value_counts().sort_index().to_dict()
+        write_manifest(tmp, STAGE, params.as_dict(), {}, counts, timer.timings)

@@ -1,4 +1,4 @@
-"""The per-sample reference scores of the SAE-V rebuttal: IFD and CLIP score.
+"""Stage baseline_scores: the per-sample reference scores of the SAE-V rebuttal, IFD and CLIP score.
 
 IFD (instruction-following difficulty, Li et al. 2024, "From Quantity to Quality")
     IFD = L(answer | image, question) / L(answer alone): mean next-token loss (nats) of the preferred
@@ -16,10 +16,20 @@ CLIP score (DataComp style)
     Cosine similarity of the CLIP image embedding and the text embedding (question + preferred
     response by default, truncated to CLIP's context). Higher = better aligned = kept first. Only with
     a local CLIP model folder configured; otherwise skipped with a logged reason, never faked.
+
+Reads SAMPLE_DIR/samples.parquet (record schema) and writes, atomically:
+  OUT/ifd.parquet    sample_id, loss_conditioned, loss_answer, ifd, ifd_score, n_tokens
+  OUT/clip.parquet   sample_id, clip_score                        (only with clip_model)
+  OUT/manifest.json  counts include clip_skipped (the reason) when there is no CLIP score
+
+Example:
+  python workflow/scripts/baseline_scores.py --samples results/demo/sample-xxxx --model path/to/model \\
+      --out results/demo/baseline_scores-yyyy --params '{"clip_model": "/models/clip-vit-large-patch14"}'
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,10 +42,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from mmsae import cli
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
 from mmsae.models.adapters import ModelAdapter
 from mmsae.models.prompts import format_response
+from mmsae.params import BaselineScoresParams
 
 log = logging.getLogger("mmsae.benchmarks")
 
@@ -150,3 +163,36 @@ def clip_scores(records: Sequence[Record], clip_model: str | os.PathLike | None,
 def _features(out: Any) -> torch.Tensor:
     """get_*_features returns a tensor, or (newer transformers) an output with pooler_output."""
     return out if torch.is_tensor(out) else out.pooler_output
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+STAGE = "baseline_scores"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs(cli.ModelInputs):
+    """--samples, --model, --model-params: the records to score and the model that scores them."""
+
+
+def run(inputs: Inputs, params: BaselineScoresParams, out: Path) -> None:
+    timer = Timer()
+    records, adapter = cli.load_records_and_model(inputs, timer)
+    with timer("ifd"):
+        ifd = ifd_scores(adapter, records, params.batch_size, params.ifd_threshold)
+    with timer("clip"):
+        clip, skipped = clip_scores(records, params.clip_model, params.clip_text, params.batch_size,
+                                    device=str(adapter.device))
+    with atomic_dir(out) as tmp:
+        ifd.to_parquet(tmp / Files.IFD, index=False)
+        counts = {"n_samples": len(ifd), "ifd_mean": float(ifd["ifd"].mean()),
+                  "ifd_at_or_above_threshold": int((ifd["ifd"] >= params.ifd_threshold).sum())}
+        if clip is not None:
+            clip.to_parquet(tmp / Files.CLIP, index=False)
+            counts["clip_mean"] = float(clip["clip_score"].mean())
+        else:
+            counts["clip_skipped"] = skipped
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params),
+                       inputs={"samples": inputs.samples, "model": inputs.model}, counts=counts,
+                       timings=timer.timings)

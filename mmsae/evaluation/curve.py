@@ -1,17 +1,38 @@
-"""The filtering curve: `filtering_curve(arms, samples)` / `curve_summary(curve)` (benchmark score
-against kept fraction, per selection method; random over several seeds), with the share of known-bad
-samples left in each training subset when the data carry ground truth.
-"""
+"""Stage curve: the filtering curve, benchmark score against kept fraction per selection method
+(`filtering_curve(arms, samples)` / `curve_summary(curve)`; random over several seeds).
 
+Collects every fine-tune arm (method, kept fraction, seed for random subsets) with its benchmark, the
+whole-data arm and the starting model's benchmark; with toy-world ground truth also the share of
+known-bad samples in each training subset (from the arm's train_ids.parquet). Writes, atomically:
+
+  OUT/curve.parquet    one row per arm: method, fraction, seed, n_train, bad_share, bad_share.<kind>,
+                       exact_match, exact_match.<task>, llava_bench.<category> (those measured)
+  OUT/summary.parquet  per (method, fraction): mean / std / n over seeds of the metric and bad_share
+  OUT/curve.json       the summary, the best selective method per fraction (not random, the whole
+                       data set or the ground-truth oracle), the metric used
+  OUT/curve.png        the plot (metric and bad share against kept fraction)
+  OUT/manifest.json
+
+Example:
+  python workflow/scripts/curve.py --samples results/demo/sample-xxxx --start results/demo/benchmark-aaaa \\
+      --arm cosine 0.3 - results/demo/finetune-bbbb results/demo/benchmark-cccc \\
+      --arm random 0.3 1 results/demo/finetune-dddd results/demo/benchmark-eeee --out results/demo/curve-ffff
+"""
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pandas as pd
 
-from mmsae.artifacts import Files
+from mmsae import cli
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.errors import InputError
+from mmsae.params import CurveParams
 
 
 def benchmark_metrics(results: Mapping) -> dict[str, float]:
@@ -73,3 +94,72 @@ def curve_summary(curve: pd.DataFrame, metric: str = "exact_match") -> pd.DataFr
     out["n_runs"] = g.size()
     return out.reset_index()
 
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+STAGE = "curve"
+REFERENCES = ["all", "random", "oracle"]  # reference arms, not contenders for the best selective method
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+    samples: Path = cli.arg("sample artifact folder (samples.parquet, for ground truth)")
+    start: Path = cli.arg("benchmark folder of the starting model")
+    arm: tuple[tuple[str, ...], ...] = cli.arg(
+        "one fine-tune arm: selection method, kept fraction, seed ('-' unless random), its finetune folder and "
+        "benchmark folder; repeat per arm", default=(), nargs=5, action="append",
+        metavar=("METHOD", "FRACTION", "SEED", "FINETUNE", "BENCHMARK"))
+
+
+def _results(folder: str | Path) -> dict:
+    path = Path(folder) / Files.RESULTS
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, "results", f"unreadable benchmark results: {exc}") from None
+
+
+def read_arms(inputs: Inputs) -> list[dict]:
+    """The starting model's arm, then one per --arm: method, fraction, seed, train_ids, results."""
+    arms = [{"method": "start", "fraction": 0.0, "seed": None, "train_ids": None, "results": _results(inputs.start)}]
+    for method, fraction, seed, finetune, bench in inputs.arm:
+        ids_path = Path(finetune) / Files.TRAIN_IDS
+        if not ids_path.exists():
+            raise InputError(ids_path, "sample_id", "missing: the finetune arm did not finish")
+        arms.append({"method": method, "fraction": float(fraction), "seed": None if seed == "-" else int(seed),
+                     "train_ids": pd.read_parquet(ids_path)["sample_id"].tolist(), "results": _results(bench)})
+    return arms
+
+
+def run(inputs: Inputs, params: CurveParams, out: Path) -> None:
+    from mmsae.report import plots  # here: the curve tables alone need neither matplotlib nor the report
+
+    if not inputs.arm:
+        raise InputError("arguments", "--arm", "no fine-tune arm given")
+    timer = Timer()
+    samples = pd.read_parquet(Path(inputs.samples) / Files.SAMPLES, columns=None)
+    arms = read_arms(inputs)
+    with timer("curve"):
+        curve = filtering_curve(arms, samples)
+        metric = params.metric
+        if metric not in curve.columns:
+            raise InputError(inputs.start, "results", f"benchmark metric {metric!r} not measured; have "
+                             f"{[c for c in curve.columns if c.startswith(('exact_match', 'llava_bench'))]}")
+        summary = curve_summary(curve, metric)
+        png = plots.filtering_curve(curve, metric)
+    selective = summary[~summary["method"].isin(REFERENCES)]
+    best = {str(f): g.sort_values(f"{metric}_mean", ascending=False)["method"].iloc[0]
+            for f, g in selective.groupby("fraction")}
+    with atomic_dir(out) as tmp:
+        curve.to_parquet(tmp / Files.CURVE, index=False)
+        summary.to_parquet(tmp / Files.SUMMARY, index=False)
+        if png:
+            (tmp / Files.CURVE_PLOT).write_bytes(base64.b64decode(png))
+        write_json(tmp / Files.CURVE_JSON, {"metric": metric, "best_by_fraction": best,
+                                            "summary": summary.to_dict(orient="records"),
+                                            "start": curve.loc[curve["method"] == "start", metric].tolist()})
+        manifest_inputs = {"samples": inputs.samples, "start": inputs.start,
+                           **{f"{m}:{f}:{s}": b for m, f, s, _, b in inputs.arm}}
+        write_manifest(tmp, STAGE, params.as_dict(), manifest_inputs,
+                       {"n_arms": len(inputs.arm), "best_by_fraction": best}, timer.timings)

@@ -1,22 +1,35 @@
-"""Whether the method's premise holds: per toy-world concept word (colours, shapes), is there one SAE
-feature that fires on the word's text tokens AND on the image patches that show it?
-"""
+"""Stage premise (toy world): does the method's premise hold, i.e. is there, per toy-world concept word
+(colours, shapes), one SAE feature that fires on the word's text tokens AND on the image patches that
+show it?
 
+For every colour and shape word: text AUROC (the feature's activation on text tokens vs "the token is
+the word") and image AUROC (activation on image patches vs "the patch shows the concept", from the
+samples' ground-truth `objects`); reports the feature maximising min(text, image) and the best
+text-only / image-only AUROCs. Word token ids come from the model's tokenizer. Writes premise.json.
+"""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mmsae.artifacts import Files
+from mmsae import cli
+from mmsae.activations import ActivationStore
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.data.sample import sample_frame
 from mmsae.data.toyvocab import COLOURS, SHAPES
 from mmsae.data.toyworld import patch_concepts
 from mmsae.errors import InputError
 from mmsae.evaluation.auroc import _auroc_from_ranks, average_ranks
-from mmsae.features import Codes, iter_codes, require_columns
+from mmsae.features import Codes, encode_info, iter_codes, require_columns
+from mmsae.models import load_tokenizer
 from mmsae.models.grid import token_grid
+from mmsae.params import PremiseParams
+from mmsae.report import json_safe
+from mmsae.scoring import read_samples
 
 
 def concept_words() -> dict[str, str]:
@@ -112,3 +125,39 @@ def premise_check(codes: Codes, tokens: pd.DataFrame, samples: pd.DataFrame, gri
         out[col] = out[col].astype("Int64")
     out.attrs.update(n_samples=len(pool), n_text_tokens=len(text), n_image_tokens=len(image), grid=grid)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+STAGE = "premise"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+    samples: Path = cli.arg("sample artifact folder (samples.parquet with objects)")
+    extract: Path = cli.arg("extract artifact folder (tokens.parquet)")
+    encode: Path = cli.arg("encode artifact folder (codes.parquet)")
+    model: str = cli.arg("model folder (its tokenizer maps words to token ids)")
+
+
+def run(inputs: Inputs, params: PremiseParams, out: Path) -> None:
+    timer = Timer()
+    layer, d_sae = encode_info(inputs.encode)
+    samples = read_samples(inputs.samples).drop_columns(["image"]).to_pandas()
+    tokens = ActivationStore(inputs.extract).tokens
+    word_ids = word_token_ids(load_tokenizer(inputs.model), list(concept_words()))
+    grid = patch_grid(tokens)
+    with timer("premise"):
+        table = premise_check(Path(inputs.encode) / Files.CODES, tokens, samples, grid, word_ids, d_sae,
+                              params.max_samples, params.seed)
+    result = {"layer": layer, "d_sae": d_sae, "word_ids": word_ids, **table.attrs,
+              "concepts": table.astype(object).where(pd.notna(table), None).to_dict("records")}
+    with atomic_dir(out) as tmp:
+        write_json(tmp / Files.PREMISE, json_safe(result))
+        best = table["min_auroc"].max() if table["min_auroc"].notna().any() else None
+        write_manifest(tmp, STAGE, params.as_dict(),
+                       {"samples": inputs.samples, "extract": inputs.extract, "encode": inputs.encode,
+                        "model": inputs.model},
+                       {"layer": layer, "n_samples": table.attrs["n_samples"], "best_min_auroc": best},
+                       timer.timings)

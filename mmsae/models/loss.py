@@ -1,17 +1,32 @@
-"""The model's own loss on the preferred response: a no-SAE reference score per sample."""
+"""The model's mean next-token loss on each sample's preferred response (a no-SAE reference score).
+
+Stage model_loss (`run`): reads SAMPLE_DIR/samples.parquet (mmsae record schema) and writes into --out:
+
+  loss.parquet    sample_id, loss (mean NLL in nats over the response tokens, EOS included), n_tokens
+  manifest.json   params (model_loss slice + model slice), inputs, counts, timings
+
+Example:
+  python workflow/scripts/model_loss.py --samples results/demo/sample-1234abcd --model path/to/model \\
+      --model-params '{}' --params '{"batch_size": 8}' --out results/demo/model_loss-x
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from mmsae import cli
+from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
 from mmsae.data.schema import Record
 from mmsae.models.adapters import ModelAdapter
+from mmsae.params import ModelLossParams
 
 
 def response_loss(adapter: ModelAdapter, records: Sequence[Record], batch_size: int,
@@ -50,3 +65,24 @@ def response_loss(adapter: ModelAdapter, records: Sequence[Record], batch_size: 
     bar.close()
     return pd.DataFrame({"sample_id": pd.Series(ids, dtype=str), "loss": np.asarray(losses, dtype=np.float64),
                          "n_tokens": np.asarray(n_tokens, dtype=np.int64)})
+
+
+STAGE = "model_loss"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs(cli.ModelInputs):
+    """--samples, --model, --model-params (cli.ModelInputs)."""
+
+
+def run(inputs: Inputs, params: ModelLossParams, out: Path) -> None:
+    timer = Timer()
+    records, adapter = cli.load_records_and_model(inputs, timer)
+    with timer("loss"):
+        df = response_loss(adapter, records, params.batch_size)
+    with atomic_dir(out) as tmp:
+        df.to_parquet(tmp / Files.LOSS, index=False)
+        counts = {"n_samples": len(df), "n_tokens": int(df["n_tokens"].sum()),
+                  "mean_loss": float(df["loss"].mean()), "model_family": adapter.family}
+        write_manifest(tmp, STAGE, cli.manifest_params(params, inputs.model_params),
+                       inputs={"samples": inputs.samples, "model": inputs.model}, counts=counts, timings=timer.timings)

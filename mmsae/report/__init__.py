@@ -1,172 +1,134 @@
-"""The run report: report.json (numbers) + index.html (the same numbers, figures, examples).
+"""Stage report: index.html (self-contained, figures inline) + report.json with the same numbers.
 
-`build_report` gathers everything into one JSON-safe dict plus base64 PNG figures; `write_report`
-writes both files into a folder. The HTML is self-contained and escapes all data-set text.
+SAE metrics (metrics.json of train_sae, whatever its keys), feature class counts, score distributions
+per method split by corruption kind, AUROC per method x corruption kind (P(score(clean) >
+score(corrupted)); 1 = perfect filter, 0.5 = chance), the premise table and toy-model exact match
+when given, subset sizes, best/worst samples per method, links to the artifacts.
+
+The package: `build` (build_report: the report dict and its figures; write_report), `html` (the page;
+escapes all data-set text), `plots` (the figures), `compare` (stage compare: the AUROC spread over
+runs), `timings` (job times per stage).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from mmsae.artifacts import Files, write_json
-from mmsae.evaluation.auroc import DIRECTION, auroc_table
-from mmsae.features import CLASSES
-from mmsae.report import plots
-from mmsae.report.html import flatten, render
-from mmsae.scoring.methods import methods_in
+from mmsae import cli
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.errors import InputError
+from mmsae.features import read_columns
+from mmsae.params import ReportParams
+from mmsae.report.build import build_report, json_safe, metrics_by_modality, write_report
+from mmsae.scoring import rank, read_samples
 
-MODALITY_WORDS = {"overall": "overall", "all": "overall", "total": "overall",
-                  "text": "text", "image": "image", "special": "special"}
-FILLER = {"per_modality", "by_modality", "modality", "modalities"}
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-
-
-def metrics_by_modality(flat: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """{"image.fvu": .1, "fvu": .2, "l0_text": 3} -> {"fvu": {"overall": .2, "image": .1}, "l0": {"text": 3}}.
-
-    A key's modality is a dotted component (or an `_`-separated first/last word of one) among
-    overall/all/total/text/image/special; keys without one count as overall. Non-numbers are skipped.
-    """
-    out: dict[str, dict[str, float]] = {}
-    for key, value in flat.items():
-        if not _number(value):
-            continue
-        modality, parts = "overall", []
-        for comp in key.split("."):
-            words = comp.split("_")
-            if comp in MODALITY_WORDS:
-                modality = MODALITY_WORDS[comp]
-                continue
-            if len(words) > 1 and words[-1] in MODALITY_WORDS:
-                modality, comp = MODALITY_WORDS[words[-1]], "_".join(words[:-1])
-            elif len(words) > 1 and words[0] in MODALITY_WORDS:
-                modality, comp = MODALITY_WORDS[words[0]], "_".join(words[1:])
-            if comp not in FILLER:
-                parts.append(comp)
-        out.setdefault(".".join(parts) or key, {})[modality] = float(value)
-    order = ["overall", "text", "image", "special"]
-    return {m: {k: v[k] for k in order if k in v} for m, v in out.items()}
+STAGE = "report"
+# the file each input folder is linked by in the report
+LINKED_FILE = {"samples": Files.SAMPLES, "train_sae": Files.METRICS, "features": Files.FEATURES,
+               "score": Files.SCORES, "premise": Files.PREMISE, "toy_model": Files.METRICS,
+               "sae_eval": Files.SUMMARY, "curve": Files.CURVE, "baseline_scores": Files.IFD}
+SAE_EVAL_TABLES = {"ce": Files.CE, "reconstruction": Files.RECONSTRUCTION, "summary": Files.SUMMARY}
 
 
-def _plotted_metrics(flat: Mapping[str, Any], limit: int = 16) -> dict[str, dict[str, float]]:
-    """The metrics reported per modality (when there are any; else all numbers), at most `limit`."""
-    grouped = metrics_by_modality(flat)
-    per_modality = {m: v for m, v in grouped.items() if len(v) > 1}
-    return dict(list((per_modality or grouped).items())[:limit])
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inputs:
+    samples: Path = cli.arg("sample artifact folder (samples.parquet)")
+    train_sae: Path = cli.arg("train_sae artifact folder (metrics.json)")
+    features: Path = cli.arg("features artifact folder (features.parquet)")
+    score: Path = cli.arg("score artifact folder (scores.parquet, subsets/)")
+    premise: Path | None = cli.arg("premise artifact folder (premise.json), optional", default=None)
+    toy_model: Path | None = cli.arg("toy_model artifact folder (metrics.json), optional", default=None)
+    sae_eval: Path | None = cli.arg("evaluate_sae artifact folder, optional", default=None)
+    curve: Path | None = cli.arg("curve artifact folder (the filtering curve), optional", default=None)
+    baseline_scores: Path | None = cli.arg(
+        "baseline_scores artifact folder: its IFD selection joins the AUROC table as 'ifd'", default=None)
+    layer_score: tuple[str, ...] = cli.arg(
+        "score artifact of an SAE at another layer (AUROC per layer); repeatable", default=(), action="append",
+        metavar="LAYER=FOLDER")
 
 
-def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, recursively (report.json stays strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(path, "file", f"not valid JSON ({exc.msg})") from exc
 
 
-def _groups(scores: pd.DataFrame, samples: pd.DataFrame) -> np.ndarray:
-    if "corruption" not in samples.columns:
-        return np.full(len(scores), "clean", dtype=object)
-    kind = samples.set_index(samples["sample_id"].astype(str))["corruption"].reindex(scores["sample_id"].astype(str))
-    return np.array(["clean" if pd.isna(k) else str(k) for k in kind], dtype=object)
+def run(inputs: Inputs, params: ReportParams, out: Path) -> None:
+    timer = Timer()
+    with timer("read"):
+        samples = read_samples(inputs.samples).drop_columns(["image"]).to_pandas()
+        scores = read_columns(Path(inputs.score) / Files.SCORES, ("sample_id",), all_columns=True)
+        features = read_columns(Path(inputs.features) / Files.FEATURES, ("feature", "class"))
+        sae_metrics = read_json(Path(inputs.train_sae) / Files.METRICS)
+        premise = read_json(Path(inputs.premise) / Files.PREMISE) if inputs.premise else None
+        toy = read_json(Path(inputs.toy_model) / Files.METRICS) if inputs.toy_model else None
+        score_manifest = read_manifest(inputs.score)
+        layer_scores = _layer_scores(inputs.layer_score)
+        sae_eval = ({name: pd.read_parquet(Path(inputs.sae_eval) / file) for name, file in SAE_EVAL_TABLES.items()}
+                    if inputs.sae_eval else None)
+        rule = read_manifest(inputs.features).get("params", {}).get("rule", "")
+        if inputs.baseline_scores:
+            scores = _with_ifd(scores, Path(inputs.baseline_scores) / Files.IFD)
+        curve = _read_curve(Path(inputs.curve)) if inputs.curve else None
+
+    given = {"samples": inputs.samples, "train_sae": inputs.train_sae, "features": inputs.features,
+             "score": inputs.score}
+    given.update({k: v for k, v in (("premise", inputs.premise), ("toy_model", inputs.toy_model),
+                                    ("sae_eval", inputs.sae_eval), ("curve", inputs.curve),
+                                    ("baseline_scores", inputs.baseline_scores)) if v})
+    out_parent = Path(out).resolve().parent
+    links = {k: os.path.relpath(Path(v).resolve() / LINKED_FILE[k], out_parent / Path(out).name)
+             for k, v in given.items()}
+    with timer("build"):
+        report, figures = build_report(
+            params.title, samples, scores, features, sae_metrics, premise=premise, toy_metrics=toy,
+            subsets=score_manifest.get("counts", {}).get("subsets", {}), artifacts=links,
+            feature_rule=f"feature rule: {rule}" if rule else "", n_examples=params.examples, sae_eval=sae_eval,
+            layer_scores=layer_scores, curve=curve,
+        )
+    with atomic_dir(out) as tmp:
+        write_report(tmp, report, figures)
+        write_manifest(tmp, STAGE, params.as_dict(), given,
+                       {"samples": len(samples), "methods": len(report["methods"]), "auroc_rows": len(report["auroc"])},
+                       timer.timings)
 
 
-def _examples(scores: pd.DataFrame, samples: pd.DataFrame, methods: list[str], n: int) -> dict[str, list[dict]]:
-    by_id = samples.set_index(samples["sample_id"].astype(str))
-    out = {}
-    for m in methods:
-        ranked = scores.sort_values(f"rank_{m}")
-        pick = pd.concat([ranked.head(n), ranked.tail(n)]).drop_duplicates("sample_id")
-        rows = []
-        for sid, score, rk in zip(pick["sample_id"], pick[f"score_{m}"], pick[f"rank_{m}"], strict=True):
-            rec = by_id.loc[str(sid)]
-            responses = list(rec["responses"]) if rec.get("responses") is not None else []
-            pref = int(rec["preferred"]) if "preferred" in rec and not pd.isna(rec["preferred"]) else 0
-            corruption = rec.get("corruption")
-            rows.append({"rank": int(rk), "score": float(score), "sample_id": str(sid),
-                         "corruption": None if corruption is None or pd.isna(corruption) else str(corruption),
-                         "question": str(rec["question"]),
-                         "response": responses[pref] if 0 <= pref < len(responses) else ""})
-        out[m] = rows
-    return out
+def _layer_scores(specs: tuple[str, ...]) -> dict[int, pd.DataFrame]:
+    """{layer: scores.parquet} of the --layer-score LAYER=FOLDER options."""
+    layer_scores = {}
+    for spec in specs:
+        layer, sep, folder = spec.partition("=")
+        if not sep or not layer.isdigit():
+            raise InputError("--layer-score", "layer", f"expected LAYER=FOLDER, got {spec!r}")
+        layer_scores[int(layer)] = read_columns(Path(folder) / Files.SCORES, ("sample_id",), all_columns=True)
+    return layer_scores
 
 
-def build_report(title: str, samples: pd.DataFrame, scores: pd.DataFrame, features: pd.DataFrame | None,
-                 sae_metrics: Mapping[str, Any], premise: Mapping[str, Any] | None = None,
-                 toy_metrics: Mapping[str, Any] | None = None, subsets: Mapping[str, Any] | None = None,
-                 artifacts: Mapping[str, str] | None = None, feature_rule: str = "",
-                 n_examples: int = 3, sae_eval: Mapping[str, pd.DataFrame] | None = None,
-                 layer_scores: Mapping[int, pd.DataFrame] | None = None,
-                 curve: Mapping[str, Any] | None = None,
-                 ) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """(report dict, figures {name: base64 PNG}). `premise` is premise.json's content; `sae_eval` holds
-    evaluate_sae's tables (ce, reconstruction, summary); `layer_scores` the scores.parquet of an SAE
-    trained at each layer (the AUROC-per-layer table); `curve` the curve stage's {"curve": DataFrame,
-    "summary": DataFrame, "metric", "best_by_fraction"}."""
-    methods = methods_in(scores)
-    groups = _groups(scores, samples)
-    table = auroc_table(scores, samples)
-    by_layer = (pd.concat([auroc_table(sc, samples).assign(layer=int(layer)) for layer, sc in layer_scores.items()],
-                          ignore_index=True) if layer_scores else pd.DataFrame())
-    classes = ({c: int((features["class"] == c).sum()) for c in CLASSES} if features is not None else {})
-    flat_sae = {k: v for k, v in flatten(sae_metrics).items() if _number(v) or isinstance(v, str | bool)}
-    summary = {}
-    for m in methods:
-        s = scores[f"score_{m}"].to_numpy(np.float64)
-        summary[m] = {g: {"n": int((groups == g).sum()), "mean": float(s[groups == g].mean()),
-                          "median": float(np.median(s[groups == g]))} for g in sorted(set(groups))}
-    counts: dict[str, Any] = {"samples": len(samples), "scored": len(scores)}
-    counts["by_corruption"] = {g: int((groups == g).sum()) for g in sorted(set(groups))}
-    if features is not None:
-        counts["features"] = len(features)
-    report = {
-        "title": title,
-        "counts": counts,
-        "sae_metrics": flat_sae,
-        "feature_rule": feature_rule,
-        "feature_classes": classes,
-        "methods": methods,
-        "score_summary": summary,
-        "direction": DIRECTION,
-        "auroc": table.to_dict("records"),
-        "premise": dict(premise) if premise else None,
-        "toy_model": dict(toy_metrics) if toy_metrics else None,
-        "subsets": dict(subsets or {}),
-        "artifacts": dict(artifacts or {}),
-        "examples": _examples(scores, samples, methods, n_examples) if n_examples else {},
-        "sae_eval": {k: v.to_dict("records") for k, v in (sae_eval or {}).items()},
-        "auroc_by_layer": by_layer.to_dict("records"),
-        "curve": ({"metric": curve["metric"], "best_by_fraction": dict(curve["best_by_fraction"]),
-                   "summary": curve["summary"].to_dict("records"), "arms": curve["curve"].to_dict("records")}
-                  if curve else None),
-    }
-    figures = {
-        "sae_metrics": plots.sae_metrics(_plotted_metrics(flat_sae)),
-        "feature_classes": plots.class_counts(classes) if classes else None,
-        "scores": plots.score_distributions(scores, groups, methods),
-        "auroc": plots.auroc_heatmap(table),
-        "sae_eval": plots.sae_comparison(sae_eval["ce"]) if sae_eval else None,
-        "auroc_by_layer": plots.auroc_by_layer(by_layer) if len(by_layer) else None,
-        "curve": plots.filtering_curve(curve["curve"], curve["metric"]) if curve else None,
-    }
-    return json_safe(report), figures
+def _with_ifd(scores: pd.DataFrame, ifd_path: Path) -> pd.DataFrame:
+    """The scores plus baseline_scores' IFD selection as method 'ifd' (score_ifd, rank_ifd)."""
+    ifd = read_columns(ifd_path, ("sample_id", "ifd_score"))
+    scores = scores.merge(ifd[["sample_id", "ifd_score"]].rename(columns={"ifd_score": "score_ifd"}),
+                          on="sample_id", how="left", validate="one_to_one")
+    if scores["score_ifd"].isna().any():
+        raise InputError(ifd_path, "sample_id", "a scored sample has no IFD score")
+    scores["rank_ifd"] = rank(scores["score_ifd"].to_numpy())
+    return scores
 
 
-def write_report(out: str | os.PathLike, report: Mapping[str, Any], figures: Mapping[str, str | None]) -> None:
-    out = Path(out)
-    write_json(out / Files.REPORT, report)
-    (out / Files.INDEX_HTML).write_text(render(report, figures), encoding="utf-8")
+def _read_curve(folder: Path) -> dict[str, Any]:
+    """The curve stage's tables and choices, as build_report takes them."""
+    cj = read_json(folder / Files.CURVE_JSON)
+    return {"curve": pd.read_parquet(folder / Files.CURVE), "summary": pd.read_parquet(folder / Files.SUMMARY),
+            "metric": cj["metric"], "best_by_fraction": cj["best_by_fraction"]}
+
+
+__all__ = ["STAGE", "Inputs", "build_report", "json_safe", "metrics_by_modality", "read_json", "run", "write_report"]

@@ -55,9 +55,23 @@ def para(text: str, cls: str = "") -> str:
     return f"<p{attr}>{esc(text)}</p>"
 
 
+def page(title: str, body: str) -> str:
+    """A whole self-contained HTML page: the shared CSS, the escaped title, `body` as is."""
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
 def render(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> str:
     """The page for a report dict (see mmsae.report.build_report) and its figures."""
-    parts = [f"<h1>{esc(report['title'])}</h1>"]
+    parts = [f"<h1>{esc(report['title'])}</h1>", *_overview(report, figures), *_sae_eval(report, figures),
+             *_toy_and_premise(report), *_scores_and_auroc(report, figures), *_curve(report, figures),
+             *_subsets_and_examples(report)]
+    return page(report["title"], "\n".join(parts))
+
+
+def _overview(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> list[str]:
+    """Counts, artifact links, SAE metrics, feature classes."""
+    parts = []
     counts = report.get("counts", {})
     parts.append(section("Counts", table(["what", "n"], [(k, v) for k, v in flatten(counts).items()])))
 
@@ -73,21 +87,28 @@ def render(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> str:
     parts.append(section("Feature classes", figure(figures.get("feature_classes"), "feature classes"),
                          table(["class", "features"], report.get("feature_classes", {}).items()),
                          para(report.get("feature_rule", ""), "note")))
+    return parts
 
+
+def _sae_eval(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> list[str]:
     sae_eval = report.get("sae_eval") or {}
-    if sae_eval.get("summary"):
-        summary = sae_eval["summary"]
-        cols = [c for c in summary[0] if c not in ("model", "sae")]
-        parts.append(section(
-            "SAE vs SAE-V: the reconstruction spliced into the model",
-            para("CE-loss score = (CE_zero - CE_sae) / (CE_zero - CE_clean) on text next-token targets, with the "
-                 "SAE's reconstruction replacing the residual stream at image, text or all positions (1 = "
-                 "lossless, 0 = as bad as zero-ablation); KL score likewise with KL(clean || spliced). "
-                 "L0 and centred FVU on the hooked activations, per modality. 'base' = the text-only base LLM "
-                 "(transfer).", "note"),
-            figure(figures.get("sae_eval"), "SAE comparison"),
-            table(["model", "SAE", *cols], [(r["model"], r["sae"], *(r.get(c) for c in cols)) for r in summary])))
+    if not sae_eval.get("summary"):
+        return []
+    summary = sae_eval["summary"]
+    cols = [c for c in summary[0] if c not in ("model", "sae")]
+    return [section(
+        "SAE vs SAE-V: the reconstruction spliced into the model",
+        para("CE-loss score = (CE_zero - CE_sae) / (CE_zero - CE_clean) on text next-token targets, with the "
+             "SAE's reconstruction replacing the residual stream at image, text or all positions (1 = "
+             "lossless, 0 = as bad as zero-ablation); KL score likewise with KL(clean || spliced). "
+             "L0 and centred FVU on the hooked activations, per modality. 'base' = the text-only base LLM "
+             "(transfer).", "note"),
+        figure(figures.get("sae_eval"), "SAE comparison"),
+        table(["model", "SAE", *cols], [(r["model"], r["sae"], *(r.get(c) for c in cols)) for r in summary]))]
 
+
+def _toy_and_premise(report: Mapping[str, Any]) -> list[str]:
+    parts = []
     toy = report.get("toy_model")
     if toy:
         parts.append(section("Toy model", table(["metric", "value"], sorted(flatten(toy).items()))))
@@ -104,10 +125,14 @@ def render(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> str:
                  "note"),
             table(["concept", "kind", "feature", "text AUROC", "image AUROC", "best text AUROC", "best image AUROC"],
                   rows)))
+    return parts
 
-    parts.append(section("Score distributions", para(
+
+def _scores_and_auroc(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> list[str]:
+    """Score distributions, the AUROC table and the AUROC per layer."""
+    parts = [section("Score distributions", para(
         "Every method: higher score = kept first. Histograms split by corruption kind (density).", "note"),
-        figure(figures.get("scores"), "score distributions")))
+        figure(figures.get("scores"), "score distributions"))]
 
     aur = report.get("auroc", [])
     parts.append(section(
@@ -129,23 +154,30 @@ def render(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> str:
             figure(figures.get("auroc_by_layer"), "AUROC per layer"),
             table(["method", "corruption", *[f"layer {layer}" for layer in layers]],
                   [(m, k, *(cell.get((m, k, layer)) for layer in layers)) for m, k in keys])))
+    return parts
 
+
+def _curve(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> list[str]:
     curve = report.get("curve")
-    if curve:
-        metric = curve["metric"]
-        start = [r.get(metric) for r in curve["arms"] if r["method"] == "start"]
-        rows = [(r["method"], r["fraction"], r["n_runs"], r.get(f"{metric}_mean"), r.get(f"{metric}_std"),
-                 r.get("bad_share_mean"), r.get("bad_share_std")) for r in curve["summary"]]
-        parts.append(section(
-            "Filtering curve: fine-tune on the kept data, then benchmark",
-            para(f"{metric} of the model fine-tuned on each method's top fraction of the data set (random: mean "
-                 f"and sd over seeds; 'all' = the whole data set), against the starting model "
-                 f"({fmt(start[0]) if start else 'n/a'}). Bad share = known-bad samples in the training subset. "
-                 f"Best selective method per fraction: "
-                 + ", ".join(f"{f}: {m}" for f, m in curve["best_by_fraction"].items()) + ".", "note"),
-            figure(figures.get("curve"), "filtering curve"),
-            table(["method", "kept fraction", "runs", f"{metric} mean", "sd", "bad share mean", "sd"], rows)))
+    if not curve:
+        return []
+    metric = curve["metric"]
+    start = [r.get(metric) for r in curve["arms"] if r["method"] == "start"]
+    rows = [(r["method"], r["fraction"], r["n_runs"], r.get(f"{metric}_mean"), r.get(f"{metric}_std"),
+             r.get("bad_share_mean"), r.get("bad_share_std")) for r in curve["summary"]]
+    return [section(
+        "Filtering curve: fine-tune on the kept data, then benchmark",
+        para(f"{metric} of the model fine-tuned on each method's top fraction of the data set (random: mean "
+             f"and sd over seeds; 'all' = the whole data set), against the starting model "
+             f"({fmt(start[0]) if start else 'n/a'}). Bad share = known-bad samples in the training subset. "
+             f"Best selective method per fraction: "
+             + ", ".join(f"{f}: {m}" for f, m in curve["best_by_fraction"].items()) + ".", "note"),
+        figure(figures.get("curve"), "filtering curve"),
+        table(["method", "kept fraction", "runs", f"{metric} mean", "sd", "bad share mean", "sd"], rows))]
 
+
+def _subsets_and_examples(report: Mapping[str, Any]) -> list[str]:
+    parts = []
     subsets = report.get("subsets", {})
     if subsets:
         names = sorted({f for v in subsets.values() for f in v})
@@ -160,10 +192,7 @@ def render(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> str:
                 ["rank", "score", "sample", "corruption", "question", "preferred response"],
                 [(r["rank"], r["score"], r["sample_id"], r["corruption"], r["question"], r["response"]) for r in rows]))
         parts.append(section("Best and worst samples per method", *blocks))
-
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(report['title'])}</title>"
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+    return parts
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

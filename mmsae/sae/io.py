@@ -51,8 +51,8 @@ def hook_name(layer: int) -> str:
 def sae_folder(path: str | os.PathLike) -> Path:
     """The folder holding cfg.json: `path` itself, or `path/sae` for a train_sae artifact folder."""
     path = Path(path)
-    if not (path / Files.SAE_CFG).exists() and (path / "sae" / Files.SAE_CFG).exists():
-        return path / "sae"
+    if not (path / Files.SAE_CFG).exists() and (path / Files.SAE_DIR / Files.SAE_CFG).exists():
+        return path / Files.SAE_DIR
     return path
 
 

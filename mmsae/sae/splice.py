@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -76,6 +77,17 @@ def _target_logits(adapter: ModelAdapter, inputs: dict, rows: torch.Tensor, cols
     return F.log_softmax(adapter.lm_head(hidden[rows.to(dev), (cols - 1).to(dev)]).float(), dim=-1)
 
 
+class Targets(NamedTuple):
+    """The target tokens of one batch and the clean model's view of them."""
+
+    inputs: dict  # the model inputs of the batch
+    rows: torch.Tensor  # [n_targets] batch index of each target token
+    cols: torch.Tensor  # [n_targets] its position
+    clean: torch.Tensor  # [n_targets, vocab] clean log-probabilities
+    labels: torch.Tensor  # [n_targets] the target token ids
+    ce_clean: float  # summed clean cross-entropy
+
+
 @torch.no_grad()
 def evaluate_splice(adapter: ModelAdapter, saes: dict[str, SAE], layer: int, records: Sequence, batch_size: int,
                     include_response: bool = True, splices: Sequence[str] = SPLICES,
@@ -109,51 +121,75 @@ def evaluate_splice(adapter: ModelAdapter, saes: dict[str, SAE], layer: int, rec
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
             inputs, meta = adapter.build_batch(batch, include_response=include_response)
-            real = torch.from_numpy(meta.attention_mask)
-            modality = meta.modality
-            target = real & torch.from_numpy(meta.is_response if targets == "response" else modality != IMAGE)
-            target[:, 0] = False
-            rows, cols = target.nonzero(as_tuple=True)
-            if len(rows) == 0:
-                bar.update(len(batch))
-                continue
-            clean = _target_logits(adapter, inputs, rows, cols)
-            labels = inputs["input_ids"][rows.to(clean.device), cols.to(clean.device)]
-            ce_clean = F.nll_loss(clean, labels, reduction="sum").item()
-            masks = {
-                "all": real & torch.from_numpy((modality == IMAGE) | (modality == TEXT)),
-                "image": real & torch.from_numpy(modality == IMAGE),
-                "text": real & torch.from_numpy(modality == TEXT),
-            }
-            h = captured["h"]
-            for name, sae in saes.items():
-                for m, mask in masks.items():
-                    x = h[mask.to(h.device)].to(sae.W_enc.dtype)
-                    x_hat, f = sae(x)
-                    recon[(name, m)].update(x.cpu(), x_hat.cpu(), f.cpu())
-            for splice in splices:
-                mask = masks[splice]
-                if not bool(mask.any()):
-                    continue
-                with hook.set(mask, None):
-                    zero = _target_logits(adapter, inputs, rows, cols)
-                ce_zero = F.nll_loss(zero, labels, reduction="sum").item()
-                kl_zero = F.kl_div(zero, clean, log_target=True, reduction="sum").item()
-                for name, sae in saes.items():
-                    with hook.set(mask, sae):
-                        spliced = _target_logits(adapter, inputs, rows, cols)
-                    acc = sums.setdefault((name, splice), dict.fromkeys(("n", "clean", "sae", "zero", "kl_sae", "kl_zero"), 0.0))
-                    acc["n"] += len(rows)
-                    acc["clean"] += ce_clean
-                    acc["zero"] += ce_zero
-                    acc["kl_zero"] += kl_zero
-                    acc["sae"] += F.nll_loss(spliced, labels, reduction="sum").item()
-                    acc["kl_sae"] += F.kl_div(spliced, clean, log_target=True, reduction="sum").item()
+            found = _targets(adapter, inputs, meta, targets)
+            if found is not None:
+                masks = _splice_masks(meta)
+                _add_reconstruction(recon, saes, captured["h"], masks)  # h: the hook layer in the clean pass
+                for splice in splices:
+                    if bool(masks[splice].any()):
+                        _add_splice(adapter, hook, saes, splice, masks[splice], found, sums)
             bar.update(len(batch))
     finally:
         bar.close()
         hook.remove()
         cap.remove()
+    return _ce_table(sums), _reconstruction_table(recon)
+
+
+def _targets(adapter: ModelAdapter, inputs: dict, meta: object, targets: str) -> Targets | None:
+    """The batch's target tokens (after position 0) with their clean log-probabilities; None if none."""
+    real = torch.from_numpy(meta.attention_mask)
+    target = real & torch.from_numpy(meta.is_response if targets == "response" else meta.modality != IMAGE)
+    target[:, 0] = False
+    rows, cols = target.nonzero(as_tuple=True)
+    if len(rows) == 0:
+        return None
+    clean = _target_logits(adapter, inputs, rows, cols)
+    labels = inputs["input_ids"][rows.to(clean.device), cols.to(clean.device)]
+    ce_clean = F.nll_loss(clean, labels, reduction="sum").item()
+    return Targets(inputs, rows, cols, clean, labels, ce_clean)
+
+
+def _splice_masks(meta: object) -> dict[str, torch.Tensor]:
+    """[B, T] masks of the positions each splice replaces: image + text, image, text (never special)."""
+    real = torch.from_numpy(meta.attention_mask)
+    modality = meta.modality
+    return {
+        "all": real & torch.from_numpy((modality == IMAGE) | (modality == TEXT)),
+        "image": real & torch.from_numpy(modality == IMAGE),
+        "text": real & torch.from_numpy(modality == TEXT),
+    }
+
+
+def _add_reconstruction(recon: dict[tuple[str, str], MetricAccumulator], saes: dict[str, SAE], h: torch.Tensor,
+                        masks: dict[str, torch.Tensor]) -> None:
+    for name, sae in saes.items():
+        for m, mask in masks.items():
+            x = h[mask.to(h.device)].to(sae.W_enc.dtype)
+            x_hat, f = sae(x)
+            recon[(name, m)].update(x.cpu(), x_hat.cpu(), f.cpu())
+
+
+def _add_splice(adapter: ModelAdapter, hook: SpliceHook, saes: dict[str, SAE], splice: str, mask: torch.Tensor,
+                t: Targets, sums: dict[tuple[str, str], dict[str, float]]) -> None:
+    """Add the batch's summed CE and KL with `mask` zeroed and with each SAE spliced in to `sums`."""
+    with hook.set(mask, None):
+        zero = _target_logits(adapter, t.inputs, t.rows, t.cols)
+    ce_zero = F.nll_loss(zero, t.labels, reduction="sum").item()
+    kl_zero = F.kl_div(zero, t.clean, log_target=True, reduction="sum").item()
+    for name, sae in saes.items():
+        with hook.set(mask, sae):
+            spliced = _target_logits(adapter, t.inputs, t.rows, t.cols)
+        acc = sums.setdefault((name, splice), dict.fromkeys(("n", "clean", "sae", "zero", "kl_sae", "kl_zero"), 0.0))
+        acc["n"] += len(t.rows)
+        acc["clean"] += t.ce_clean
+        acc["zero"] += ce_zero
+        acc["kl_zero"] += kl_zero
+        acc["sae"] += F.nll_loss(spliced, t.labels, reduction="sum").item()
+        acc["kl_sae"] += F.kl_div(spliced, t.clean, log_target=True, reduction="sum").item()
+
+
+def _ce_table(sums: dict[tuple[str, str], dict[str, float]]) -> pd.DataFrame:
     ce_rows = []
     for (name, splice), acc in sums.items():
         n = acc["n"]
@@ -164,12 +200,16 @@ def evaluate_splice(adapter: ModelAdapter, saes: dict[str, SAE], layer: int, rec
             "ce_zero": ce_zero, "ce_score": _ratio(ce_zero - ce_sae, ce_zero - ce_clean),
             "kl_sae": kl_sae, "kl_zero": kl_zero, "kl_score": _ratio(kl_zero - kl_sae, kl_zero),
         })
+    return pd.DataFrame(ce_rows)
+
+
+def _reconstruction_table(recon: dict[tuple[str, str], MetricAccumulator]) -> pd.DataFrame:
     rec_rows = []
     for (name, m), acc in recon.items():
         r = acc.result(dense_threshold=1.0)
         rec_rows.append({"sae": name, "modality": m, "n_tokens": r["n_tokens"], "l0": r["l0"], "mse": r["mse"],
                          "centred_fvu": r["centred_fvu"], "dead_fraction": r["dead_fraction"]})
-    return pd.DataFrame(ce_rows), pd.DataFrame(rec_rows)
+    return pd.DataFrame(rec_rows)
 
 
 def _ratio(num: float, den: float) -> float:

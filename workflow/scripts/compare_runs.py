@@ -1,84 +1,9 @@
-"""Stage compare: the spread of the AUROC table over runs (e.g. toy-world seeds).
+"""Stage compare: see mmsae.report.compare (python workflow/scripts/compare_runs.py --help)."""
 
-Reads each run's report.json (--report NAME=PATH, repeated; the workflow passes
-results/{run}/report/report.json for every run in config compare.runs) and writes
-auroc_spread.parquet (method, kind, layer (<NA> = the configured SAE), n_runs, mean, sd, min, max,
-run:<name> per run; see mmsae.evaluation.auroc.auroc_spread) and auroc_spread.html (the same, escaped).
-"""
-
-from __future__ import annotations
-
-import json
 import sys
-from pathlib import Path
-
-import pandas as pd
 
 from mmsae import cli
-from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
-from mmsae.display import esc
-from mmsae.errors import InputError
-from mmsae.evaluation.auroc import DIRECTION, auroc_spread
-from mmsae.report.html import CSS, para, section, table
-
-SPREAD = Files.AUROC_SPREAD
-PAGE = Files.AUROC_SPREAD_HTML
-
-
-def read_reports(pairs: list[str]) -> dict[str, dict]:
-    """{run name: report dict} from NAME=PATH arguments, in the order given."""
-    reports: dict[str, dict] = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise InputError("--report", "value", f"expected NAME=PATH, got {pair!r}")
-        if name in reports:
-            raise InputError("--report", "name", f"run {name!r} given twice")
-        if not Path(path).is_file():
-            raise InputError(path, "path", "file does not exist (build that run's report first)")
-        try:
-            reports[name] = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(path, "json", f"not JSON: {exc.msg} at line {exc.lineno}") from None
-    return reports
-
-
-def render(spread: pd.DataFrame, runs: list[str]) -> str:
-    """One page: per layer block, a method x kind table of 'mean ± sd (min-max)', then every row."""
-    kinds = list(dict.fromkeys(spread["kind"]))
-    parts = [f"<h1>AUROC over {len(runs)} runs</h1>", para("runs: " + ", ".join(runs)), para(DIRECTION, "note")]
-    for layer, block in spread.groupby(spread["layer"].astype("object").fillna(-1), sort=True):
-        cell = {(r.method, r.kind): f"{r.mean:.3f} ± {r.sd:.3f} ({r.min:.2f}-{r.max:.2f}, n={r.n_runs})"
-                for r in block.itertuples() if r.n_runs}
-        rows = [[m, *[cell.get((m, k), "n/a") for k in kinds]] for m in dict.fromkeys(block["method"])]
-        title = "configured SAE" if layer == -1 else f"layer {layer}"
-        parts.append(section(f"AUROC, {title}: mean ± sd (min-max, runs)", table(["method", *kinds], rows)))
-    cols = list(spread.columns)
-    parts.append(section("All rows", table(cols, spread.astype("object").where(spread.notna(), None).values.tolist())))
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc('AUROC spread')}</title>"
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argp = cli.parser("compare", __doc__)
-    argp.add_argument("--report", action="append", default=[], metavar="NAME=PATH",
-                      help="a run's report.json (repeat for every run)")
-
-    def body(args, params):
-        timer = Timer()
-        reports = read_reports(args.report)
-        with timer("aggregate"):
-            spread = auroc_spread(reports)
-        with atomic_dir(args.out) as tmp:
-            spread.to_parquet(tmp / SPREAD, index=False)
-            (tmp / PAGE).write_text(render(spread, list(reports)))
-            inputs = {f"report:{name}": pair.partition("=")[2] for name, pair in zip(reports, args.report, strict=True)}
-            write_manifest(tmp, "compare", params, inputs, {"n_runs": len(reports), "rows": len(spread)},
-                           timer.timings)
-
-    return cli.run("compare", argp, body, argv)
-
+from mmsae.report import compare
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.stage_main(compare))
