@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mmsae import cli
+from mmsae.data import sample
 from mmsae.data.readers import read_dataset
 from mmsae.errors import InputError
 from mmsae.params import DataParams
@@ -173,7 +175,7 @@ def _replace(value, outside: str):
 
 
 @pytest.mark.parametrize("name,fmt,mutate,field", CASES, ids=[f"{c[1]}:{c[0]}" for c in CASES])
-def test_bad_row_is_a_one_line_error_or_a_listed_skip(tmp_path, name, fmt, mutate, field, monkeypatch):
+def test_bad_row_is_a_one_line_error_or_a_listed_skip(tmp_path, name, fmt, mutate, field, monkeypatch, capsys):
     path, root = _setup(tmp_path, fmt, mutate)
     opened = []
     real_open = Path.open
@@ -196,6 +198,20 @@ def test_bad_row_is_a_one_line_error_or_a_listed_skip(tmp_path, name, fmt, mutat
     real_root = root.resolve()
     data = path.resolve()
     assert all(p.is_relative_to(real_root) or p == data for p in opened), opened  # nothing outside the root
+    monkeypatch.setattr(Path, "open", real_open)
+
+    # the sample stage: exit 2 with one line and no folder; under skip, the row is listed in bad_rows.parquet
+    def stage(out: Path, on_bad_row: str) -> int:
+        cfg = {**LIMITS.as_dict(), "format": fmt, "image_root": str(root), "on_bad_row": on_bad_row}
+        return cli.stage_main(sample, ["--data", str(path), "--data-params", json.dumps(cfg), "--out", str(out)])
+
+    capsys.readouterr()
+    assert stage(tmp_path / "sample-err", "error") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: {line}" and not (tmp_path / "sample-err").exists()
+    assert stage(tmp_path / "sample-skip", "skip") == 0
+    listed = pd.read_parquet(tmp_path / "sample-skip" / "bad_rows.parquet")
+    assert field in set(listed["field"]) and (tmp_path / "sample-skip" / "manifest.json").exists()
 
 
 def test_the_matrix_covers_every_reader_and_kind():

@@ -52,7 +52,7 @@ def run(inputs: Inputs, params: SampleParams, out: Path) -> None:
     timer = Timer()
     data = inputs.data_params
     with timer("read"):
-        df, bad = read_dataset(inputs.data, data.format, data.image_root, data.on_bad_row)
+        df, bad = read_dataset(inputs.data, data.format, data.image_root, data.on_bad_row, limits=data)
     for row in bad.itertuples():
         log.warning("unreadable row %s: field %s: %s", row.sample_id, row.field, row.message)
     with timer("sample"):
