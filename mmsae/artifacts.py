@@ -115,6 +115,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -184,6 +185,31 @@ def write_manifest(
     }
     write_json(Path(folder) / MANIFEST, manifest)
     return manifest
+
+
+ARTIFACT_NAME = re.compile(r"[a-z_]+-[0-9a-f]{8}")  # stage_dirname: {stage}-{config hash}
+
+
+def require_finished(folder: str | os.PathLike, field: str = "manifest") -> None:
+    """Refuse a stage folder without its manifest: what a killed job or a forced rerun (which deletes
+    only manifest.json) leaves behind may be stale or half-written. Applies to folders named as
+    artifacts ({stage}-{hash}); other folders (a SAELens download, a hand-made store) are the user's."""
+    folder = Path(folder)
+    if ARTIFACT_NAME.fullmatch(folder.name) and folder.is_dir() and not (folder / MANIFEST).exists():
+        from mmsae.errors import InputError
+
+        raise InputError(folder / MANIFEST, field, "missing: an unfinished or forced-rerun stage folder, not read; "
+                         "rerun the stage that writes it")
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Delete what killed jobs left of earlier attempts at `final` (atomic_dir's hidden temporaries);
+    Snakemake never runs two jobs for one output, so none of them is in use."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmsae.artifacts import Files
+from mmsae.artifacts import Files, require_finished
 from mmsae.config import StageParams
 from mmsae.errors import InputError
 from mmsae.params import BY_STAGE, ModelParams
@@ -113,6 +113,10 @@ def main(stage: str, run_stage: Callable[[Any, Any, Path], Any], inputs_type: ty
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(inputs_type)}
         inputs = inputs_type(**{name: _convert(value, hints[name], "--" + name.replace("_", "-"))
                                 for name, value in given.items() if value is not None or name not in factories})
+        for f in dataclasses.fields(inputs_type):  # never read a stage folder without its manifest
+            value = getattr(inputs, f.name)
+            if isinstance(value, Path):
+                require_finished(value, "--" + f.name.replace("_", "-"))
         run_stage(inputs, params, Path(args.out))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -285,3 +285,31 @@ def test_layers_and_k_the_model_cannot_serve_are_named_before_any_job(tmp_path):
     assert planned_shape(validate({"model": {"path": "llava-hf/llava-v1.6-mistral-7b-hf"}})) is None  # hub id
     ok = validate({"model": {"path": str(folder)}, "extract": {"layers": [16]}, "train_sae": {"layer": 16}})
     assert shape_problems(ok, shape, where) == []
+
+
+def test_stale_folders_are_refused_and_old_temporaries_removed(tmp_path):
+    """A stage folder without manifest.json (a killed job, or --forcerun, which deletes only the manifest)
+    is never read; atomic_dir clears the hidden temporaries killed attempts left next to its target."""
+    from mmsae.activations import ActivationStore, ActivationWriter
+    from mmsae.artifacts import atomic_dir, write_manifest
+
+    folder = tmp_path / "extract-0123abcd"
+    writer = ActivationWriter(folder, [0], 4, chunk_tokens=4, shard_chunks=2)
+    import torch
+
+    tokens = pd.DataFrame({"row": [0, 1], "sample_id": ["a", "a"], "position": [0, 1], "modality": ["text", "text"],
+                           "token_id": [1, 2], "is_response": [False, False], "patch": [-1, -1]})
+    writer.append({0: torch.zeros(2, 4)}, tokens.astype({"position": "int32", "token_id": "int32", "patch": "int32"}))
+    writer.close()
+    with pytest.raises(InputError, match="extract-0123abcd/manifest.json: field 'manifest': missing"):
+        ActivationStore(folder)
+    write_manifest(folder, "extract", {})
+    assert ActivationStore(folder).n_tokens == 2
+
+    target = tmp_path / "encode-89abcdef"
+    (tmp_path / ".encode-89abcdef.tmp-killed").mkdir()
+    (tmp_path / ".encode-89abcdef.tmp-killed" / "codes.parquet").write_bytes(b"half")
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".encode")) == []
+    assert (target / "x").read_text() == "done"

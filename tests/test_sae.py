@@ -414,7 +414,30 @@ def test_train_script(tmp_path, capsys):
     rc = cli.stage_main(train, ["--extract", str(other), "--out", str(tmp_path / "bad2"), "--checkpoints",
                                 str(tmp_path / "ck4"), "--params", json.dumps({"layer": 2, "pretrained": str(out / "sae")})])
     assert rc == 2 and not (tmp_path / "bad2").exists()
-    assert "d_in" in capsys.readouterr().err.strip().splitlines()[-1]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "d_in" in line and f"but {other} has d_model={D + 1}" in line  # names the extract, not the SAE
+
+
+def test_finished_training_leaves_no_checkpoint_and_a_forced_rerun_trains_from_scratch(tmp_path, capsys):
+    """--forcerun deletes only manifest.json: the rerun must neither resume from the finished run's last
+    checkpoint nor let anyone read the folder meanwhile."""
+    from mmsae.sae import encode
+
+    store = synthetic_store(tmp_path / "x", layers=(0, 2))
+    params = json.dumps({"layer": 2, "steps": 12, "batch_size": 32, "checkpoint_every": 5, "expansion": 2})
+    out, ck = tmp_path / "train_sae-0123abcd", tmp_path / "train_sae-0123abcd.checkpoints"
+    argv = ["--extract", str(store), "--out", str(out), "--checkpoints", str(ck), "--params", params]
+    assert cli.stage_main(train, argv) == 0
+    first = json.loads((out / "manifest.json").read_text())["counts"]
+    assert first["resumed_from_step"] is None and not ck.exists()
+    (out / "manifest.json").unlink()  # what snakemake --forcerun train_sae does
+    with pytest.raises(InputError, match="manifest"):
+        load_sae(out)
+    assert cli.stage_main(encode, ["--extract", str(store), "--sae", str(out), "--out", str(tmp_path / "enc")]) == 2
+    assert "train_sae-0123abcd/manifest.json: field '--sae': missing" in capsys.readouterr().err
+    assert cli.stage_main(train, argv) == 0
+    again = json.loads((out / "manifest.json").read_text())["counts"]
+    assert again["resumed_from_step"] is None and again["steps"] == 12
 
 
 # ---- TopK SAE ------------------------------------------------------------------------------------------

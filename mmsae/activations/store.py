@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from mmsae.artifacts import Files
+from mmsae.artifacts import Files, require_finished
 from mmsae.errors import InputError
 
 MODALITIES = ("text", "image", "special")
@@ -135,6 +135,7 @@ class ActivationStore:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
+        require_finished(self.folder)
         single, index = self.folder / Files.ACTS, self.folder / Files.ACTS_INDEX
         if not (single.exists() or index.exists()) or not (self.folder / Files.TOKENS).exists():
             raise InputError(self.folder, Files.ACTS, "not an extract artifact (acts.zarr or acts.json / tokens.parquet missing)")

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmsae import __version__
-from mmsae.artifacts import Files, write_json
+from mmsae.artifacts import Files, require_finished, write_json
 from mmsae.errors import InputError
 from mmsae.sae.model import SAE, SAEConfig, build_sae
 
@@ -52,6 +52,7 @@ def sae_folder(path: str | os.PathLike) -> Path:
     """The folder holding cfg.json: `path` itself, or `path/sae` for a train_sae artifact folder."""
     path = Path(path)
     if not (path / Files.SAE_CFG).exists() and (path / Files.SAE_DIR / Files.SAE_CFG).exists():
+        require_finished(path)
         return path / Files.SAE_DIR
     return path
 

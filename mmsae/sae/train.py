@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 from mmsae import cli
@@ -61,3 +62,5 @@ def run(inputs: Inputs, params: TrainSaeParams, out: Path) -> None:
         timings = {**timer.timings, **{f"train_sae.{k}": v for k, v in metrics["timings_s"].items()}}
         manifest_inputs = {"extract": inputs.extract, **({"pretrained": params.pretrained} if params.pretrained else {})}
         write_manifest(tmp, STAGE, params.as_dict(), manifest_inputs, counts, timings)
+    # finished: a checkpoint only resumes an interrupted run, so a forced rerun trains from scratch
+    shutil.rmtree(inputs.checkpoints, ignore_errors=True)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmsae import __version__
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import Files, atomic_dir, config_hash, write_json
 from mmsae.params import TrainSaeParams
@@ -25,9 +26,11 @@ CHECKPOINT_FORMAT = 1
 
 
 def checkpoint_key(params: TrainSaeParams, store: ActivationStore) -> str:
-    """What a checkpoint must have been made with to be resumed: the params (but the device) and the store."""
+    """What a checkpoint must have been made with to be resumed: the params (but the device), the store
+    and this version of mmsae (the code that wrote it)."""
     p = {k: v for k, v in params.as_dict().items() if k != "device"}
-    return config_hash(p, [store.folder.resolve().name, f"d_model={store.d_model}", f"n_tokens={store.n_tokens}"], 16)
+    return config_hash(p, [store.folder.resolve().name, f"d_model={store.d_model}", f"n_tokens={store.n_tokens}",
+                           f"mmsae={__version__}"], 16)
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, sae: SAE, opt: torch.optim.Optimizer,

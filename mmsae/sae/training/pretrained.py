@@ -26,7 +26,7 @@ def import_sae(store: ActivationStore, params: TrainSaeParams, source: str | Pat
     layer = int(params.layer)
     store.array(layer)
     sae = load_sae(source, device=resolve_device(params.device))
-    check_d_in(sae, store.d_model, source)
+    check_d_in(sae, store.d_model, store.folder)  # the activations are what does not fit
     hooked = sae.cfg.metadata.get("hook_layer")
     if hooked is not None and int(hooked) != layer:
         raise InputError(Path(source) / Files.SAE_CFG, "hook_layer", f"SAE hooks layer {hooked}, config train_sae.layer is {layer}")
