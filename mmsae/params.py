@@ -105,7 +105,16 @@ class ExtractParams(StageParams):
     shard_chunks: int
     #: encode the preferred response too (the paper: false)
     include_response: bool
+    #: longest sequence (tokens) extracted; null = the model's context (max_position_embeddings). What
+    #: happens to a longer one: too_long
     max_length: int | None
+    #: a sample longer than max_length or the model's context: 'error' stops naming it; 'skip' leaves it
+    #: out (listed in the manifest's counts.too_long and in bad_rows.parquet; it has no tokens
+    #: downstream); 'truncate' cuts it on the right (never into its image tokens)
+    too_long: Literal["error", "skip", "truncate"]
+    #: most padded tokens in one forward pass: a batch above it runs in halves, so memory is bounded by
+    #: tokens, not by batch_size samples; null = no bound
+    batch_tokens: int | None
     #: extraction jobs run in parallel (rule extract_shard), each over a contiguous slice of the samples
     #: cut at batch boundaries, then gathered into one store; the stored activations do not depend on it
     #: (not part of the folder hash)

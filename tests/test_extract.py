@@ -157,8 +157,9 @@ def test_prompt_only_and_max_length(family, tmp_path):
     n_img = min(counts["image_tokens_per_sample"])
     if n_img:  # a text-only LLM has no image tokens to cut into
         with pytest.raises(InputError, match="extract.max_length"):
-            _extract(adapter, records, tmp_path / "m", max_length=n_img)
-    counts, store = _extract(adapter, records, tmp_path / "t", max_length=max(counts["image_tokens_per_sample"]) + 4)
+            _extract(adapter, records, tmp_path / "m", max_length=n_img, too_long="truncate")
+    counts, store = _extract(adapter, records, tmp_path / "t", max_length=max(counts["image_tokens_per_sample"]) + 4,
+                             too_long="truncate")
     assert store.tokens.groupby("sample_id").size().max() == max(counts["image_tokens_per_sample"]) + 4
 
 
@@ -431,3 +432,54 @@ def test_read_rows_reads_one_chunk_at_a_time(tmp_path, dtype):
     # the chunks holding the rows, each read once, whole (the last one is short)
     assert reads == [(0, 8), (8, 16), (16, 24), (48, 50)]
     assert store.read_rows(2, np.zeros(0, np.int64)).shape == (0, d)
+
+
+def _long_samples(tmp_path: Path, n_words: int) -> Path:
+    """The shard setup's records with sample 2's question made `n_words` words long."""
+    records = tiny_records(6, sizes=SIZES)
+    records[2].question = " ".join(["red"] * n_words)
+    samples = tmp_path / "sample-long"
+    samples.mkdir()
+    records_frame(records).to_parquet(samples / "samples.parquet")
+    return samples
+
+
+def test_too_long_sample_stops_naming_it_or_is_skipped_and_listed(shard_setup, tmp_path, capsys):
+    model, _ = shard_setup
+    samples = _long_samples(tmp_path, 400)  # ~400 tokens; the others are far below max_length 200
+    sid = pd.read_parquet(samples / "samples.parquet")["sample_id"][2]
+    assert _run_extract(model, samples, tmp_path / "e1", max_length=200) == 2 and not (tmp_path / "e1").exists()
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert f"field 'extract.too_long': sample '{sid}':" in line and "tokens, more than 200" in line
+    assert _run_extract(model, samples, tmp_path / "e2", max_length=200, too_long="skip") == 0
+    store = ActivationStore(tmp_path / "e2")
+    assert sid not in set(store.tokens["sample_id"]) and store.tokens["sample_id"].nunique() == 5
+    counts = json.loads((tmp_path / "e2" / "manifest.json").read_text())["counts"]
+    assert counts["n_too_long"] == 1 and counts["too_long"][0][0] == sid
+    assert pd.read_parquet(tmp_path / "e2" / "bad_rows.parquet")["sample_id"].tolist() == [sid]
+    assert _run_extract(model, samples, tmp_path / "e3", max_length=40, too_long="truncate") == 0
+    tokens = ActivationStore(tmp_path / "e3").tokens
+    assert tokens.groupby("sample_id").size().max() <= 40 and tokens["sample_id"].nunique() == 6
+
+
+def test_the_token_limit_is_the_model_context_unless_max_length_is_lower():
+    from mmsae.activations.extraction import token_limit
+
+    class Model:
+        def __init__(self, n):
+            self.n = n
+
+        def context_length(self):
+            return self.n
+
+    assert token_limit(Model(4096), None) == 4096 and token_limit(Model(4096), 512) == 512
+    assert token_limit(Model(None), None) is None and token_limit(Model(128), 512) == 128
+
+
+def test_batches_are_bounded_by_tokens(shard_setup, tmp_path):
+    """batch_tokens=1 runs every sample alone: the same stored bits as batch_size 1."""
+    model, samples = shard_setup
+    assert _run_extract(model, samples, tmp_path / "bounded", batch_tokens=1) == 0
+    assert _run_extract(model, samples, tmp_path / "single", batch_size=1, part_batches=64) == 0
+    _assert_same_store(ActivationStore(tmp_path / "bounded"), ActivationStore(tmp_path / "single"))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mmsae.activations.store import MODALITIES, TOKEN_SCHEMA, ActivationWriter
 from mmsae.artifacts import Files, atomic_dir, atomic_file, config_hash, write_json
 from mmsae.config import execution_keys
+from mmsae.errors import InputError
 from mmsae.params import ExtractParams, ModelParams
 
 PARTS = "parts"
@@ -86,38 +87,85 @@ class LayerCapture:
         self.remove()
 
 
+def token_limit(adapter, max_length: int | None) -> int | None:
+    """The longest sequence extracted: extract.max_length, capped by the model's context."""
+    limits = [n for n in (max_length, adapter.context_length()) if n is not None]
+    return min(limits) if limits else None
+
+
 def extract(adapter, records: Sequence, layers: Sequence[int], batch_size: int, writer: ActivationWriter,
-            max_length: int | None = None, include_response: bool = True, progress: bool = True) -> dict:
+            max_length: int | None = None, include_response: bool = True, progress: bool = True,
+            too_long: str = "error", batch_tokens: int | None = None) -> dict:
     """Run `records` through the model in batches and append the residual stream after each of `layers`
     at every real (non-padding) token to `writer`, batch by batch (the caller closes the writer).
 
-    Returns counts: n_samples, n_tokens, n_{text,image,special} tokens, n_response tokens and the
-    image tokens per sample (list, in record order).
+    A sample longer than token_limit() stops the run naming it (too_long="error"), is left out and
+    listed (too_long="skip"), or is cut on the right ("truncate"). A batch of more than `batch_tokens`
+    padded tokens runs in halves. Returns counts: n_samples, n_tokens, n_{text,image,special} tokens,
+    n_response tokens, the image tokens per sample (list, in record order) and too_long ([sample_id,
+    tokens] of the skipped samples).
     """
     layers = adapter.check_layers(layers, "extract.layers")
     if sorted(layers) != sorted(writer.layers):
         raise ValueError(f"writer layers {writer.layers} != requested layers {layers}")
+    limit = token_limit(adapter, max_length)
     counts = {"n_samples": 0, "n_tokens": 0, **{f"n_{m}": 0 for m in MODALITIES}, "n_response": 0}
     image_tokens: list[int] = []
+    skipped: list[list] = []
     bar = tqdm(total=len(records), unit="sample", desc="extract", disable=not progress, file=sys.stderr, mininterval=1.0)
-    with LayerCapture(adapter.decoder_layers(), layers) as capture, torch.inference_mode():
+
+    def run(batch: Sequence, built: tuple | None = None) -> None:
+        inputs, meta = built or adapter.build_batch(batch, include_response=include_response,
+                                                    max_length=limit if too_long == "truncate" else None)
+        if batch_tokens is not None and meta.attention_mask.size > batch_tokens and len(batch) > 1:
+            half = len(batch) // 2  # padded to the longest of each half: bounded by tokens, not samples
+            run(batch[:half])
+            run(batch[half:])
+            return
+        select = torch.from_numpy(meta.attention_mask)
+        states = capture.run(lambda inputs=inputs: adapter.forward(inputs), select)
+        tokens = meta.tokens_frame()
+        writer.append({layer: states[layer] for layer in writer.layers}, tokens)
+        counts["n_samples"] += len(batch)
+        counts["n_tokens"] += len(tokens)
+        for m in MODALITIES:
+            counts[f"n_{m}"] += int((tokens["modality"] == m).sum())
+        counts["n_response"] += int(tokens["is_response"].sum())
+        image_tokens.extend(int(n) for n in meta.n_image_tokens)
+
+    with bar, LayerCapture(adapter.decoder_layers(), layers) as capture, torch.inference_mode():
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            inputs, meta = adapter.build_batch(batch, include_response=include_response, max_length=max_length)
-            select = torch.from_numpy(meta.attention_mask)
-            states = capture.run(lambda inputs=inputs: adapter.forward(inputs), select)
-            tokens = meta.tokens_frame()
-            writer.append({layer: states[layer] for layer in writer.layers}, tokens)
-            counts["n_samples"] += len(batch)
-            counts["n_tokens"] += len(tokens)
-            for m in MODALITIES:
-                counts[f"n_{m}"] += int((tokens["modality"] == m).sum())
-            counts["n_response"] += int(tokens["is_response"].sum())
-            image_tokens.extend(int(n) for n in meta.n_image_tokens)
-            bar.update(len(batch))
-    bar.close()
+            built = adapter.build_batch(batch, include_response=include_response,
+                                        max_length=limit if too_long == "truncate" else None)
+            if too_long != "truncate" and limit is not None:  # tokenized only: nothing ran yet
+                lengths = built[1].attention_mask.sum(axis=1)
+                if int(lengths.max()) > limit:
+                    batch, built = _within_limit(batch, lengths, limit, too_long, skipped, adapter.path), None
+            if batch:
+                run(batch, built)
+            bar.update(min(batch_size, len(records) - start))
     counts["image_tokens_per_sample"] = image_tokens
+    counts["too_long"] = skipped
     return counts
+
+
+def _within_limit(batch: Sequence, lengths: np.ndarray, limit: int, too_long: str, skipped: list[list],
+                  model: str) -> list:
+    """The records of `batch` no longer than `limit` tokens; a longer one raises (too_long="error") or is
+    appended to `skipped` as [sample_id, tokens]."""
+    kept = []
+    for record, n in zip(batch, lengths.tolist(), strict=True):
+        if n <= limit:
+            kept.append(record)
+        elif too_long == "error":
+            raise InputError(model, "extract.too_long",
+                             f"sample {record.sample_id!r}: {n} tokens, more than {limit} (extract.max_length or "
+                             f"the model's context); set extract.too_long: skip or truncate")
+        else:
+            skipped.append([record.sample_id, int(n)])
+            log.warning("extract: sample %s skipped: %d tokens > %d", record.sample_id, n, limit)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +191,8 @@ def extraction_key(params: ExtractParams, model_params: ModelParams, model: str)
     """What makes two extractions interchangeable: the extract slice without the execution keys, the
     model slice and the model. A part made under another key is never reused."""
     p = {k: v for k, v in params.as_dict().items() if k not in execution_keys("extract")}
-    return config_hash({"extract": p, "model": model_params.as_dict(), "model_path": str(model)}, length=16)
+    m = {k: v for k, v in model_params.as_dict().items() if k not in execution_keys("model")}
+    return config_hash({"extract": p, "model": m, "model_path": str(model)}, length=16)
 
 
 class LazyRecords(Sequence):
@@ -180,7 +229,8 @@ def _write_part(adapter, records: Sequence, layers: Sequence[int], params: Extra
         writer = ActivationWriter(tmp, layers, adapter.d_model, dtype=params.dtype,
                                   chunk_tokens=params.chunk_tokens, shard_chunks=params.shard_chunks)
         counts = extract(adapter, records, layers, params.batch_size, writer, max_length=params.max_length,
-                         include_response=params.include_response, progress=False)
+                         include_response=params.include_response, progress=False, too_long=params.too_long,
+                         batch_tokens=params.batch_tokens)
         if writer.close() != counts["n_tokens"]:
             raise RuntimeError(f"part {folder}: rows written differ from tokens extracted")
         write_json(tmp / Files.PART_INFO, {"key": key, "records": list(span), "sample_ids": [r.sample_id for r in records],
@@ -206,17 +256,17 @@ def extract_shard(adapter, records: Sequence, layers: Sequence[int], params: Ext
     bar = tqdm(total=b - a, unit="sample", desc=f"extract {shard + 1}/{n_shards}", disable=not progress,
                file=sys.stderr, mininterval=1.0)
     ids = records.sample_ids if isinstance(records, LazyRecords) else [r.sample_id for r in records]
-    for j, span in enumerate(spans):
-        folder = parts_dir / f"{j:05d}"
-        if _part_ok(folder, key, span, ids[span[0] : span[1]]):
-            reused += 1
-        else:
-            if folder.exists():
-                shutil.rmtree(folder)
-            _write_part(adapter, records[span[0] : span[1]], layers, params, folder, key, span)
-        folders.append(folder)
-        bar.update(span[1] - span[0])
-    bar.close()
+    with bar:  # closed on errors too, so an error message starts on its own line
+        for j, span in enumerate(spans):
+            folder = parts_dir / f"{j:05d}"
+            if _part_ok(folder, key, span, ids[span[0] : span[1]]):
+                reused += 1
+            else:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                _write_part(adapter, records[span[0] : span[1]], layers, params, folder, key, span)
+            folders.append(folder)
+            bar.update(span[1] - span[0])
     log.info("extract: shard %d/%d, records [%d, %d): %d parts, %d reused from a previous run",
              shard + 1, n_shards, a, b, len(spans), reused)
     return folders
@@ -227,12 +277,14 @@ def part_counts(parts: Sequence[Path]) -> dict:
     image_tokens_per_sample (list, in record order)."""
     total = {"n_samples": 0, "n_tokens": 0, **{f"n_{m}": 0 for m in MODALITIES}, "n_response": 0}
     per_sample: list[int] = []
+    too_long: list[list] = []
     for part in parts:
         c = json.loads((Path(part) / Files.PART_INFO).read_text())["counts"]
         for k in total:
             total[k] += int(c[k])
         per_sample.extend(c["image_tokens_per_sample"])
-    return {**total, "image_tokens_per_sample": per_sample}
+        too_long.extend(c.get("too_long", []))
+    return {**total, "image_tokens_per_sample": per_sample, "too_long": too_long}
 
 
 def write_store_index(folder: str | os.PathLike, parts: Sequence[Path], names: Sequence[str], layers: Sequence[int],
@@ -253,6 +305,9 @@ def write_store_index(folder: str | os.PathLike, parts: Sequence[Path], names: S
                                      "chunk_tokens": int(params.chunk_tokens), "n_tokens": offset,
                                      "parts": list(names)})
     counts = part_counts(parts)
+    bad = pd.DataFrame([{"sample_id": sid, "field": "tokens", "message": f"{n} tokens: too long (extract.too_long: skip)"}
+                        for sid, n in counts["too_long"]], columns=["sample_id", "field", "message"])
+    bad.to_parquet(folder / Files.BAD_ROWS, index=False)
     if counts["n_tokens"] != offset:
         raise RuntimeError(f"{folder}: the parts' token files hold {offset} rows, their counts {counts['n_tokens']}")
     return counts
@@ -266,6 +321,7 @@ def store_parts(folder: str | os.PathLike) -> list[str]:
 def summarize_counts(counts: dict) -> dict:
     """The manifest form of part_counts: the per-sample image-token list becomes min / max / mean."""
     counts = dict(counts)
+    counts["n_too_long"] = len(counts.get("too_long", []))
     per_sample = np.asarray(counts.pop("image_tokens_per_sample"), dtype=np.int64)
     counts["image_tokens_per_sample"] = {
         "min": int(per_sample.min()), "max": int(per_sample.max()), "mean": float(per_sample.mean()),

@@ -120,6 +120,11 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def context_length(self) -> int | None:
+        """The longest sequence the language model was built for (max_position_embeddings), if it says."""
+        n = getattr(self.text_config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
     def decoder_layers(self) -> nn.ModuleList:
         return attrgetter(self.layers_path)(self.model)
 
