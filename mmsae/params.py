@@ -109,8 +109,8 @@ class ExtractParams(StageParams):
     #: happens to a longer one: too_long
     max_length: int | None
     #: a sample longer than max_length or the model's context: 'error' stops naming it; 'skip' leaves it
-    #: out (listed in the manifest's counts.too_long and in bad_rows.parquet; it has no tokens
-    #: downstream); 'truncate' cuts it on the right (never into its image tokens)
+    #: out (listed in the manifest's counts.too_long and in bad_rows.parquet; it has no tokens downstream,
+    #: so SAE-based scores give it 0); 'truncate' cuts it on the right (never into its image tokens)
     too_long: Literal["error", "skip", "truncate"]
     #: most padded tokens in one forward pass: a batch above it runs in halves, so memory is bounded by
     #: tokens, not by batch_size samples; null = no bound
