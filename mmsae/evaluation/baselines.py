@@ -142,7 +142,7 @@ def clip_scores(records: Sequence[Record], clip_model: str | os.PathLike | None,
     path = str(clip_model)
     if not Path(path).is_dir():
         raise InputError(path, "baseline_scores.clip_model", "not a local folder")
-    model = CLIPModel.from_pretrained(path).to(device).eval()
+    model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     max_len = int(model.config.text_config.max_position_embeddings)

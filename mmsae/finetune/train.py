@@ -53,7 +53,8 @@ def _trainer_args(params: FinetuneParams, output_dir: Path, per_device: int, dty
         save_strategy="no", report_to="none", max_length=params.max_length,
         activation_checkpointing=bool(params.gradient_checkpointing), bf16=dtype == torch.bfloat16,
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=not params.progress,
-        model_init_kwargs={"dtype": dtype, "device_map": None, "trust_remote_code": bool(params.trust_remote_code)},
+        model_init_kwargs={"dtype": dtype, "device_map": None, "trust_remote_code": bool(params.trust_remote_code),
+                           "use_safetensors": True},
     )
     if params.method == "sft":
         return SFTConfig(completion_only_loss=True, **common)
@@ -249,7 +250,8 @@ def _write_model(saved: Path, target: Path, model_path: str, cls: type, params: 
         from peft import PeftModel
 
         auto = getattr(transformers, cls.auto_model)
-        base = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=params.trust_remote_code)
+        base = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=params.trust_remote_code,
+                                    use_safetensors=True)
         merged = PeftModel.from_pretrained(base, str(saved)).merge_and_unload()
         merged.save_pretrained(target)
     else:
