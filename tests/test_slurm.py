@@ -106,7 +106,7 @@ def test_profile_submits_gpu_and_cpu_rules_with_their_resources(tmp_path):
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
     cfg = {"run": "slurm", "toyworld": {"n_samples": 20, "n_train": 20, "n_heldout": 10},
-           "toy_model": {"hidden_size": 16, "num_layers": 1, "vision_layers": 1, "batch_size": 4, "steps_text": 1,
+           "toy_model": {"hidden_size": 16, "num_layers": 2, "vision_layers": 1, "batch_size": 4, "steps_text": 1,
                          "steps_vision": 1, "steps_joint": 1, "eval_samples": 4}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "FAKE_SLURM": str(tmp_path),
