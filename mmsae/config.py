@@ -108,6 +108,13 @@ def execution_keys(stage: str) -> tuple[str, ...]:
     return tuple(key for key, sub in props.items() if sub.get("execution"))
 
 
+def result_keys(stage: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config slice without its execution keys: what the stage's result depends on (folder hashes,
+    resume keys)."""
+    skip = execution_keys(stage)
+    return {k: v for k, v in values.items() if k not in skip}
+
+
 def dumps(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not pip-installed
 from mmsae.artifacts import stage_dirname
-from mmsae.config import config_error, execution_keys
+from mmsae.config import config_error, result_keys
 from mmsae.models.shape import planned_shape, shape_problems
 
 # A bad config stops here with one line naming the field and its value; Snakemake's own validation
@@ -109,18 +109,17 @@ def hashed_params(stage, **variant):
     """The config a stage depends on, which its folder hash covers: its own slice (plus the model slice
     for stages that run it) without its execution keys (schema: `execution: true`); a variant overrides
     train_sae keys."""
-    skip = execution_keys(stage)
-    params = {k: v for k, v in config.get(stage, {}).items() if k not in skip}
+    params = result_keys(stage, config.get(stage, {}))
     if stage == "train_sae":
         params.update(variant)
     if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
                  "steer", "attribute"):
-        params["model"] = {k: v for k, v in config["model"].items() if k not in execution_keys("model")}
+        params["model"] = result_keys("model", config["model"])
     if stage == "sample":
         params["data"] = config["data"]
     if stage == "curve":  # the arms' recipe: fine-tuning and benchmarking
         params.update(finetune=hashed_params("finetune"), benchmark=config["benchmark"],
-                      model={k: v for k, v in config["model"].items() if k not in execution_keys("model")})
+                      model=result_keys("model", config["model"]))
     return params
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mmsae.activations.store import MODALITIES, TOKEN_SCHEMA, ActivationWriter
 from mmsae.artifacts import Files, atomic_dir, atomic_file, config_hash, write_json
-from mmsae.config import execution_keys
+from mmsae.config import result_keys
 from mmsae.errors import InputError
 from mmsae.params import ExtractParams, ModelParams
 
@@ -190,9 +190,8 @@ def part_ranges(start: int, stop: int, batch_size: int, part_batches: int) -> li
 def extraction_key(params: ExtractParams, model_params: ModelParams, model: str) -> str:
     """What makes two extractions interchangeable: the extract slice without the execution keys, the
     model slice and the model. A part made under another key is never reused."""
-    p = {k: v for k, v in params.as_dict().items() if k not in execution_keys("extract")}
-    m = {k: v for k, v in model_params.as_dict().items() if k not in execution_keys("model")}
-    return config_hash({"extract": p, "model": m, "model_path": str(model)}, length=16)
+    return config_hash({"extract": result_keys("extract", params.as_dict()),
+                        "model": result_keys("model", model_params.as_dict()), "model_path": str(model)}, length=16)
 
 
 class LazyRecords(Sequence):

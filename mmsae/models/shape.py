@@ -23,6 +23,11 @@ def local_model_shape(path: str) -> tuple[int, int] | None:
     return None
 
 
+def dictionary_size(expansion: float, d_model: int) -> int:
+    """d_sae of an SAE with `expansion` latents per model dimension (train_sae sizes it so)."""
+    return max(1, int(round(expansion * d_model)))
+
+
 def shape_problems(config: dict[str, Any], shape: tuple[int, int], where: str) -> list[str]:
     """One line per config value the model (`where`: its path, for the message) cannot serve."""
     n_layers, d_model = shape
@@ -36,7 +41,7 @@ def shape_problems(config: dict[str, Any], shape: tuple[int, int], where: str) -
     if not 0 <= sae["layer"] < n_layers:
         out.append(f"config: train_sae.layer = {sae['layer']}: {where} has {n_layers} decoder layers "
                    f"(0..{n_layers - 1})")
-    d_sae = max(1, int(round(sae["expansion"] * d_model)))  # as mmsae.sae training sizes the dictionary
+    d_sae = dictionary_size(sae["expansion"], d_model)
     if sae["architecture"] == "topk" and sae["k"] > d_sae:
         out.append(f"config: train_sae.k = {sae['k']}: exceeds d_sae = {d_sae} "
                    f"(expansion {sae['expansion']:g} x d_model {d_model} of {where})")

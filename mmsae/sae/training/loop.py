@@ -24,6 +24,7 @@ from mmsae.activations import ActivationStore
 from mmsae.artifacts import Files, write_json
 from mmsae.device import resolve_device
 from mmsae.errors import InputError
+from mmsae.models.shape import dictionary_size
 from mmsae.params import TrainSaeParams
 from mmsae.sae.io import hook_name, log10_frequency, save_sae
 from mmsae.sae.metrics import evaluate_blocks
@@ -102,7 +103,7 @@ def new_sae(store: ActivationStore, params: TrainSaeParams, device: torch.device
             metadata: dict[str, Any] | None) -> SAE:
     """The seeded SAE of `params.architecture` for the store's width, configured for training."""
     d_in = store.d_model
-    d_sae = max(1, int(round(params.expansion * d_in)))
+    d_sae = dictionary_size(params.expansion, d_in)
     arch = params.architecture
     if arch not in ARCHITECTURES:
         raise InputError("--params", "architecture", f"unknown SAE architecture {arch!r} (have {sorted(ARCHITECTURES)})")
