@@ -31,7 +31,8 @@ TOKEN_SCHEMA = pa.schema(
         ("modality", pa.string()),
         ("token_id", pa.int32()),
         ("is_response", pa.bool_()),
-        ("patch", pa.int32()),
+        ("patch", pa.int32()),  # index among its image's tokens (per image: mmsae.models.grid), -1 elsewhere
+        ("image_index", pa.int16()),  # which image of the sample an image token belongs to, -1 elsewhere
     ]
 )
 

@@ -2,7 +2,9 @@
 
 from mmsae.data.sample import sample_frame
 from mmsae.data.schema import (
+    EXTRA_IMAGES,
     IMAGE,
+    IMAGE_MARKER,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     Record,
@@ -13,7 +15,9 @@ from mmsae.data.schema import (
 )
 
 __all__ = [
+    "EXTRA_IMAGES",
     "IMAGE",
+    "IMAGE_MARKER",
     "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
     "Record",

@@ -8,6 +8,13 @@
 | llava_json      | LLaVA instruction JSON + an image root folder            | [first gpt turn], 0                   |
 | obelics         | interleaved documents: parallel `texts` / `images` lists | none (documents have no responses)    |
 
+Several images: every reader keeps every image, in order (`image`: the first, `extra_images`: the rest).
+OBELICS documents interleave them with the text (`<image>` markers where they stood); LLaVA JSON, Align-
+Anything and RLAIF-V take a list in `image` (markers as written in the text). Images that all precede the
+text need no markers (the single-image layout): leading markers are dropped, so single-image data read as
+before. An unreadable image of several is a bad row naming the image (image 1 in field `image`, image k > 1
+in `extra_images`).
+
 Images may come as raw bytes, as a Hugging Face image struct {bytes, path}, or as a path relative to
 `image_root` (default: the data file's folder). Everything in the file is untrusted: a path must resolve,
 symlinks included, to a regular file inside the root; images are capped at data.max_image_bytes and
@@ -29,7 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from mmsae.data.schema import PROBLEM, REQUIRED_COLUMNS, type_name, validate_frame
+from mmsae.data.schema import EXTRA_IMAGES, IMAGE_MARKER, PROBLEM, REQUIRED_COLUMNS, type_name, validate_frame
 from mmsae.errors import InputError
 from mmsae.params import DataParams
 
@@ -119,10 +126,45 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise InputError(path, "file", f"not a readable parquet file ({exc.__class__.__name__})") from exc
 
 
-def _images(values: Any, images: ImageFiles) -> tuple[list, list]:
-    """(bytes per row, per-row problems naming the field 'image')."""
-    read = [images.read(v) for v in values]
-    return [b for b, _ in read], [("image", m) if m else None for _, m in read]
+def _image_list(value: Any, images: ImageFiles) -> tuple[bytes | None, list[bytes], tuple[str, str] | None]:
+    """(first image, the others, problem) of one image field: a single image or a list of them, in order.
+    A problem names the image: field 'image' for the first, 'extra_images' ("image k: ...") for the rest."""
+    values = list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
+    if not values:
+        return None, [], None  # reported by validation as "no image bytes"
+    out: list[bytes | None] = []
+    for i, v in enumerate(values):
+        data, message = images.read(v)
+        if message:
+            return None, [], ("image", message) if i == 0 else (EXTRA_IMAGES, f"image {i + 1}: {message}")
+        if data is None and i:
+            return None, [], (EXTRA_IMAGES, f"image {i + 1}: no image bytes")
+        out.append(data)
+    return out[0], [b for b in out[1:] if b is not None], None
+
+
+def _images(values: Any, images: ImageFiles) -> tuple[list, list, list]:
+    """(first image per row, the other images per row, per-row problems)."""
+    read = [_image_list(v, images) for v in values]
+    return [f for f, _, _ in read], [e for _, e, _ in read], [p for _, _, p in read]
+
+
+def leading_markers_dropped(question: Any, n_images: int) -> Any:
+    """The question without its `n_images` image markers when they all precede the text (the default
+    layout, so '<image>\nWhat is it?' reads as 'What is it?'); otherwise unchanged (a wrong count is
+    left for validation to report)."""
+    if not isinstance(question, str):
+        return question
+    pieces = question.split(IMAGE_MARKER)
+    if len(pieces) == n_images + 1 > 1 and all(not p.strip() for p in pieces[:-1]):
+        return pieces[-1].strip()
+    return question
+
+
+def _extra_column(extra: list[list[bytes]]) -> dict[str, list]:
+    """{extra_images: ...} when any row has more than one image, else {} (single-image data sets keep
+    the single-image schema, byte for byte)."""
+    return {EXTRA_IMAGES: [e or None for e in extra]} if any(extra) else {}
 
 
 def _first(*problems: Any) -> list:
@@ -137,14 +179,26 @@ def _mmsae(path: Path, images: ImageFiles) -> pd.DataFrame:
     read = [images.read(v) if v is None or isinstance(v, bytes | bytearray)
             else (None, f"expected image bytes, got {type_name(v)}") for v in df["image"]]
     image_problems = [("image", m) if m else None for _, m in read]
-    return df.assign(sample_id=ids, image=[b for b, _ in read], **{PROBLEM: _first(id_problems, image_problems)})
+    if EXTRA_IMAGES in df.columns:  # caps each extra image; other types are reported by validation
+        extra_problems = []
+        for value in df[EXTRA_IMAGES]:
+            found = None
+            for k, v in enumerate(value if isinstance(value, list | tuple | np.ndarray) else [], start=2):
+                message = images.read(v)[1] if isinstance(v, bytes | bytearray) else None
+                if message:
+                    found = (EXTRA_IMAGES, f"image {k}: {message}")
+                    break
+            extra_problems.append(found)
+        image_problems = _first(image_problems, extra_problems)
+    return df.assign(sample_id=ids, image=[b for b, _ in read],
+                     **{PROBLEM: _first(id_problems, image_problems)})
 
 
 def _align_anything(path: Path, images: ImageFiles) -> pd.DataFrame:
     df = _read_parquet(path)
     _require(df, path, ("question", "image", "response_1", "response_2", "overall_response"))
     ids, id_problems = _ids(df, ("sample_id", "id", "question_id"), "aa-")
-    data, image_problems = _images(df["image"], images)
+    data, extra, image_problems = _images(df["image"], images)
     preferred, pref_problems = [], []
     for value in df["overall_response"]:  # 1 or 2: which response is better overall
         ok = isinstance(value, int | np.integer | float | np.floating) and not isinstance(value, bool) and value in (1, 2)
@@ -157,6 +211,7 @@ def _align_anything(path: Path, images: ImageFiles) -> pd.DataFrame:
         "responses": [[a, b] for a, b in zip(df["response_1"], df["response_2"], strict=True)],
         "preferred": pd.Series(preferred, index=df.index, dtype="int64"),
         PROBLEM: _first(id_problems, pref_problems, image_problems),
+        **_extra_column(extra),
     })
 
 
@@ -164,7 +219,7 @@ def _rlaif_v(path: Path, images: ImageFiles) -> pd.DataFrame:
     df = _read_parquet(path)
     _require(df, path, ("question", "image", "chosen", "rejected"))
     ids, id_problems = _ids(df, ("sample_id", "idx", "id"), "rlaifv-")
-    data, image_problems = _images(df["image"], images)
+    data, extra, image_problems = _images(df["image"], images)
     return pd.DataFrame({
         "sample_id": ids,
         "question": df["question"],
@@ -172,6 +227,7 @@ def _rlaif_v(path: Path, images: ImageFiles) -> pd.DataFrame:
         "responses": [[c, r] for c, r in zip(df["chosen"], df["rejected"], strict=True)],
         "preferred": 0,
         PROBLEM: _first(id_problems, image_problems),
+        **_extra_column(extra),
     })
 
 
@@ -214,11 +270,13 @@ def _llava_json(path: Path, images: ImageFiles) -> pd.DataFrame:
             human, gpt = _llava_turns(item)
         except ValueError as exc:
             human, gpt, problem = "", "", problem or exc.args
-        image, image_problem = images.read(item.get("image")) if isinstance(item, dict) else (None, None)
-        rows.append({"sample_id": ids.iloc[i], "question": human.replace("<image>", "").strip(), "image": image,
-                     "responses": [gpt], "preferred": 0,
-                     PROBLEM: problem or (("image", image_problem) if image_problem else None)})
-    return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, PROBLEM])
+        image, extra, image_problem = _image_list(item.get("image"), images) if isinstance(item, dict) else (None, [], None)
+        n_images = (image is not None) + len(extra)
+        rows.append({"sample_id": ids.iloc[i], "question": leading_markers_dropped(human.strip(), n_images),
+                     "image": image, "responses": [gpt], "preferred": 0, EXTRA_IMAGES: extra,
+                     PROBLEM: problem or image_problem})
+    frame = pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, EXTRA_IMAGES, PROBLEM])
+    return frame.drop(columns=[EXTRA_IMAGES]).assign(**_extra_column(list(frame[EXTRA_IMAGES])))
 
 
 def _obelics(path: Path, images: ImageFiles) -> pd.DataFrame:
@@ -226,15 +284,32 @@ def _obelics(path: Path, images: ImageFiles) -> pd.DataFrame:
     _require(df, path, ("texts", "images"))
     rows = []
     ids, id_problems = _ids(df, ("sample_id", "id", "url"), "obelics-")
+    extras = []
     for sid, id_problem, texts, imgs in zip(ids, id_problems, df["texts"], df["images"], strict=True):
-        # One record per document: its first readable image and all of its text, in document order.
-        read = [images.read(v) for v in _as_list(imgs)]
-        image = next((b for b, _ in read if b), None)
-        image_problem = next((m for b, m in read if m), None) if image is None else None
-        text = "\n".join(t for t in _as_list(texts) if isinstance(t, str) and t.strip())
-        rows.append({"sample_id": sid, "question": text, "image": image, "responses": [], "preferred": -1,
-                     PROBLEM: id_problem or (("image", image_problem) if image_problem else None)})
-    return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, PROBLEM])
+        # One record per document: every image and all of its text, in document order; each image stands
+        # where it was (a marker), unless all of them precede the text.
+        texts, imgs = _as_list(texts), _as_list(imgs)
+        pieces: list[str | None] = []  # text, or None for an image
+        kept, image_problem = [], None
+        for j in range(max(len(texts), len(imgs))):
+            value = imgs[j] if j < len(imgs) else None
+            if value is not None:
+                data, message = images.read(value)
+                if message and image_problem is None:
+                    image_problem = ("image", message) if not kept else (EXTRA_IMAGES, f"image {len(kept) + 1}: {message}")
+                if data is not None:
+                    kept.append(data)
+                    pieces.append(None)
+            text = texts[j] if j < len(texts) else None
+            if isinstance(text, str) and text.strip():
+                pieces.append(text)
+        first_text = next((k for k, p in enumerate(pieces) if p is not None), len(pieces))
+        leading = all(p is None for p in pieces[:first_text]) and None not in pieces[first_text:]
+        question = "\n".join(p if p is not None else IMAGE_MARKER for p in pieces if p is not None or not leading)
+        rows.append({"sample_id": sid, "question": question, "image": kept[0] if kept else None, "responses": [],
+                     "preferred": -1, PROBLEM: id_problem or image_problem})
+        extras.append(kept[1:])
+    return pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, PROBLEM]).assign(**_extra_column(extras))
 
 
 READERS: dict[str, Callable[[Path, ImageFiles], pd.DataFrame]] = {
@@ -260,7 +335,8 @@ def read_dataset(path: str | os.PathLike, fmt: str = "mmsae", image_root: str | 
     images = ImageFiles(Path(image_root) if image_root else path.parent, limits.max_image_bytes)
     df = READERS[fmt](path, images)
     df["sample_id"] = df["sample_id"].astype(str)
-    bad = validate_frame(df, path, check_images=True, on_bad_row=on_bad_row, max_text_chars=limits.max_text_chars)
+    bad = validate_frame(df, path, check_images=True, on_bad_row=on_bad_row, max_text_chars=limits.max_text_chars,
+                         max_images=limits.max_images_per_sample)
     df = df.drop(columns=[PROBLEM], errors="ignore")
     if len(bad):
         df = df[~df["sample_id"].isin(bad["sample_id"])].reset_index(drop=True)

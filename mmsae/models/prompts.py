@@ -6,18 +6,29 @@ the response is appended as plain text plus the tokenizer's end-of-sequence toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
 def user_message(question: str, has_image: bool) -> list[dict[str, Any]]:
-    content: list[dict[str, Any]] = [{"type": "image"}] if has_image else []
-    content.append({"type": "text", "text": question})
+    return segments_message([0, question] if has_image else [question])
+
+
+def segments_message(segments: Sequence[str | int]) -> list[dict[str, Any]]:
+    """The user turn of text pieces and images in order (`Record.segments()`: an int is an image)."""
+    content = [{"type": "text", "text": s} if isinstance(s, str) else {"type": "image"} for s in segments]
     return [{"role": "user", "content": content}]
 
 
 def format_prompt(processor: Any, question: str, has_image: bool) -> str:
     """The text of the user turn plus the generation prompt, with the model's image placeholder."""
-    return processor.apply_chat_template(user_message(question, has_image), add_generation_prompt=True, tokenize=False)
+    return format_segments(processor, [0, question] if has_image else [question])
+
+
+def format_segments(processor: Any, segments: Sequence[str | int]) -> str:
+    """format_prompt for a turn of several images placed in the text: one placeholder per image, where
+    `segments` puts it (the chat template writes each one)."""
+    return processor.apply_chat_template(segments_message(segments), add_generation_prompt=True, tokenize=False)
 
 
 def format_response(processor: Any, response: str) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 
 from mmsae.data.schema import Record
 from mmsae.errors import InputError
-from mmsae.models.prompts import format_prompt, format_response
+from mmsae.models.prompts import format_response, format_segments
 
 TEXT, IMAGE, SPECIAL = "text", "image", "special"
 
@@ -33,7 +33,8 @@ class BatchMeta:
     token_id: np.ndarray  # int64 [B, T]
     modality: np.ndarray  # object [B, T]: image | text | special
     is_response: np.ndarray  # bool [B, T]
-    patch: np.ndarray  # int32 [B, T]: index among the sample's image tokens, -1 elsewhere
+    patch: np.ndarray  # int32 [B, T]: index among its image's tokens, -1 elsewhere
+    image_index: np.ndarray | None = None  # int16 [B, T]: which image of the sample (0, 1, ...), -1 elsewhere
 
     @property
     def position(self) -> np.ndarray:
@@ -55,6 +56,8 @@ class BatchMeta:
                 "token_id": self.token_id[m].astype(np.int32),
                 "is_response": self.is_response[m],
                 "patch": self.patch[m].astype(np.int32),
+                "image_index": (self.image_index[m] if self.image_index is not None
+                                else np.where(self.modality[m] == IMAGE, 0, -1)).astype(np.int16),
             }
         )
 
@@ -145,7 +148,19 @@ class ModelAdapter:
 
     # -- inputs ------------------------------------------------------------------------------------
     def prompt(self, record: Record) -> str:
-        return format_prompt(self.processor, record.question, has_image=record.image is not None)
+        """The user turn with one image placeholder per image, placed as `Record.segments()` says."""
+        try:
+            segments = record.segments()
+        except ValueError as exc:
+            raise InputError(self.path, "question", f"sample {record.sample_id!r}: {exc}") from exc
+        return format_segments(self.processor, segments)
+
+    def image_token_counts(self, images: Sequence[Any]) -> list[int]:
+        """Image tokens the processor gives each of `images` (PIL), in order: its own per-size count."""
+        if not images:
+            return []
+        sizes = [(im.height, im.width) for im in images]
+        return [int(n) for n in self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens]
 
     def texts(self, records: Sequence[Record], include_response: bool) -> tuple[list[str], list[str]]:
         """(prompts, full texts) in the shared prompt format."""
@@ -181,7 +196,7 @@ class ModelAdapter:
         if not records:
             raise ValueError("build_batch: no records")
         prompts, texts = self.texts(records, include_response)
-        inputs = self.encode(texts, [r.image for r in records if r.image is not None])
+        inputs = self.encode(texts, [im for r in records for im in r.images])
         input_ids = inputs["input_ids"]
         attn = inputs.get("attention_mask")
         if attn is None:
@@ -208,13 +223,14 @@ class ModelAdapter:
         img = is_image.numpy()
         special = np.isin(ids, np.fromiter(self.special_ids, dtype=np.int64, count=len(self.special_ids)))
         modality = np.where(img, IMAGE, np.where(special, SPECIAL, TEXT)).astype(object)
-        patch = np.where(img, np.cumsum(img, axis=1) - 1, -1).astype(np.int32)
+        counts = [self.image_token_counts(r.images) for r in records]
+        patch, image_index = self._image_positions(img, counts, records)
         is_response = np.zeros_like(mask)
         if include_response:
-            for b, start in enumerate(self._response_starts(prompts, ids, mask, img)):
+            for b, start in enumerate(self._response_starts(prompts, ids, mask, counts)):
                 is_response[b, start:] = True
             is_response &= mask
-        meta = BatchMeta([r.sample_id for r in records], mask, ids, modality, is_response, patch)
+        meta = BatchMeta([r.sample_id for r in records], mask, ids, modality, is_response, patch, image_index)
         device = self.device
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
@@ -228,23 +244,39 @@ class ModelAdapter:
         if not torch.equal(attn.bool(), expected):
             raise RuntimeError("processor did not right-pad the batch (attention mask is not a prefix)")
 
+    def _image_positions(self, img: np.ndarray, counts: list[list[int]],
+                         records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+        """(patch, image_index) [B, T]: each row's image tokens split into its images by `counts` (image
+        k's tokens follow image k-1's, as the processor expands the placeholders in order); patch
+        restarts at 0 for every image."""
+        patch = np.full(img.shape, -1, np.int32)
+        image_index = np.full(img.shape, -1, np.int16)
+        for b, n in enumerate(counts):
+            cols = np.nonzero(img[b])[0]
+            if sum(n) != len(cols):
+                raise RuntimeError(f"sample {records[b].sample_id!r}: {len(cols)} image tokens, but the processor "
+                                   f"counts {n} for its {len(n)} images")
+            which = np.repeat(np.arange(len(n)), n)
+            image_index[b, cols] = which
+            patch[b, cols] = np.arange(len(cols)) - np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)[which]
+        return patch, image_index
+
     def _placeholder_expansion(self, n: int) -> list[int]:
         """The ids one image placeholder of the prompt becomes in `input_ids`, for `n` image tokens."""
         return [self.image_token_id] * n
 
-    def _response_starts(self, prompts: list[str], ids: np.ndarray, mask: np.ndarray, img: np.ndarray) -> list[int]:
+    def _response_starts(self, prompts: list[str], ids: np.ndarray, mask: np.ndarray,
+                         counts: list[list[int]]) -> list[int]:
         """Index of the first response token per row: the end of the common prefix of the full sequence
-        and the (image-expanded) prompt tokenised alone, so a token merged across the boundary counts as
-        response."""
+        and the (image-expanded: image k's placeholder becomes counts[b][k] tokens) prompt tokenised alone,
+        so a token merged across the boundary counts as response."""
         starts = []
         for b, prompt in enumerate(prompts):
-            p_ids = self.prompt_ids(prompt)
-            n_img = int(img[b].sum())
-            n_placeholders = sum(1 for t in p_ids if t == self.image_token_id)
+            per_image = iter(counts[b])
             expanded: list[int] = []
-            for t in p_ids:
+            for t in self.prompt_ids(prompt):
                 if t == self.image_token_id:
-                    expanded.extend(self._placeholder_expansion(n_img // max(n_placeholders, 1)))
+                    expanded.extend(self._placeholder_expansion(next(per_image, 0)))
                 else:
                     expanded.append(t)
             row = ids[b][mask[b]]

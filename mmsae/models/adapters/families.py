@@ -140,10 +140,14 @@ class CausalLMAdapter(ModelAdapter):
 
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
+    def image_token_counts(self, images: Sequence[Any]) -> list[int]:
+        return []  # images are ignored
+
     def prompt(self, record: Record) -> str:
+        text = record.text  # the question without image markers
         if not getattr(self.tokenizer, "chat_template", None):
-            return record.question
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": record.question}],
+            return text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                   add_generation_prompt=True, tokenize=False)
 
     def _add_special_tokens(self, text: str) -> bool:

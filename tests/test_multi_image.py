@@ -1,0 +1,224 @@
+"""Multi-image records: schema and validation, readers that keep every image in order, adapters that
+build inputs with several images per sample (captured states == hidden_states, image-token counts ==
+the processor's per image, `image_index` / per-image `patch` right)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import (
+    build_tiny_chameleon,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen2_vl,
+    records_frame,
+    tiny_records,
+)
+from PIL import Image
+
+from mmsae.activations import ActivationStore, ActivationWriter, extract
+from mmsae.artifacts import Files
+from mmsae.data import IMAGE_MARKER, Record, read_records
+from mmsae.data.readers import read_dataset
+from mmsae.errors import InputError
+from mmsae.models import format_prompt
+from mmsae.models.adapters import ChameleonAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter
+from mmsae.params import DataParams
+
+FAMILIES = {"llava": (build_tiny_llava, LlavaAdapter), "llava_next": (build_tiny_llava_next, LlavaNextAdapter),
+            "chameleon": (build_tiny_chameleon, ChameleonAdapter), "qwen2_vl": (build_tiny_qwen2_vl, Qwen2VLAdapter)}
+SIZES = [(32, 32), (16, 32), (40, 20)]  # (width, height): different counts for LLaVA-NeXT and Qwen2-VL
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multi_records() -> list[Record]:
+    """Three samples: 2 images placed in the text, 3 images before the text (no markers), 1 image."""
+    base = tiny_records(6, sizes=SIZES)
+    a, b, c = base[0], base[1], base[2]
+    first = Record(a.sample_id, f"{IMAGE_MARKER} left {IMAGE_MARKER} {a.question}", a.image, a.responses, a.preferred,
+                   extra_images=[base[3].image])
+    second = Record(b.sample_id, b.question, b.image, b.responses, b.preferred,
+                    extra_images=[base[4].image, base[5].image])
+    return [first, second, c]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    build, cls = FAMILIES[request.param]
+    model, processor = build()
+    return request.param, cls(model, processor, request.param)
+
+
+def processor_count(adapter, image: Image.Image) -> int:
+    """Image tokens the processor alone expands one image into (placeholder ids in its input_ids)."""
+    text = format_prompt(adapter.processor, "red", has_image=True)
+    ids = adapter.processor(text=[text], images=[image], return_tensors="pt", **adapter.processor_kwargs())["input_ids"]
+    return int((ids == adapter.image_token_id).sum())
+
+
+def test_adapters_build_several_images(family, tmp_path):
+    name, adapter = family
+    records = multi_records()
+    writer = ActivationWriter(tmp_path / "x", [0, 1], adapter.d_model, chunk_tokens=16, shard_chunks=2)
+    extract(adapter, records, [0, 1], 3, writer, progress=False)
+    writer.close()
+    store = ActivationStore(tmp_path / "x")
+    tokens = pq.read_table(tmp_path / "x" / Files.TOKENS).to_pandas()
+    assert tokens["image_index"].dtype == np.int16
+
+    # image tokens per image == the processor's count for that image alone; patch restarts per image
+    for record in records:
+        t = tokens[tokens.sample_id == record.sample_id].reset_index(drop=True)
+        img = t[t.modality == "image"]
+        assert (t.loc[t.modality != "image", "image_index"] == -1).all()
+        assert img["image_index"].is_monotonic_increasing
+        want = [processor_count(adapter, im) for im in record.images]
+        got = img.groupby("image_index").size()
+        assert got.index.tolist() == list(range(len(record.images))), name
+        assert got.tolist() == want, name
+        for k, n in enumerate(want):
+            assert img.loc[img.image_index == k, "patch"].tolist() == list(range(n))
+
+    # placement: the marker record's word "left" stands between its two images
+    first = tokens[tokens.sample_id == records[0].sample_id].reset_index(drop=True)
+    left = adapter.tokenizer.convert_tokens_to_ids("left")
+    pos = int(first.index[first.token_id == left][0])
+    img = first[first.modality == "image"]
+    assert img.index[img.image_index == 0].max() < pos < img.index[img.image_index == 1].min()
+
+    # captured states == the model's own hidden_states (its processor's inputs, its own image path)
+    _, texts = adapter.texts(records, include_response=True)
+    native = adapter.processor(text=texts, images=[im for r in records for im in r.images], padding=True,
+                               padding_side="right", return_tensors="pt", **adapter.processor_kwargs())
+    _, meta = adapter.build_batch(records, include_response=True)
+    assert torch.equal(native["attention_mask"].bool(), torch.from_numpy(meta.attention_mask))
+    with torch.inference_mode():
+        hs = adapter.model(**native, output_hidden_states=True, use_cache=False).hidden_states
+    mask = torch.from_numpy(meta.attention_mask)
+    np.testing.assert_allclose(store.read(0), hs[1][mask].numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
+    # responses are still the suffix after several images
+    resp = meta.is_response[0][meta.attention_mask[0]]
+    assert resp.any() and not resp[: int(np.argmax(resp))].any() and resp[int(np.argmax(resp)):].all()
+
+
+def test_single_image_records_unchanged(family):
+    """One image, no marker: image_index 0 and patches as before (0..n-1 over the sample)."""
+    _, adapter = family
+    records = tiny_records(2, sizes=SIZES)
+    _, meta = adapter.build_batch(records, include_response=True)
+    img = meta.modality == "image"
+    assert (meta.image_index[img] == 0).all() and (meta.image_index[~img] == -1).all()
+    for b in range(len(records)):
+        assert meta.patch[b][img[b]].tolist() == list(range(int(img[b].sum())))
+
+
+# -- records and validation -----------------------------------------------------------------------
+def _frame(extra: list, question: str = "red square") -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": ["s0"], "question": [question], "image": [png((255, 0, 0))],
+                         "responses": [["a"]], "preferred": [0], "extra_images": [extra]})
+
+
+def test_mmsae_records_round_trip_in_order(tmp_path):
+    path = tmp_path / "d.parquet"
+    colors = [(0, 255, 0), (0, 0, 255)]
+    _frame([png(c) for c in colors], f"{IMAGE_MARKER} a {IMAGE_MARKER} b {IMAGE_MARKER}").to_parquet(path)
+    df, _ = read_dataset(path, "mmsae")
+    df.to_parquet(tmp_path / "s.parquet")
+    (record,) = read_records(tmp_path / "s.parquet")
+    assert [im.getpixel((0, 0)) for im in record.images] == [(255, 0, 0), *colors]
+    assert record.segments() == [0, "a", 1, "b", 2] and record.text == "a b"
+
+
+@pytest.mark.parametrize(("extra", "question", "field", "message"), [
+    ([png((0, 0, 1))], f"{IMAGE_MARKER} red", "question", "1 <image> markers for 2 images"),
+    ([png((0, 0, 1))] * 3, "red", "extra_images", "4 images, more than data.max_images_per_sample = 3"),
+    ([png((0, 0, 1)), b"not an image"], "red", "extra_images", "image 3: undecodable image"),
+    (["a string"], "red", "extra_images", "image 2: expected image bytes, got str"),
+])
+def test_bad_multi_image_rows(tmp_path, extra, question, field, message):
+    path = tmp_path / "d.parquet"
+    _frame(extra, question).to_parquet(path)
+    with pytest.raises(InputError) as err:
+        read_dataset(path, "mmsae", limits=DataParams.load({"max_images_per_sample": 3}))
+    line = str(err.value)
+    assert "\n" not in line and f"field '{field}'" in line and "sample 's0'" in line and message in line, line
+
+
+def test_too_many_images_is_a_bad_row_with_skip(tmp_path):
+    path = tmp_path / "d.parquet"
+    ok, many = _frame([png((0, 0, 1))]), _frame([png((0, 0, 1))] * 20)
+    pd.concat([ok, many.assign(sample_id=["s1"])]).to_parquet(path)
+    df, bad = read_dataset(path, "mmsae", on_bad_row="skip")  # the default cap: 16
+    assert list(df.sample_id) == ["s0"] and bad.to_dict("records") == [
+        {"sample_id": "s1", "field": "extra_images", "message": "21 images, more than data.max_images_per_sample = 16"}]
+
+
+# -- readers --------------------------------------------------------------------------------------
+def test_obelics_keeps_every_image_in_place(tmp_path):
+    path = tmp_path / "ob.parquet"
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    imgs = [{"bytes": png(c), "path": None} for c in colors]
+    pd.DataFrame({"id": ["d0", "d1"],
+                  "texts": [[None, "first para", None, "second", None], [None, None, "only text"]],
+                  "images": [[imgs[0], None, imgs[1], None, imgs[2]], [imgs[2], imgs[0], None]]}).to_parquet(path)
+    df, _ = read_dataset(path, "obelics")
+    df.to_parquet(tmp_path / "s.parquet")
+    d0, d1 = read_records(tmp_path / "s.parquet")
+    assert [im.getpixel((0, 0)) for im in d0.images] == colors
+    assert d0.segments() == [0, "first para", 1, "second", 2]
+    assert [im.getpixel((0, 0)) for im in d1.images] == [colors[2], colors[0]]
+    assert d1.question == "only text" and d1.segments() == [0, 1, "only text"]  # all images lead: no markers
+
+
+def test_obelics_names_an_unreadable_later_image(tmp_path):
+    path = tmp_path / "ob.parquet"
+    pd.DataFrame({"id": ["d0"], "texts": [["t", None, None]],
+                  "images": [[None, {"bytes": png((1, 1, 1)), "path": None}, {"bytes": None, "path": "../x.png"}]]}
+                 ).to_parquet(path)
+    with pytest.raises(InputError, match=r"field 'extra_images': sample 'd0': image 2: image path '../x.png'"):
+        read_dataset(path, "obelics")
+
+
+def test_llava_json_image_list_with_markers(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name, c in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0))):
+        (root / name).write_bytes(png(c))
+    os.symlink("/etc/passwd", root / "out.png")
+    items = [{"id": "x", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "Compare <image> with <image> please"}, {"from": "gpt", "value": "same"}]},
+        {"id": "y", "image": ["b.png", "a.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhich is red?"}, {"from": "gpt", "value": "the second"}]}]
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps(items))
+    df, _ = read_dataset(path, "llava_json", image_root=root)
+    df.to_parquet(tmp_path / "s.parquet")
+    x, y = read_records(tmp_path / "s.parquet")
+    assert [im.getpixel((0, 0)) for im in x.images] == [(255, 0, 0), (0, 255, 0)]
+    assert x.segments() == ["Compare", 0, "with", 1, "please"]
+    assert y.question == "Which is red?" and [im.getpixel((0, 0)) for im in y.images] == [(0, 255, 0), (255, 0, 0)]
+    items[0]["image"] = ["a.png", "out.png"]  # the second escapes the root: a bad row naming it
+    path.write_text(json.dumps(items))
+    with pytest.raises(InputError, match=r"field 'extra_images': sample 'x': image 2: .*outside the image root"):
+        read_dataset(path, "llava_json", image_root=root)
+
+
+def test_sample_stage_keeps_extra_images(tmp_path):
+    """records_frame -> the mmsae reader: single-image data sets get no extra_images column at all."""
+    frame = records_frame(tiny_records(2))
+    path = tmp_path / "d.parquet"
+    frame.to_parquet(path)
+    df, _ = read_dataset(path, "mmsae")
+    assert "extra_images" not in df.columns
