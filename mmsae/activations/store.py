@@ -37,6 +37,14 @@ TOKEN_SCHEMA = pa.schema(
 )
 
 
+def image_index(tokens: pd.DataFrame) -> np.ndarray:
+    """int16 `image_index` of a token frame; a store written before the column existed (one image per
+    sample) gives 0 to every image token and -1 elsewhere."""
+    if "image_index" in tokens.columns:
+        return tokens["image_index"].to_numpy(np.int16)
+    return np.where(tokens["modality"].to_numpy() == "image", 0, -1).astype(np.int16)
+
+
 def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.uint16).cpu().numpy()

@@ -36,6 +36,7 @@ from mmsae.errors import InputError
 
 IMAGE = "image"
 EXTRA_IMAGES = "extra_images"
+IMAGE_COLUMNS = (IMAGE, EXTRA_IMAGES)  # the columns that hold image bytes (drop them to read the rest)
 IMAGE_MARKER = "<image>"  # where an image goes in the question; one per image, or none (all images first)
 REQUIRED_COLUMNS = ("sample_id", "question", "image", "responses", "preferred")
 OPTIONAL_COLUMNS = ("extra_images", "corruption", "task", "objects")

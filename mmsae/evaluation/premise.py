@@ -20,6 +20,7 @@ from mmsae import cli
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.data.sample import sample_frame
+from mmsae.data.schema import IMAGE_COLUMNS
 from mmsae.data.toyvocab import COLOURS, SHAPES
 from mmsae.data.toyworld import patch_concepts
 from mmsae.errors import InputError
@@ -144,7 +145,8 @@ class Inputs:
 def run(inputs: Inputs, params: PremiseParams, out: Path) -> None:
     timer = Timer()
     layer, d_sae = encode_info(inputs.encode)
-    samples = read_samples(inputs.samples).drop_columns(["image"]).to_pandas()
+    table = read_samples(inputs.samples)
+    samples = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names]).to_pandas()
     tokens = ActivationStore(inputs.extract).tokens
     word_ids = word_token_ids(load_tokenizer(inputs.model), list(concept_words()))
     grid = patch_grid(tokens)

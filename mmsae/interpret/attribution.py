@@ -25,7 +25,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -149,7 +149,7 @@ def attribute(adapter: ModelAdapter, sae: SAE, record: Record, answer_a: str | N
     token_a, token_b = answer_token(adapter, prompt, a), answer_token(adapter, prompt, b)
     if token_a == token_b:
         raise InputError("attribute", "answer_b", f"answers {a!r} and {b!r} start with the same token")
-    inputs, meta = adapter.build_batch([Record(record.sample_id, record.question, record.image, [], -1)],
+    inputs, meta = adapter.build_batch([replace(record, responses=[], preferred=-1)],  # every image kept
                                        include_response=False)
     mask = position_mask(meta, positions)
     if not bool(mask.any()):
@@ -175,6 +175,7 @@ def attribute(adapter: ModelAdapter, sae: SAE, record: Record, answer_a: str | N
         "sample_id": record.sample_id, "position": np.arange(n_real, dtype=np.int32),
         "token_id": meta.token_id[0, :n_real].astype(np.int32), "token": names,
         "modality": meta.modality[0, :n_real], "patch": meta.patch[0, :n_real].astype(np.int32),
+        "image_index": meta.image_index[0, :n_real].astype(np.int16),
         "attributed": mask[0, :n_real].numpy(),
         "attr_features": np.zeros(n_real, np.float32), "attr_error": np.zeros(n_real, np.float32),
     })
@@ -240,7 +241,7 @@ def plot_attribution(result: Attribution, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     t = result.tokens
-    img = t[t["modality"] == IMAGE]
+    img = t[(t["modality"] == IMAGE) & (t["image_index"] == 0)]  # the grid plot: the first image's patches
     txt = t[(t["modality"] != IMAGE) & t["attributed"]]
     # own colour scale for the patches: the answer position's own residual usually dwarfs them
     vmax = float(np.abs(img["attr_total"]).max()) if len(img) else 0.0

@@ -24,7 +24,6 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
-from mmsae.data.schema import Record
 from mmsae.errors import InputError
 from mmsae.interpret.common import PromptInputs, load_model_and_sae, prompt_records
 from mmsae.interpret.steering import Clamp, SteeringRun, flip_summary, sae_layer, steer_records
@@ -106,7 +105,7 @@ def run(inputs: Inputs, params: SteerParams, out: Path) -> None:
     records = prompt_records(inputs, params.sample_ids, params.task, params.n_samples)
     if not inputs.image and (inputs.question or params.question):
         q = inputs.question or params.question
-        records = [Record(r.sample_id, q, r.image, r.responses, r.preferred, r.extras) for r in records]
+        records = [dataclasses.replace(r, question=q) for r in records]
     adapter, sae = load_model_and_sae(inputs, timer)
     target = params.concept
     if inputs.clamp:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ def generate(adapter: ModelAdapter, record: Record, max_new_tokens: int, hook: S
              positions: str = "all") -> str:
     """Greedy answer to one record's prompt (pipeline prompt format, no padding); steered when `hook`
     is given (at `positions`), plain otherwise."""
-    inputs, meta = adapter.build_batch([Record(record.sample_id, record.question, record.image, [], -1)],
+    inputs, meta = adapter.build_batch([replace(record, responses=[], preferred=-1)],  # every image kept
                                        include_response=False)
     tok = adapter.tokenizer
     if hook is not None:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.data.schema import IMAGE_COLUMNS
 from mmsae.errors import InputError
 from mmsae.features import read_columns
 from mmsae.params import ReportParams
@@ -65,7 +66,8 @@ def read_json(path: Path) -> dict:
 def run(inputs: Inputs, params: ReportParams, out: Path) -> None:
     timer = Timer()
     with timer("read"):
-        samples = read_samples(inputs.samples).drop_columns(["image"]).to_pandas()
+        table = read_samples(inputs.samples)
+        samples = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names]).to_pandas()
         scores = read_columns(Path(inputs.score) / Files.SCORES, ("sample_id",), all_columns=True)
         features = read_columns(Path(inputs.features) / Files.FEATURES, ("feature", "class"))
         sae_metrics = read_json(Path(inputs.train_sae) / Files.METRICS)

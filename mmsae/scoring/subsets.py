@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmsae.artifacts import Files
-from mmsae.data.schema import REQUIRED_COLUMNS, validate_frame
+from mmsae.data.schema import IMAGE_COLUMNS, REQUIRED_COLUMNS, validate_frame
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.methods import rank
@@ -30,7 +30,7 @@ def read_samples(folder: str | os.PathLike) -> pa.Table:
         raise InputError(path, "path", "file does not exist")
     table = pq.read_table(path)
     require_columns(path, table.column_names, REQUIRED_COLUMNS)
-    meta = table.drop_columns(["image"]).to_pandas()
+    meta = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names]).to_pandas()
     validate_frame(meta.assign(image=None), path, check_images=False)
     return table
 

@@ -10,14 +10,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
+from mmsae.activations.store import image_index
 from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import CLASSES, iter_codes, read_columns, require_columns
 from mmsae.models.grid import Grid, adapter_grid
 
 MODS = ("text", "image", "special")
-TOKEN_COLUMNS = ("row", "sample_id", "position", "modality", "token_id", "patch")
+TOKEN_COLUMNS = ("row", "sample_id", "position", "modality", "token_id", "patch")  # + image_index where stored
 FEATURE_COLUMNS = ("feature", "n_text", "n_image", "n_special", "top_text_rows", "top_text_acts",
                    "top_image_rows", "top_image_acts", "weight", "class")
 
@@ -86,7 +88,11 @@ def select_features(stats: pd.DataFrame, n_features: int, per_class: int) -> pd.
 
 def read_tokens(path: str | os.PathLike) -> pd.DataFrame:
     """tokens.parquet indexed by store row (row i = position i of the frame)."""
-    tokens = read_columns(path, TOKEN_COLUMNS).sort_values("row", kind="stable").reset_index(drop=True)
+    stored = pq.read_schema(path).names if os.path.exists(path) else []
+    columns = [*TOKEN_COLUMNS, *(["image_index"] if "image_index" in stored else [])]
+    tokens = read_columns(path, columns).sort_values("row", kind="stable").reset_index(drop=True)
+    if "image_index" not in tokens.columns:  # a store from before multi-image records: one image each
+        tokens["image_index"] = image_index(tokens)
     if not np.array_equal(tokens["row"].to_numpy(), np.arange(len(tokens))):
         raise InputError(path, "row", "rows are not 0..n-1")
     return tokens

@@ -22,6 +22,7 @@ from mmsae.display import MODALITY_COLOURS  # noqa: E402
 from mmsae.errors import InputError  # noqa: E402
 from mmsae.features import require_columns  # noqa: E402
 from mmsae.interpret.browser.data import MODS  # noqa: E402
+from mmsae.interpret.browser.pages import image_name  # noqa: E402
 from mmsae.models.grid import Grid, crop_box  # noqa: E402
 
 VEIL_RGB = (16, 16, 24)
@@ -38,40 +39,49 @@ def square_view(data: bytes, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.NEAREST if side <= size else Image.Resampling.LANCZOS)
 
 
-def write_images(samples: str | os.PathLike, ids: list[str], idx: list[int], folder: Path, size: int) -> dict[int, str]:
-    """img/{s}.png for each shown sample that has an image; returns {s: question} for those written."""
+def write_images(samples: str | os.PathLike, ids: list[str], keys: list[tuple[int, int]], folder: Path,
+                 size: int) -> dict[tuple[int, int], str]:
+    """img/{s}.png (img/{s}_{k}.png for image k > 0 of a multi-image sample) for each shown (sample s,
+    image k) that has that image; returns {(s, k): question} for those written."""
     path = Path(samples)
     if not ids:
         return {}
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
-    require_columns(path, pq.read_schema(path).names, ("sample_id", "question", "image"))
-    table = pq.read_table(path, columns=["sample_id", "question", "image"], filters=[("sample_id", "in", ids)])
-    by_id = {sid: (q, img) for sid, q, img in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)}
+    names = pq.read_schema(path).names
+    require_columns(path, names, ("sample_id", "question", "image"))
+    columns = ["sample_id", "question", "image", *(["extra_images"] if "extra_images" in names else [])]
+    table = pq.read_table(path, columns=columns, filters=[("sample_id", "in", sorted(set(ids)))])
+    by_id = {row[0]: (row[1], [row[2], *((row[3] or []) if len(row) > 3 else [])])
+             for row in zip(*(table.column(c).to_pylist() for c in columns), strict=True)}
     written = {}
-    for sid, s in zip(ids, idx, strict=True):
+    for sid, (s, k) in zip(ids, keys, strict=True):
         if sid not in by_id:
             raise InputError(path, "sample_id", f"sample {sid!r} of the token index is not in samples.parquet")
-        question, data = by_id[sid]
+        question, images = by_id[sid]
+        data = images[k] if 0 <= k < len(images) else None
         if data is None:
             continue
         try:
-            square_view(data, size).save(folder / f"{s}.png", optimize=True)
+            square_view(data, size).save(folder / f"{image_name(s, k)}.png", optimize=True)
         except OSError as exc:
-            raise InputError(path, "image", f"sample {sid!r}: undecodable image ({exc.__class__.__name__})") from exc
-        written[s] = question or ""
+            raise InputError(path, "image", f"sample {sid!r}: image {k + 1}: undecodable image "
+                             f"({exc.__class__.__name__})") from exc
+        written[(s, k)] = question or ""
     return written
 
 
 def check_grid(tokens: pd.DataFrame, sample_of_row: np.ndarray, grid: Grid) -> None:
-    """Every sample with image tokens must have at least the model's base grid of them."""
+    """Every image (of a sample: `image_index`) must have at least the model's base grid of tokens."""
     image = (tokens["modality"] == "image").to_numpy()
     if not image.any():
         return
-    per_sample = np.bincount(sample_of_row[image])
+    which = tokens["image_index"].to_numpy(np.int64)[image] if "image_index" in tokens.columns else 0
+    n_images = int(np.max(which)) + 1
+    per_sample = np.bincount(sample_of_row[image] * n_images + which)
     per_sample = per_sample[per_sample > 0]
     if per_sample.min() < grid.span:
-        raise InputError(Files.TOKENS, "patch", f"a sample has {per_sample.min()} image tokens, fewer than the "
+        raise InputError(Files.TOKENS, "patch", f"an image has {per_sample.min()} image tokens, fewer than the "
                          f"model's {grid.rows}x{grid.cols} patch grid (+{grid.first}) needs: wrong --model?")
 
 

@@ -151,12 +151,18 @@ def context_html(pieces: list[tuple[str, str, float | None]], top_pos: int, posi
     return "".join(out)
 
 
-def image_card(f: int, s: int, sample_id: str, act: float, question: str | None, heat: bool) -> str:
-    """One top image: the sample's image (when it has one), its heat veil, id, activation and question."""
-    layers = f'<img alt="" src="../img/{s}.png">' if question is not None else ""
+def image_name(s: int, k: int = 0) -> str:
+    """File name (no suffix) of image `k` of shown sample `s` in img/: `{s}`, or `{s}_{k}` for k > 0."""
+    return f"{s}" if k == 0 else f"{s}_{k}"
+
+
+def image_card(f: int, s: int, sample_id: str, act: float, question: str | None, heat: bool, k: int = 0) -> str:
+    """One top image: image `k` of the sample (when it has one), its heat veil, id, activation and question."""
+    layers = f'<img alt="" src="../img/{image_name(s, k)}.png">' if question is not None else ""
     if heat:
         layers += f'<img alt="" src="../heat/{f}_{s}.png">'
-    return (f'<div class=card><div class=thumb>{layers}</div><div class=cap><b>{esc(sample_id)}</b> '
+    which = f" image {k + 1}" if k else ""
+    return (f'<div class=card><div class=thumb>{layers}</div><div class=cap><b>{esc(sample_id)}</b>{which} '
             f"max {_num(act, 3)}<br>{esc(_short(question or '', 120))}</div></div>")
 
 

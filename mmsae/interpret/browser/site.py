@@ -51,6 +51,7 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
         raise InputError(Files.FEATURES, "feature", f"feature id outside [0, {d_sae})")
     sample_of_row, sample_ids = pd.factorize(tokens["sample_id"], sort=False)
     sample_of_row = sample_of_row.astype(np.int64)
+    image_of_row = tokens["image_index"].to_numpy(np.int64)
     if grid is not None:
         check_grid(tokens, sample_of_row, grid)
 
@@ -59,9 +60,9 @@ def build_site(out: str | os.PathLike, features: pd.DataFrame, codes: str | os.P
     feats = listed["feature"].to_numpy(np.int64)
     hist, hi, found = scan_codes(codes, feats, d_sae, sample_of_row, pairs, params.bins)
 
-    # images of the shown samples, once each
-    shown = sorted({s for v in top_img.values() for s, _, _ in v})
-    questions = write_images(samples, [str(sample_ids[s]) for s in shown], shown, out / "img", params.image_size)
+    # the shown images, once each: (sample, image) of each top image token
+    shown = sorted({(s, int(image_of_row[row])) for v in top_img.values() for s, row, _ in v})
+    questions = write_images(samples, [str(sample_ids[s]) for s, _ in shown], shown, out / "img", params.image_size)
     pages = _FeaturePages(out, tokenizer, tokens, sample_of_row, sample_ids, grid, params, found, questions)
 
     previews = text_previews(tokenizer, listed, tokens)
@@ -114,21 +115,25 @@ class _FeaturePages:
         self.token_rows = pd.Series(np.arange(len(tokens))).groupby(sample_of_row).indices
         self.tok = {c: tokens[c].to_numpy() for c in ("position", "modality", "token_id")}
         self.patch = tokens["patch"].to_numpy(np.int64)
+        self.image = tokens["image_index"].to_numpy(np.int64)
         self.n_heat = self.n_contexts = 0
 
     def image_cards(self, f: int, tops: list[tuple[int, int, float]]) -> list[str]:
         top = max((a for _, _, a in tops), default=0.0)
         cards = []
-        for s, _, a in tops:
-            question = self.questions.get(s)
+        for s, row, a in tops:
+            k = int(self.image[row])  # the image of the sample that holds the top token
+            question = self.questions.get((s, k))
             heat = self.grid is not None and question is not None
             if heat:
                 acts = self.found.get((f, s), {})
                 rows = np.fromiter(acts, np.int64, len(acts))
-                cells = patch_heat(self.patch[rows], np.fromiter(acts.values(), np.float64, len(acts)), self.grid, top)
+                values = np.fromiter(acts.values(), np.float64, len(acts))
+                on_image = self.image[rows] == k  # the other images' tokens are not this picture's patches
+                cells = patch_heat(self.patch[rows[on_image]], values[on_image], self.grid, top)
                 heat_png(cells, self.out / "heat" / f"{f}_{s}.png")
                 self.n_heat += 1
-            cards.append(image_card(f, s, str(self.sample_ids[s]), a, question, heat))
+            cards.append(image_card(f, s, str(self.sample_ids[s]), a, question, heat, k))
         return cards
 
     def text_contexts(self, f: int, tops: list[tuple[int, int, float]]) -> list[str]:

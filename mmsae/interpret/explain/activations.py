@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
+from mmsae.activations.store import image_index
 from mmsae.artifacts import MANIFEST, Files, read_manifest
 from mmsae.errors import InputError
 from mmsae.features import Codes, iter_codes, require_columns
@@ -55,7 +56,8 @@ def image_activations(codes: Codes, tokens: pd.DataFrame, features: Sequence[int
     (streamed; memory is bounded by the selected features' image activations)."""
     require_columns(Files.TOKENS, list(tokens.columns), ("row", "sample_id", "modality", "patch"))
     n_rows = int(tokens["row"].max()) + 1 if len(tokens) else 0
-    img = tokens[tokens["modality"] == "image"]
+    # the first image of each sample: the one shown (read_images); later images' patches are not its cells
+    img = tokens[(tokens["modality"] == "image").to_numpy() & (image_index(tokens) == 0)]
     cell, ok = grid.cell_index(img["patch"].to_numpy(np.int64))
     cell_of = np.full(n_rows, -1, np.int64)
     cell_of[img["row"].to_numpy(np.int64)[ok]] = cell[ok]
