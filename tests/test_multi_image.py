@@ -222,3 +222,34 @@ def test_sample_stage_keeps_extra_images(tmp_path):
     frame.to_parquet(path)
     df, _ = read_dataset(path, "mmsae")
     assert "extra_images" not in df.columns
+
+
+# -- fine-tuning rows -----------------------------------------------------------------------------
+def multi_frame() -> pd.DataFrame:
+    """multi_records() as a samples.parquet frame (with extra_images)."""
+    records = multi_records()
+    frame = records_frame(records)
+    encoded = []
+    for r in records:
+        blobs = []
+        for im in r.extra_images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            blobs.append(buf.getvalue())
+        encoded.append(blobs or None)
+    return frame.assign(extra_images=encoded)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_finetune_rows_carry_every_image(family, method):
+    """TRL's vision collator over our multi-image rows == build_batch (ids, loss positions)."""
+    from mmsae import finetune as ft
+
+    name, adapter = family
+    frame = multi_frame().assign(responses=lambda d: [[*r, "blue circle"] for r in d["responses"]])
+    ds = ft.build_dataset(frame, adapter.processor, method)
+    assert [len(ds[i]["images"]) for i in range(len(ds))] == [2, 3, 1]
+    processor = ft.text_completion_processor(adapter.processor, type(adapter))
+    result = ft.check_layout(adapter.model, processor, frame, method, 3, name)
+    assert result["checked"] == (3 if method == "sft" else 6)
+    assert result["identical"], (name, result["mismatches"][:1])

@@ -9,9 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from mmsae.data.schema import Record
+from mmsae.data.schema import EXTRA_IMAGES, Record, extra_image_bytes
 from mmsae.errors import InputError
-from mmsae.models.prompts import format_prompt, format_response
+from mmsae.models.prompts import format_response, format_segments
 
 
 def special_prefix(tokenizer: Any, text: str) -> str:
@@ -46,12 +46,12 @@ def trl_rows(records: Sequence[Record], processor: Any, method: str,
              path: str | os.PathLike = "<data>") -> list[dict[str, Any]]:
     """TRL vision-format rows (without images) for `records`: prompt + completion or chosen/rejected."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    cache: dict[tuple[str, bool], str] = {}
+    cache: dict[tuple, str] = {}
     rows = []
     for r in records:
-        key = (r.question, r.image is not None)
+        key = tuple(r.segments())  # text pieces and images in order: one placeholder per image
         if key not in cache:
-            p = format_prompt(processor, r.question, has_image=key[1])
+            p = format_segments(processor, key)
             cache[key] = special_prefix(tokenizer, p) + p
         chosen, rejected = pair(r, method, path)
         if method == "sft":
@@ -63,24 +63,32 @@ def trl_rows(records: Sequence[Record], processor: Any, method: str,
 
 
 def build_dataset(df: pd.DataFrame, processor: Any, method: str, path: str | os.PathLike = "<data>"):
-    """A `datasets.Dataset` in TRL's vision format; images stay encoded and decode to RGB on access."""
+    """A `datasets.Dataset` in TRL's vision format; images stay encoded and decode to RGB on access. A
+    multi-image record carries all its images, in order (its prompt has one placeholder per image), as
+    TRL's vision collators pass them to the processor."""
     from datasets import Dataset, Features, Image, Sequence, Value
 
     records = _text_records(df)
     rows = trl_rows(records, processor, method, path)
     columns: dict[str, list[Any]] = {k: [row[k] for row in rows] for k in rows[0]}
-    columns["images"] = [[{"bytes": bytes(b), "path": None}] for b in df["image"]]
+    extra = df[EXTRA_IMAGES] if EXTRA_IMAGES in df.columns else [None] * len(df)
+    columns["images"] = [[{"bytes": bytes(b), "path": None} for b in [first, *extra_image_bytes(more)]]
+                         for first, more in zip(df["image"], extra, strict=True)]
     text = {k: Value("string") for k in rows[0]}
     features = Features({"images": Sequence(Image(mode="RGB")), **text})
     return Dataset.from_dict(columns, features=features)
 
 
 def _text_records(df: pd.DataFrame) -> list[Record]:
-    """Records without decoded images (the dataset decodes them lazily); `image` is a truthy stub."""
+    """Records without decoded images (the dataset decodes them lazily); `image` and `extra_images` are
+    truthy stubs (only their number matters for the prompt)."""
     out = []
-    for sid, q, responses, pref in zip(df["sample_id"], df["question"], df["responses"], df["preferred"], strict=True):
+    extra = df[EXTRA_IMAGES] if EXTRA_IMAGES in df.columns else [None] * len(df)
+    for sid, q, responses, pref, more in zip(df["sample_id"], df["question"], df["responses"], df["preferred"], extra,
+                                             strict=True):
         responses = [] if responses is None else list(responses)
-        out.append(Record(str(sid), q, True, responses, int(pref) if responses else -1))  # type: ignore[arg-type]
+        out.append(Record(str(sid), q, True, responses, int(pref) if responses else -1,  # type: ignore[arg-type]
+                          extra_images=[True] * len(extra_image_bytes(more))))
     return out
 
 

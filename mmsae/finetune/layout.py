@@ -3,12 +3,13 @@ trained on the token layout every other stage feeds it."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pandas as pd
 import torch
 
-from mmsae.data.schema import Record, records_from_frame
+from mmsae.data.schema import records_from_frame
 from mmsae.finetune.data import build_dataset
 
 
@@ -40,7 +41,7 @@ def check_layout(model: Any, processor: Any, df: pd.DataFrame, method: str, n: i
         rejected = []
         for r in records:
             j = next(i for i in range(len(r.responses)) if i != r.preferred)
-            rejected.append(Record(r.sample_id, r.question, r.image, r.responses, j, r.extras))
+            rejected.append(dataclasses.replace(r, preferred=j))  # every image kept
         variants = [records, rejected]  # TRL: chosen rows first, then rejected rows
     ids, attn = batch["input_ids"], batch["attention_mask"].bool()
 
