@@ -253,3 +253,56 @@ def test_finetune_rows_carry_every_image(family, method):
     result = ft.check_layout(adapter.model, processor, frame, method, 3, name)
     assert result["checked"] == (3 if method == "sft" else 6)
     assert result["identical"], (name, result["mismatches"][:1])
+
+
+# -- browser --------------------------------------------------------------------------------------
+def test_browser_shows_the_image_of_the_top_token(tmp_path):
+    """Two images of 2x2 patches per sample: a feature whose top token is on image 2 shows image 2, and its
+    heat map takes only image 2's tokens (not the same patch index on image 1)."""
+    import pyarrow as pa
+    from helpers import tiny_tokenizer
+
+    from mmsae.features import FEATURE_SCHEMA
+    from mmsae.interpret.browser import build_site, read_tokens
+    from mmsae.interpret.browser.images import VEIL_MAX_ALPHA
+    from mmsae.models.grid import Grid
+    from mmsae.params import BrowserParams
+    from mmsae.sae.encode import CODES_SCHEMA
+
+    tok = tiny_tokenizer()
+    img_id, rows = tok.convert_tokens_to_ids("<image>"), []
+    for sid in ("a", "b"):
+        rows.append((sid, "special", tok.bos_token_id, -1, -1))
+        rows += [(sid, "image", img_id, p, 0) for p in range(4)]
+        rows.append((sid, "text", tok.convert_tokens_to_ids("red"), -1, -1))
+        rows += [(sid, "image", img_id, p, 1) for p in range(4)]
+    tokens = pd.DataFrame(rows, columns=["sample_id", "modality", "token_id", "patch", "image_index"])
+    tokens.insert(0, "row", np.arange(len(tokens), dtype=np.int64))
+    tokens["position"] = tokens.groupby("sample_id").cumcount().astype("int32")
+    tokens = tokens.astype({"token_id": "int32", "patch": "int32", "image_index": "int16"}).assign(is_response=False)
+    tokens.to_parquet(tmp_path / "tokens.parquet")
+    # feature 0: sample a, image 2 patch 2 (row 8) = 2.0 and image 1 patch 1 (row 2) = 0.5; sample b image 1 (row 12)
+    entries = [(8, 2.0), (2, 0.5), (12, 1.0)]
+    codes = pd.DataFrame({"row": [r for r, _ in entries], "sample_id": tokens["sample_id"].to_numpy()[[8, 2, 12]],
+                          "position": tokens["position"].to_numpy()[[8, 2, 12]], "modality": "image",
+                          "feature": np.zeros(3, np.int32), "activation": np.array([a for _, a in entries], np.float32)})
+    pq.write_table(pa.Table.from_pandas(codes, schema=CODES_SCHEMA, preserve_index=False), tmp_path / "codes.parquet")
+    features = pa.Table.from_pylist([{"feature": 0, "n_text": 0, "n_image": 3, "n_special": 0, "top_text_rows": [],
+                                      "top_text_acts": [], "top_image_rows": [8, 12, 2], "top_image_acts": [2.0, 1.0, 0.5],
+                                      "weight": None, "class": "image-only"}], schema=FEATURE_SCHEMA).to_pandas()
+    colours = {"a": [(200, 0, 0), (0, 200, 0)], "b": [(0, 0, 200), (9, 9, 9)]}
+    pd.DataFrame({"sample_id": ["a", "b"], "question": ["q a", "q b"], "image": [png(colours[s][0]) for s in "ab"],
+                  "responses": [["x"], ["y"]], "preferred": [0, 0],
+                  "extra_images": [[png(colours[s][1])] for s in "ab"]}).to_parquet(tmp_path / "samples.parquet")
+    params = BrowserParams.load({"n_features": 5, "per_class": 1, "n_images": 4, "image_size": 16})
+    out = tmp_path / "site"
+    build_site(out, features, tmp_path / "codes.parquet", read_tokens(tmp_path / "tokens.parquet"),
+               tmp_path / "samples.parquet", tok, Grid(2, 2), params, layer=0, d_sae=1)
+    page = (out / "features" / "0.html").read_text()
+    assert '../img/0_1.png' in page and '../img/1.png' in page and "image 2" in page
+    assert Image.open(out / "img" / "0_1.png").getpixel((4, 4)) == colours["a"][1]
+    assert Image.open(out / "img" / "1.png").getpixel((4, 4)) == colours["b"][0]
+    assert not (out / "img" / "0.png").exists()  # sample a's first image is not its top image
+    alpha = np.asarray(Image.open(out / "heat" / "0_0.png"))[..., 3]
+    assert alpha[1, 0] == 0  # patch 2 of image 2: the top activation, no veil
+    assert alpha[0, 1] == VEIL_MAX_ALPHA  # patch 1 fired on image 1 only: not drawn over image 2

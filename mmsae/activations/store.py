@@ -86,14 +86,15 @@ class ActivationWriter:
         self.token_tables: list[pa.Table] = []
 
     def append(self, states: dict[int, torch.Tensor], tokens: pd.DataFrame) -> None:
-        """states[layer]: [n, d_model] for n tokens described by `tokens` (without the `row` column)."""
+        """states[layer]: [n, d_model] for n tokens described by `tokens` (without the `row` column; without
+        `image_index`, every image token is of image 0)."""
         n = len(tokens)
         for layer in self.layers:
             if states[layer].shape != (n, self.d_model):
                 raise ValueError(f"layer {layer}: got {tuple(states[layer].shape)}, expected {(n, self.d_model)}")
             self.buffers[layer].append(_to_storage(states[layer], self.dtype))
         start = self.written + self.buffered
-        tokens = tokens.assign(row=np.arange(start, start + n, dtype=np.int64))
+        tokens = tokens.assign(row=np.arange(start, start + n, dtype=np.int64), image_index=image_index(tokens))
         self.token_tables.append(pa.Table.from_pandas(tokens[TOKEN_SCHEMA.names], schema=TOKEN_SCHEMA, preserve_index=False))
         self.buffered += n
         while self.buffered >= self.shard_tokens:
