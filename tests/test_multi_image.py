@@ -28,7 +28,7 @@ from mmsae.artifacts import Files
 from mmsae.data import IMAGE_MARKER, Record, read_records
 from mmsae.data.readers import read_dataset
 from mmsae.errors import InputError
-from mmsae.models import format_prompt
+from mmsae.models import format_prompt, load_model
 from mmsae.models.adapters import ChameleonAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter
 from mmsae.params import DataParams
 
@@ -306,3 +306,38 @@ def test_browser_shows_the_image_of_the_top_token(tmp_path):
     alpha = np.asarray(Image.open(out / "heat" / "0_0.png"))[..., 3]
     assert alpha[1, 0] == 0  # patch 2 of image 2: the top activation, no veil
     assert alpha[0, 1] == VEIL_MAX_ALPHA  # patch 1 fired on image 1 only: not drawn over image 2
+
+
+# -- sample -> extract stages ---------------------------------------------------------------------
+def test_obelics_through_sample_and_extract_stages(tmp_path):
+    """An interleaved data set through the sample and extract stages (tiny LLaVA-NeXT): every image of
+    every document reaches tokens.parquet, in order, with its processor count."""
+    from helpers import tiny_llava_next
+
+    from mmsae.activations import stage as extract_stage
+    from mmsae.data import sample as sample_stage
+    from mmsae.params import ExtractParams, SampleParams
+
+    records = tiny_records(5, sizes=SIZES)
+    blobs = [{"bytes": records_frame([r])["image"][0], "path": None} for r in records]
+    docs = pd.DataFrame({"id": ["d0", "d1"],
+                         "texts": [[None, "red square", None, "blue circle"], ["left", None, None]],
+                         "images": [[blobs[0], None, blobs[1], None], [None, blobs[2], blobs[3]]]})
+    docs.to_parquet(tmp_path / "ob.parquet")
+    sample_dir, extract_dir = tmp_path / "sample", tmp_path / "extract"
+    sample_stage.run(sample_stage.Inputs(data=tmp_path / "ob.parquet",
+                                         data_params=DataParams.load({"format": "obelics"})),
+                     SampleParams.load({}), sample_dir)
+    model = tiny_llava_next(tmp_path)
+    extract_stage.run(extract_stage.Inputs(samples=sample_dir, model=str(model)),
+                      ExtractParams.load({"layers": [0], "batch_size": 2, "include_response": False}), extract_dir)
+    tokens = pq.read_table(extract_dir / Files.TOKENS).to_pandas()
+    samples = read_records(sample_dir / Files.SAMPLES)
+    assert [len(r.images) for r in samples] == [2, 2]
+    assert samples[0].segments() == [0, "red square", 1, "blue circle"] and samples[1].segments() == ["left", 0, 1]
+    adapter = load_model(model)
+    for record, order in zip(samples, ([0, 1], [2, 3]), strict=True):
+        assert [np.asarray(im).tolist() for im in record.images] == [np.asarray(records[i].image).tolist() for i in order]
+        img = tokens[(tokens.sample_id == record.sample_id) & (tokens.modality == "image")]
+        want = [processor_count(adapter, records[i].image) for i in order]
+        assert img.groupby("image_index").size().tolist() == want

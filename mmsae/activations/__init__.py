@@ -4,7 +4,8 @@ Layout of an extract artifact folder (either form is read by ActivationStore as 
 
     tokens.parquet        one row per token, row i describes row i of every layer array:
                           row, sample_id, position, modality (image|text|special), token_id,
-                          is_response, patch (index among the sample's image tokens, -1 otherwise)
+                          is_response, patch (index among its image's tokens, -1 otherwise),
+                          image_index (which image of the sample, -1 otherwise)
     acts.zarr/layer_{L}   a single store: float array [n_tokens, d_model], chunked along tokens,
                           shards of chunks (ActivationWriter; small stores, tests)
   or

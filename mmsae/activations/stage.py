@@ -3,7 +3,8 @@
 Reads SAMPLE_DIR/samples.parquet (mmsae record schema), runs the model (prompt from its chat template,
 plus the preferred response when extract.include_response), and writes into --out:
 
-  tokens.parquet        row, sample_id, position, modality (image|text|special), token_id, is_response, patch
+  tokens.parquet        row, sample_id, position, modality (image|text|special), token_id, is_response, patch,
+                        image_index
   acts.json, parts/     the hidden states after each decoder layer L, [n_tokens, d_model] (padding never
                         stored), in parts of extract.part_batches batches: a killed run's rerun keeps the
                         finished parts (mmsae.activations.ActivationStore reads them as one store)

@@ -1,7 +1,7 @@
 """The image patch grid: which image tokens are which patches, and where a patch lies in pixels.
 
-A model with a fixed grid numbers the image tokens of a sample 0, 1, ... (BatchMeta.patch, the
-`patch` column of tokens.parquet); token `first + r * cols + c` is cell (r, c) of the base grid,
+A model with a fixed grid numbers the image tokens of each image of a sample 0, 1, ... (BatchMeta.patch,
+the `patch` column of tokens.parquet; `image_index` says which image); token `first + r * cols + c` is cell (r, c) of the base grid,
 row-major (`first` = 1 when a CLS feature comes first). Tokens before `first` or past the grid
 (LLaVA-NeXT tiles and newlines) are no cell. `ModelAdapter.image_grid()` reports the grid as a dict
 {rows, cols, first} (None where it is not fixed, e.g. Qwen2-VL); `adapter_grid` turns it into a

@@ -8,11 +8,14 @@ An adapter wraps a loaded HF model + processor (or tokenizer) and answers four q
 - `decoder_layers()`: the `nn.ModuleList` whose outputs are the residual stream (hook point);
 - `final_hidden(inputs)` / `lm_head(h)`: the last hidden state (after the final norm) and the
   unembedding, so losses can be computed on selected positions without full-vocabulary logits;
-- `image_grid()`: how the first image tokens of a sample map onto the base patch grid (None where
+- `image_grid()`: how the first image tokens of each image map onto the base patch grid (None where
   the grid is not fixed).
 
 Image tokens are the positions the processor filled with the image placeholder id (`image_token_id`);
-`patch` numbers them 0, 1, ... per sample. Family by family:
+`patch` numbers them 0, 1, ... per image and `image_index` says which image of the sample (several images:
+one placeholder per image, placed by the record's `<image>` markers, else all before the question; the
+processor expands them in order, and `image_token_counts` (the processor's own count per image size)
+splits a sample's image tokens into its images, checked against the tokens found). Family by family:
 
 LLaVA 1.5 (`llava`): one `<image>` becomes a fixed number of feature tokens (vision grid side^2),
 row-major over the CLIP patch grid. The placeholder id stays in `input_ids`; the model scatters the
