@@ -341,3 +341,18 @@ def test_obelics_through_sample_and_extract_stages(tmp_path):
         img = tokens[(tokens.sample_id == record.sample_id) & (tokens.modality == "image")]
         want = [processor_count(adapter, records[i].image) for i in order]
         assert img.groupby("image_index").size().tolist() == want
+
+
+def test_processor_without_per_image_counts():
+    """A processor that cannot count tokens per image: one image per sample works, several stop clearly."""
+    class Uncounted(LlavaAdapter):
+        def image_token_counts(self, images):
+            return None if images else []
+
+    adapter = Uncounted(*build_tiny_llava(), "uncounted")
+    single = tiny_records(1)
+    _, meta = adapter.build_batch(single, include_response=True)
+    img = meta.modality == "image"
+    assert meta.patch[img].tolist() == list(range(int(img.sum()))) and (meta.image_index[img] == 0).all()
+    with pytest.raises(InputError, match=r"field 'extra_images': sample .*image-token counts per image"):
+        adapter.build_batch(multi_records()[:1], include_response=True)

@@ -155,12 +155,16 @@ class ModelAdapter:
             raise InputError(self.path, "question", f"sample {record.sample_id!r}: {exc}") from exc
         return format_segments(self.processor, segments)
 
-    def image_token_counts(self, images: Sequence[Any]) -> list[int]:
-        """Image tokens the processor gives each of `images` (PIL), in order: its own per-size count."""
+    def image_token_counts(self, images: Sequence[Any]) -> list[int] | None:
+        """Image tokens the processor gives each of `images` (PIL), in order: its own per-size count
+        (transformers' `_get_num_multimodal_tokens`); None when the processor cannot say."""
         if not images:
             return []
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is None:
+            return None
         sizes = [(im.height, im.width) for im in images]
-        return [int(n) for n in self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens]
+        return [int(n) for n in count(image_sizes=sizes).num_image_tokens]
 
     def texts(self, records: Sequence[Record], include_response: bool) -> tuple[list[str], list[str]]:
         """(prompts, full texts) in the shared prompt format."""
@@ -244,7 +248,7 @@ class ModelAdapter:
         if not torch.equal(attn.bool(), expected):
             raise RuntimeError("processor did not right-pad the batch (attention mask is not a prefix)")
 
-    def _image_positions(self, img: np.ndarray, counts: list[list[int]],
+    def _image_positions(self, img: np.ndarray, counts: list[list[int] | None],
                          records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
         """(patch, image_index) [B, T]: each row's image tokens split into its images by `counts` (image
         k's tokens follow image k-1's, as the processor expands the placeholders in order); patch
@@ -253,6 +257,11 @@ class ModelAdapter:
         image_index = np.full(img.shape, -1, np.int16)
         for b, n in enumerate(counts):
             cols = np.nonzero(img[b])[0]
+            if n is None:  # a processor that cannot count per image: fine for one image, not for several
+                if len(records[b].images) > 1:
+                    raise InputError(self.path, "extra_images", f"sample {records[b].sample_id!r}: this model's "
+                                     "processor does not give image-token counts per image; one image per sample")
+                n = counts[b] = [len(cols)] if records[b].images else []
             if sum(n) != len(cols):
                 raise RuntimeError(f"sample {records[b].sample_id!r}: {len(cols)} image tokens, but the processor "
                                    f"counts {n} for its {len(n)} images")
