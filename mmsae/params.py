@@ -372,6 +372,9 @@ class ScoreParams(StageParams):
     #: layers to train an SAE and score at for the report's AUROC-per-layer table (null = every extracted
     #: layer); the kept subsets come from train_sae.layer
     layers: list[int] | None
+    #: where the SAE runs over the image tokens (offdist's reconstruction error, with --sae): 'auto' =
+    #: cuda if available, else cpu
+    device: str
     #: scoring jobs run in parallel (rule score_shard) over contiguous sample ranges, gathered by rule
     #: score; whole-pool statistics are computed in the gather, the scores do not depend on it (not part
     #: of the folder hash)
