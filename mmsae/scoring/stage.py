@@ -5,8 +5,9 @@ model_loss (needs --model-loss), and the cross-modal consistency scores consiste
 consistency_cos (concept features of features.parquet, config score.consistency), offdist and
 consistency_gated (off-distribution images; with --sae, the SAE's reconstruction error on image tokens
 is one of offdist's statistics). Writes scores.parquet (sample_id, score_<m>, rank_<m>; rank 1 =
-best, ties by sample_id) and subsets/{method}/top{pct:03d}.parquet: the best ceil(f*N) samples for
-every fraction f, in the samples.parquet record schema. See mmsae.scoring.
+best, ties by sample_id) and subsets/{method}/top{pct:03d}.parquet: the ids (sample_id, rank) of the best ceil(f*N)
+samples for every fraction f, best first (the finetune stage reads their records from samples.parquet).
+samples.parquet is read without its image bytes. See mmsae.scoring.
 
 Sharded (score.shards = N > 1): `--shard K` writes the per-sample statistics of the K-th of N sample
 ranges to OUT.shards/K (4 digits); `--gather` finishes the scores from all N of them (same output as
