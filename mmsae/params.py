@@ -179,6 +179,10 @@ class TrainSaeParams(StageParams):
     eval_fraction: float
     buffer_chunks: int
     checkpoint_every: int
+    #: checkpoints kept while training (the newest; each holds the SAE and its Adam moments, about 6.4 GB
+    #: at 4096 x 65,536); a resume uses the newest readable one, so 2 survives a checkpoint cut by a full
+    #: disk. Not part of the folder hash
+    keep_checkpoints: int
     seed: int
     device: str
     #: on CUDA: bf16 = bf16 autocast of the SAE forward (weights and Adam state stay fp32) + TF32 matmuls;
