@@ -76,3 +76,16 @@ def test_finetune_reads_an_id_list_or_a_kept_fraction_as_the_whole_frame_would(s
     pd.testing.assert_frame_equal(read_data(Inputs(model="m", data=samples)), full)
     with pytest.raises(InputError, match="exclude"):
         read_data(Inputs(model="m", data=samples, ids=ids, keep_fraction=0.5, keep_by="oracle"))
+
+
+def test_the_sample_stage_writes_small_row_groups(samples, tmp_path):
+    """samples.parquet in row groups of SAMPLE_ROW_GROUP rows: a reader streams one group's images at a time
+    (within a row group, parquet reads a column chunk whole)."""
+    from mmsae.data import sample
+    from mmsae.params import SampleParams
+
+    sample.run(sample.Inputs(data=samples), SampleParams.load({"n": None}), tmp_path / "sample-x")
+    md = pq.ParquetFile(tmp_path / "sample-x" / "samples.parquet").metadata
+    sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    assert sum(sizes) == 23 and max(sizes) <= sample.SAMPLE_ROW_GROUP
+

@@ -56,10 +56,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from mmsae import cli
-from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 import pandas as pd
 
+from mmsae import cli
+from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
 from mmsae.data.lazy import read_meta, read_rows
 from mmsae.data.schema import read_frame
 from mmsae.errors import InputError
