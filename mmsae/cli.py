@@ -60,13 +60,15 @@ def manifest_params(params: StageParams, model_params: ModelParams) -> dict[str,
     return {**params.as_dict(), "model": model_params.as_dict()}
 
 
-def load_records_and_model(inputs: ModelInputs, timer: Any) -> tuple[list, Any]:
-    """(records of --samples, the model adapter of --model as --model-params says)."""
-    from mmsae.data import read_records
+def load_records_and_model(inputs: ModelInputs, timer: Any) -> tuple[Any, Any]:
+    """(records of --samples, the model adapter of --model as --model-params says). The records are read
+    lazily (ParquetRecords): each batch's images are read and decoded when the batch is taken, so memory
+    does not grow with the data set (decoding 40K images up front took about 40 GB)."""
+    from mmsae.data.lazy import ParquetRecords
     from mmsae.models import load_model_with
 
     with timer("read"):
-        records = read_records(Path(inputs.samples) / Files.SAMPLES)
+        records = ParquetRecords(Path(inputs.samples) / Files.SAMPLES)
     with timer("load_model"):
         adapter = load_model_with(inputs.model, inputs.model_params)
     return records, adapter

@@ -182,6 +182,10 @@ class TrainSaeParams(StageParams):
     eval_fraction: float
     buffer_chunks: int
     checkpoint_every: int
+    #: checkpoints kept while training (the newest; each holds the SAE and its Adam moments, about 6.4 GB
+    #: at 4096 x 65,536); a resume uses the newest readable one, so 2 survives a checkpoint cut by a full
+    #: disk. Not part of the folder hash
+    keep_checkpoints: int
     seed: int
     device: str
     #: on CUDA: bf16 = bf16 autocast of the SAE forward (weights and Adam state stay fp32) + TF32 matmuls;
@@ -375,6 +379,9 @@ class ScoreParams(StageParams):
     #: layers to train an SAE and score at for the report's AUROC-per-layer table (null = every extracted
     #: layer); the kept subsets come from train_sae.layer
     layers: list[int] | None
+    #: where the SAE runs over the image tokens (offdist's reconstruction error, with --sae): 'auto' =
+    #: cuda if available, else cpu
+    device: str
     #: scoring jobs run in parallel (rule score_shard) over contiguous sample ranges, gathered by rule
     #: score; whole-pool statistics are computed in the gather, the scores do not depend on it (not part
     #: of the folder hash)

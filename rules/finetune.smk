@@ -14,7 +14,8 @@ def _arm_data(method, fraction, seed):
         return samples, f"--keep-fraction {fraction} --keep-by oracle"
     if method == "ifd":
         return samples, f"--keep-fraction {fraction} --keep-by {stage_dir('baseline_scores')}/ifd.parquet:ifd_score"
-    return f"{stage_dir('score')}/subsets/{method}/top{int(round(fraction * 100)):03d}.parquet", ""
+    # a score subset is an id list (sample_id, best first): the records, images included, stay in samples.parquet
+    return samples, f"--ids {stage_dir('score')}/subsets/{method}/top{int(round(fraction * 100)):03d}.parquet"
 
 
 def _arms():

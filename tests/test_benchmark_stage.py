@@ -355,6 +355,9 @@ def test_baseline_scores_script(tmp_path):
     assert cli.stage_main(baselines, argv) == 0
     ifd = pd.read_parquet(out / "ifd.parquet")
     assert len(ifd) == 4 and set(ifd.columns) >= {"sample_id", "ifd", "ifd_score"}
+    # the stage reads its images batch by batch (ParquetRecords); the scores are those of the decoded records
+    want = baselines.ifd_scores(load_model(model), tiny_records(4), batch_size=3)
+    pd.testing.assert_frame_equal(ifd, want)
     manifest = json.loads((out / "manifest.json").read_text())
     assert "no CLIP model configured" in manifest["counts"]["clip_skipped"] and not (out / "clip.parquet").exists()
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers import records_frame, tiny_chameleon, tiny_llava, tiny_llava_next, tiny_qwen2_vl, tiny_records
@@ -130,18 +131,22 @@ def test_dpo_needs_a_rejected_response(tmp_path, data):
 
 
 def test_script_writes_the_artifact(tmp_path, data, toy_model_dir):
-    parquet = tmp_path / "subset.parquet"
+    parquet = tmp_path / "samples.parquet"
     data.to_parquet(parquet, index=False)
+    kept = data["sample_id"].tolist()[::-2]  # a score subset: an id list, best first
+    pd.DataFrame({"sample_id": kept, "rank": range(1, len(kept) + 1)}).to_parquet(tmp_path / "top050.parquet")
     out = tmp_path / "finetune-0123abcd"
-    argv = ["--model", str(toy_model_dir), "--data", str(parquet), "--out", str(out),
-            "--params", json.dumps({**FAST, "method": "dpo"})]
+    argv = ["--model", str(toy_model_dir), "--data", str(parquet), "--ids", str(tmp_path / "top050.parquet"),
+            "--out", str(out), "--params", json.dumps({**FAST, "method": "dpo"})]
     assert cli.stage_main(ft, argv) == 0
+    assert pd.read_parquet(out / "train_ids.parquet")["sample_id"].tolist() == kept
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["n_records"] == len(kept)
     assert manifest["params"]["method"] == "dpo" and manifest["counts"]["steps"] == 3
     assert manifest["counts"]["layout_identical"] is True
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 3
     assert load_model(out / "model").family == "llava"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune-0123abcd", "subset.parquet"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune-0123abcd", "samples.parquet", "top050.parquet"]  # no staging left
 
 
 @pytest.mark.slow

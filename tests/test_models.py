@@ -148,6 +148,30 @@ def test_load_model_errors(tmp_path):
         resolve_dtype("float8", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [True, False, None])
+def test_half_precision_on_a_cpu_without_native_units_is_logged(tmp_path, monkeypatch, caplog, native):
+    import mmsae.models as M
+
+    def support():
+        if native is None:
+            raise RuntimeError("no oneDNN")
+        return native
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", support, raising=False)
+    cpu = torch.device("cpu")
+    assert M.cpu_dtype_warning(torch.float32, cpu) is None
+    assert M.cpu_dtype_warning(torch.bfloat16, torch.device("cuda")) is None
+    line = M.cpu_dtype_warning(torch.bfloat16, cpu)
+    if native:
+        assert line is None
+    else:
+        assert "model.dtype bfloat16 on the CPU" in line and "\n" not in line
+        assert ("no native bfloat16" if native is False else "cannot tell") in line
+    with caplog.at_level("WARNING", logger="mmsae.models"):
+        load_model(tiny_llava(tmp_path), dtype="bfloat16", device="cpu")
+    assert any("bfloat16 on the CPU" in r.getMessage() for r in caplog.records) == (not native)
+
+
 def test_modality_marks(llava):
     records = tiny_records(2)
     no_image = Record("noimg", records[0].question, None, ["red square"], 0)

@@ -337,6 +337,20 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "sae" / "sae_weights.safetensors"))
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_only_the_newest_checkpoints_are_kept(tmp_path, keep):
+    store = ActivationStore(synthetic_store(tmp_path / "x"))
+    p = tiny_params(steps=30, checkpoint_every=5, keep_checkpoints=keep)
+    assert train_sae(store, p, tmp_path / "out", tmp_path / "ck", stop_after=25, progress=False) is None
+    want = [f"step-{s:08d}" for s in (25, 20, 15, 10, 5)[:keep]]
+    assert sorted((d.name for d in (tmp_path / "ck").iterdir()), reverse=True) == want
+    # the number kept is execution only: a rerun with another keep_checkpoints resumes from them
+    done = train_sae(store, tiny_params(steps=30, checkpoint_every=5, keep_checkpoints=2), tmp_path / "out",
+                     tmp_path / "ck", progress=False)
+    assert done["resumed_from_step"] == 25
+    assert sorted(d.name for d in (tmp_path / "ck").iterdir()) == ["step-00000025", "step-00000030"]
+
+
 @pytest.mark.parametrize("normalize", ["none", "token"])
 def test_resume_equals_uninterrupted(tmp_path, normalize):
     store = ActivationStore(synthetic_store(tmp_path / "x"))

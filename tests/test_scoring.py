@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import consistency
@@ -20,7 +21,7 @@ from mmsae.params import ScoreParams
 from mmsae.scoring.context import ScoringContext
 from mmsae.scoring.methods import METHODS, rank, score_samples
 from mmsae.scoring.stage import Inputs, run
-from mmsae.scoring.subsets import subset_size, write_subsets
+from mmsae.scoring.subsets import SUBSET_COLUMNS, read_samples, read_subset, subset_size, write_subsets
 
 # Four samples, each: pos 0 special, pos 1-2 image, pos 3-4 text. s3 has no codes at all.
 IDS = ["s0", "s1", "s2", "s3"]
@@ -132,8 +133,30 @@ def test_subset_size_and_files(tmp_path):
     written = write_subsets(table, scores, ["cosine"], [0.25, 0.5, 1.0], tmp_path / "subsets")
     assert written == {"cosine": {"top025.parquet": 1, "top050.parquet": 2, "top100.parquet": 4}}
     top50 = pq.read_table(tmp_path / "subsets" / "cosine" / "top050.parquet")
-    assert top50.schema.equals(table.schema, check_metadata=False)
+    # an id list, best first: no copy of the records (their images stay in samples.parquet)
+    assert top50.column_names == list(SUBSET_COLUMNS)
     assert top50.column("sample_id").to_pylist() == ["s1", "s0"]
+    by_rank = scores.sort_values("rank_cosine")
+    assert top50.column("rank").to_pylist() == by_rank["rank_cosine"].tolist()[:2] == [1, 2]
+    assert read_subset(tmp_path / "subsets" / "cosine" / "top100.parquet") == by_rank["sample_id"].tolist()
+    pq.write_table(pa.table({"sample_id": ["s1", "s1"], "rank": [1, 2]}), tmp_path / "dup.parquet")
+    with pytest.raises(InputError, match="duplicate id 's1'"):
+        read_subset(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"sample_id": ["s1", "s0"], "rank": [2, 1]}), tmp_path / "order.parquet")
+    with pytest.raises(InputError, match="rank order"):
+        read_subset(tmp_path / "order.parquet")
+
+
+def test_score_reads_samples_without_their_images(tmp_path):
+    pq.write_table(sample_table(), tmp_path / "samples.parquet")
+    table = read_samples(tmp_path)
+    assert "image" not in table.column_names
+    assert table.column("sample_id").to_pylist() == IDS and "corruption" in table.column_names
+    bad = sample_table().to_pandas()
+    bad.loc[1, "question"] = "  "
+    bad.to_parquet(tmp_path / "samples.parquet", index=False)
+    with pytest.raises(InputError, match="question"):  # still validated
+        read_samples(tmp_path)
 
 
 def sample_table():
@@ -190,7 +213,9 @@ def test_score_stage(tmp_path):
     assert {f"score_{m}" for m in METHODS} | {f"rank_{m}" for m in METHODS} | {"sample_id"} == set(scores.columns)
     for m in METHODS:
         sub = pq.read_table(out / "subsets" / m / "top050.parquet")
-        assert sub.num_rows == 2 and sub.column_names == sample_table().column_names
+        assert sub.num_rows == 2 and sub.column_names == list(SUBSET_COLUMNS)
+        best = scores.sort_values(f"rank_{m}")["sample_id"].tolist()[:2]
+        assert sub.column("sample_id").to_pylist() == best
     assert json.loads((out / "manifest.json").read_text())["counts"]["subsets"]["l0"]["top100.parquet"] == 4
     # model_loss without --model-loss: an InputError naming it (the script's one-line error, exit 2)
     with pytest.raises(InputError, match="--model-loss"):
@@ -535,8 +560,8 @@ def test_offdist_runs_the_sae_in_sub_batches_with_the_same_result(tmp_path, monk
     assert S.sae_rows(1024) == 4096 and S.sae_rows(65536) == 256 and S.sae_rows(1 << 30) == 64
     sae = build_sae(SAEConfig(d_in=2, d_sae=8, architecture="topk", k=2), seed=0)
     calls: list[int] = []
-    forward = sae.forward
-    monkeypatch.setattr(sae, "forward", lambda x: (calls.append(len(x)), forward(x))[1])
+    forward, encode_sparse = sae.forward, sae.encode_sparse  # TopK: offdist encodes sparse (k pairs per token)
+    monkeypatch.setattr(sae, "encode_sparse", lambda x: (calls.append(len(x)), encode_sparse(x))[1])
     c = cctx(tmp_path / "a", sae=sae)
     whole = c.image_stats  # 8 image tokens in one SAE call
     assert calls == [8]
@@ -584,3 +609,26 @@ def test_concept_and_binding_streamed_equal_whole_pool(tmp_path, cfg):
         assert np.array_equal(shuffled.binding[k], v), k
     for k, v in want_c.items():
         np.testing.assert_allclose(shuffled.concept_sums[k], v, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("architecture", "norm"), [("topk", "none"), ("topk", "constant_norm_rescale"), ("relu", "none")])
+def test_offdist_error_equals_the_sae_forward(architecture, norm):
+    """offdist's per-token reconstruction error (TopK decoded from its k pairs, no dense codes) is the one
+    of the SAE's own forward, bit for bit."""
+    import torch
+
+    from mmsae.sae.model import SAEConfig, build_sae
+    from mmsae.scoring.offdist import relative_error
+
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture=architecture, k=5 if architecture == "topk" else None,
+                    apply_b_dec_to_input=architecture == "topk", normalize_activations=norm)
+    sae = build_sae(cfg, seed=3).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(37, 16, generator=torch.Generator().manual_seed(1)) * 3
+    norms = x.norm(dim=1)
+    with torch.no_grad():
+        recon, _ = sae(x)
+    expected = ((recon - x).pow(2).sum(1) / norms.pow(2).clamp_min(1e-12)).double().numpy()
+    assert np.array_equal(relative_error(sae, x, norms), expected)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mmsae.activations.store import MODALITIES, TOKEN_SCHEMA, ActivationWriter
 from mmsae.artifacts import Files, atomic_dir, atomic_file, config_hash, write_json
 from mmsae.config import result_keys
+from mmsae.data.lazy import LazyRecords
 from mmsae.errors import InputError
 from mmsae.params import ExtractParams, ModelParams
 
@@ -192,25 +193,6 @@ def extraction_key(params: ExtractParams, model_params: ModelParams, model: str)
     model slice and the model. A part made under another key is never reused."""
     return config_hash({"extract": result_keys("extract", params.as_dict()),
                         "model": result_keys("model", model_params.as_dict()), "model_path": str(model)}, length=16)
-
-
-class LazyRecords(Sequence):
-    """The records of a samples frame, decoded when sliced: an extraction job holds the images of one
-    part at a time, not those of the whole data set (nor of the other shards)."""
-
-    def __init__(self, frame: pd.DataFrame, path: str | os.PathLike = "<memory>") -> None:
-        self.frame, self.path = frame.reset_index(drop=True), path
-        self.sample_ids = self.frame["sample_id"].astype(str).tolist()
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def __getitem__(self, i):
-        from mmsae.data.schema import records_from_frame
-
-        if isinstance(i, slice):
-            return records_from_frame(self.frame.iloc[i], self.path)
-        return records_from_frame(self.frame.iloc[[i]], self.path)[0]
 
 
 def _part_ok(folder: Path, key: str, records: tuple[int, int], sample_ids: list[str]) -> bool:

@@ -48,6 +48,8 @@ class Inputs:
                                       default_factory=lambda: DataParams.load({}))
 
 
+SAMPLE_ROW_GROUP = 64  # rows per row group of samples.parquet (~64 encoded images)
+
 def run(inputs: Inputs, params: SampleParams, out: Path) -> None:
     timer = Timer()
     data = inputs.data_params
@@ -58,7 +60,8 @@ def run(inputs: Inputs, params: SampleParams, out: Path) -> None:
     with timer("sample"):
         samples = sample_frame(df, params.n, params.seed)
     with atomic_dir(out) as tmp:
-        samples.to_parquet(tmp / Files.SAMPLES, index=False)
+        # small row groups: a reader holds one group's image bytes at a time (mmsae.data.lazy), not the file's
+        samples.to_parquet(tmp / Files.SAMPLES, index=False, row_group_size=SAMPLE_ROW_GROUP)
         bad.to_parquet(tmp / Files.BAD_ROWS, index=False)
         counts = {"n_input": len(df) + len(bad), "n_bad_rows": len(bad), "n_samples": len(samples)}
         if "corruption" in samples.columns:

@@ -98,7 +98,11 @@ def ifd_scores(adapter: ModelAdapter, records: Sequence[Record], batch_size: int
     ifd_score (Li et al.'s selection, higher = kept first; see the module docstring), n_tokens."""
     from mmsae.models.loss import response_loss
 
-    missing = [r.sample_id for r in records if not r.responses]
+    meta = getattr(records, "meta", None)  # ParquetRecords: check the texts without decoding any image
+    if meta is not None:
+        missing = [s for s, resp in zip(meta["sample_id"], meta["responses"], strict=True) if resp is None or not len(resp)]
+    else:
+        missing = [r.sample_id for r in records if not r.responses]
     if missing:
         raise InputError("samples", "responses", f"sample {missing[0]!r}: IFD needs a response")
     cond = response_loss(adapter, records, batch_size, progress=False)

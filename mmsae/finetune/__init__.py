@@ -39,7 +39,8 @@ Writes, atomically:
 
 Example (CPU, one process):
   python workflow/scripts/finetune.py --model results/demo/toy_model-xxxx/model \\
-      --data results/demo/score-yyyy/subsets/cosine/top050.parquet --out results/demo/finetune-zzzz \\
+      --data results/demo/sample-wwww/samples.parquet --ids results/demo/score-yyyy/subsets/cosine/top050.parquet \\
+      --out results/demo/finetune-zzzz \\
       --params '{"method": "sft", "max_steps": 300}'
 
 Multi-GPU (every rank trains; only the main process writes OUT):
@@ -55,8 +56,11 @@ import dataclasses
 import os
 from pathlib import Path
 
+import pandas as pd
+
 from mmsae import cli
 from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
+from mmsae.data.lazy import read_meta, read_rows
 from mmsae.data.schema import read_frame
 from mmsae.errors import InputError
 from mmsae.finetune.data import (
@@ -70,7 +74,7 @@ from mmsae.finetune.data import (
 from mmsae.finetune.layout import check_layout
 from mmsae.finetune.train import DEFAULT_LR, DROP_FILES, finetune, resolve_train_dtype
 from mmsae.params import FinetuneParams
-from mmsae.scoring import keep_top
+from mmsae.scoring import keep_top, read_subset
 
 STAGE = "finetune"
 MODEL_DIR = Files.MODEL_DIR  # the fine-tuned model's folder inside the artifact
@@ -79,7 +83,10 @@ MODEL_DIR = Files.MODEL_DIR  # the fine-tuned model's folder inside the artifact
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Inputs:
     model: str = cli.arg("model folder (or hub id) to start from")
-    data: Path = cli.arg("parquet file in the mmsae record schema (e.g. a score subset)")
+    data: Path = cli.arg("parquet file in the mmsae record schema (the sample stage's samples.parquet)")
+    ids: Path | None = cli.arg("a score subset (subsets/{method}/top{pct}.parquet: sample_id, best first): train on "
+                               "those records of --data only, in that order; only their images are read",
+                               default=None)
     keep_fraction: float | None = cli.arg("train on the best ceil(F * N) records of --data only, ranked by --keep-by",
                                           default=None, type=float)
     keep_by: str | None = cli.arg("'random:SEED' (a seeded random subset) or 'PATH:COLUMN' (a parquet with "
@@ -87,16 +94,28 @@ class Inputs:
                                   "ifd.parquet:ifd_score)", default=None)
 
 
+def read_data(inputs: Inputs) -> pd.DataFrame:
+    """The records to train on, best first: --data whole, its --ids, or its best --keep-fraction by --keep-by.
+    A subset is chosen on the columns without images (`read_meta`), then only its rows' images are read
+    (`read_rows`): a kept subset of a 40K-sample pool never loads the others' images."""
+    if (inputs.keep_fraction is None) != (inputs.keep_by is None):
+        raise InputError("arguments", "--keep-fraction/--keep-by", "give both or neither")
+    if inputs.ids is not None and inputs.keep_fraction is not None:
+        raise InputError("arguments", "--ids", "--ids and --keep-fraction/--keep-by exclude each other")
+    if inputs.ids is not None:
+        return read_rows(inputs.data, read_subset(inputs.ids), inputs.ids)
+    if inputs.keep_fraction is None:
+        return read_frame(inputs.data)
+    if not 0 < inputs.keep_fraction <= 1:
+        raise InputError("arguments", "--keep-fraction", f"must be in (0, 1], got {inputs.keep_fraction}")
+    kept = keep_top(read_meta(inputs.data), inputs.keep_fraction, inputs.keep_by)
+    return read_rows(inputs.data, kept["sample_id"].tolist(), f"--keep-by {inputs.keep_by}")
+
+
 def run(inputs: Inputs, params: FinetuneParams, out: Path) -> None:
     timer = Timer()
     with timer("read"):
-        df = read_frame(inputs.data)
-    if (inputs.keep_fraction is None) != (inputs.keep_by is None):
-        raise InputError("arguments", "--keep-fraction/--keep-by", "give both or neither")
-    if inputs.keep_fraction is not None:
-        if not 0 < inputs.keep_fraction <= 1:
-            raise InputError("arguments", "--keep-fraction", f"must be in (0, 1], got {inputs.keep_fraction}")
-        df = keep_top(df, inputs.keep_fraction, inputs.keep_by)
+        df = read_data(inputs)
     staging = out.parent / f".{out.name}.staging"  # the same path on every rank
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: a worker rank
         finetune(inputs.model, df, None, params, staging, inputs.data)
@@ -109,6 +128,8 @@ def run(inputs: Inputs, params: FinetuneParams, out: Path) -> None:
         counts = {"n_records": len(df), "steps": metrics["global_step"], "train_loss": metrics["train_loss"],
                   "processes": metrics["processes"], "layout_identical": metrics["layout_check"]["identical"]}
         manifest_inputs = {"model": inputs.model, "data": inputs.data}
+        if inputs.ids is not None:
+            manifest_inputs["ids"] = inputs.ids
         if inputs.keep_by:
             manifest_inputs["keep"] = f"{inputs.keep_fraction}:{inputs.keep_by}"
         write_manifest(tmp, STAGE, params.as_dict(), inputs=manifest_inputs, counts=counts,
@@ -126,6 +147,7 @@ __all__ = [
     "finetune",
     "load_processor",
     "pair",
+    "read_data",
     "resolve_train_dtype",
     "run",
     "special_prefix",

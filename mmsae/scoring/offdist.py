@@ -43,22 +43,38 @@ def image_stats(ctx: ScoringContext) -> dict[str, np.ndarray]:
         s, rows = s[m].astype(np.int64), np.flatnonzero(m)
         count += np.bincount(s, minlength=n)
         rel = np.zeros(len(rows))
-        # sub-batches: the SAE's dense [rows, d_sae] codes of a whole block (up to 65,536 rows) would
+        # sub-batches: the SAE's [rows, d_sae] pre-activations of a whole block (up to 65,536 rows) would
         # not fit; each row's values do not depend on the batch, and the sums run in the same order
         for a in range(0, len(rows), sub):
             xt = torch.from_numpy(np.ascontiguousarray(x[rows[a : a + sub]])).float()
             norms = xt.norm(dim=1)
             unit.index_add_(0, torch.from_numpy(s[a : a + sub]), (xt / norms.clamp_min(1e-12)[:, None]).double())
             if error is not None:
-                with torch.no_grad():
-                    recon, _ = ctx.sae(xt.to(ctx.sae.W_enc.dtype))
-                rel[a : a + sub] = ((recon.float() - xt).pow(2).sum(1) / norms.pow(2).clamp_min(1e-12)).double().numpy()
+                rel[a : a + sub] = relative_error(ctx.sae, xt, norms)
         if error is not None:
             error += np.bincount(s, weights=rel, minlength=n)
     out = {"count": count, "unit_sum": unit.numpy()}
     if error is not None:
         out["error"] = error
     return out
+
+
+@torch.no_grad()
+def relative_error(sae, x: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
+    """||x - x_hat||^2 / ||x||^2 per row of x [n, d_in] (CPU float32; `norms` = its row norms), the SAE run
+    on its own device. A sparse SAE (TopK: `encode_sparse` / `decode_sparse`) is decoded from its k
+    (value, latent) pairs, as its forward does, without the dense [n, d_sae] codes forward also returns."""
+    device = sae.W_enc.device
+    xs = x.to(device=device, dtype=sae.W_enc.dtype, non_blocking=True)
+    if hasattr(sae, "encode_sparse"):
+        factor = sae.input_factor(xs)
+        values, indices, _ = sae.encode_sparse(xs * factor)
+        recon = sae.decode_sparse(values, indices) / factor
+    else:
+        recon, _ = sae(xs)
+    x_d, n_d = (x, norms) if device.type == "cpu" else (xs.float(), norms.to(device))
+    err = (recon.float() - x_d).pow(2).sum(1) / n_d.pow(2).clamp_min(1e-12)
+    return err.double().cpu().numpy()
 
 
 def offdist_z(ctx: ScoringContext) -> np.ndarray:

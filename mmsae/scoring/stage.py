@@ -5,8 +5,9 @@ model_loss (needs --model-loss), and the cross-modal consistency scores consiste
 consistency_cos (concept features of features.parquet, config score.consistency), offdist and
 consistency_gated (off-distribution images; with --sae, the SAE's reconstruction error on image tokens
 is one of offdist's statistics). Writes scores.parquet (sample_id, score_<m>, rank_<m>; rank 1 =
-best, ties by sample_id) and subsets/{method}/top{pct:03d}.parquet: the best ceil(f*N) samples for
-every fraction f, in the samples.parquet record schema. See mmsae.scoring.
+best, ties by sample_id) and subsets/{method}/top{pct:03d}.parquet: the ids (sample_id, rank) of the best ceil(f*N)
+samples for every fraction f, best first (the finetune stage reads their records from samples.parquet).
+samples.parquet is read without its image bytes. See mmsae.scoring.
 
 Sharded (score.shards = N > 1): `--shard K` writes the per-sample statistics of the K-th of N sample
 ranges to OUT.shards/K (4 digits); `--gather` finishes the scores from all N of them (same output as
@@ -43,12 +44,14 @@ def needs_concepts(methods: Sequence[str]) -> bool:
     return any(m.startswith("consistency") for m in methods)
 
 
-def load_layer_sae(path: Folder, store: ActivationStore, extract: Folder, layer: int):
-    """The SAE of `path` (train_sae artifact or SAELens folder), checked against the store's width and the
-    codes' layer."""
+def load_layer_sae(path: Folder, store: ActivationStore, extract: Folder, layer: int, device: str = "auto"):
+    """The SAE of `path` (train_sae artifact or SAELens folder) on `device` (score.device; 'auto' = CUDA when
+    there is one: at d_sae 65,536 the SAE pass is ~0.5 GFLOP per image token), checked against the store's
+    width and the codes' layer."""
+    from mmsae.device import resolve_device
     from mmsae.sae.io import check_d_in, load_sae
 
-    sae = load_sae(path)
+    sae = load_sae(path, device=resolve_device(device, "score.device", "device")).eval()
     check_d_in(sae, store.d_model, extract)
     if sae.cfg.metadata.get("hook_layer") != layer:
         raise InputError(sae.source / Files.SAE_CFG, "metadata.hook_layer",
@@ -87,7 +90,7 @@ def run(inputs: Inputs, params: ScoreParams, out: Path) -> None:
     concept = needs_concepts(methods)
     feats = read_columns(Path(inputs.features) / Files.FEATURES, CONCEPT_COLUMNS if concept else ("feature", "weight"))
     store = ActivationStore(inputs.extract)
-    model = load_layer_sae(inputs.sae, store, inputs.extract, layer) if inputs.sae else None
+    model = load_layer_sae(inputs.sae, store, inputs.extract, layer, params.device) if inputs.sae else None
     rule = feature_rule(inputs.features)
     text = text_modalities(rule)
     ids = table.column("sample_id").to_pylist()

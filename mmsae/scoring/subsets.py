@@ -1,5 +1,7 @@
-"""The score artifact's files and the kept subsets: samples.parquet read as arrow, subset sizes and names,
-the best rows of a record frame by a score (`keep_top`), and subsets/{method}/top{pct:03d}.parquet."""
+"""The score artifact's files and the kept subsets: samples.parquet's columns without the image bytes,
+subset sizes and names, the best rows of a record frame by a score (`keep_top`), and the id lists
+subsets/{method}/top{pct:03d}.parquet (sample_id, rank; the finetune stage reads the records from
+samples.parquet: no copy of the images per method x fraction)."""
 
 from __future__ import annotations
 
@@ -20,18 +22,19 @@ from mmsae.features import require_columns
 from mmsae.scoring.methods import rank
 
 SUBSETS = "subsets"
+SUBSET_COLUMNS = ("sample_id", "rank")  # a subset file: the kept ids, best first, and their rank
 
 
 def read_samples(folder: str | os.PathLike) -> pa.Table:
-    """{folder}/samples.parquet as an arrow table (its exact schema, for the subsets), validated
-    without decoding images."""
+    """{folder}/samples.parquet as an arrow table of every column but the image bytes (score needs the ids
+    only; the images of a 40K-sample pool are tens of GB), validated without decoding images."""
     path = Path(folder) / Files.SAMPLES
     if not path.exists():
         raise InputError(path, "path", "file does not exist")
-    table = pq.read_table(path)
-    require_columns(path, table.column_names, REQUIRED_COLUMNS)
-    meta = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names]).to_pandas()
-    validate_frame(meta.assign(image=None), path, check_images=False)
+    names = pq.read_schema(path).names
+    require_columns(path, names, REQUIRED_COLUMNS)
+    table = pq.read_table(path, columns=[c for c in names if c not in IMAGE_COLUMNS])
+    validate_frame(table.to_pandas().assign(image=None), path, check_images=False)
     return table
 
 
@@ -81,19 +84,45 @@ def keep_top(frame: pd.DataFrame, fraction: float, by: str, source: str = "--kee
 
 def write_subsets(samples: pa.Table, scores: pd.DataFrame, methods: Sequence[str], fractions: Sequence[float],
                   out: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """subsets/{method}/top{pct:03d}.parquet: the best ceil(f*N) samples by rank, in rank order, in the
-    samples' own schema (every column, same types). Returns {method: {file name: n rows}}."""
+    """subsets/{method}/top{pct:03d}.parquet: the ids (sample_id, rank) of the best ceil(f*N) samples by
+    rank, best first. `samples` (its sample_id column) checks that every scored sample is in
+    samples.parquet. Returns {method: {file name: n rows}}."""
     out = Path(out)
-    pos = pd.Index([str(s) for s in samples.column("sample_id").to_pylist()]).get_indexer(scores["sample_id"])
-    if (pos < 0).any():
+    known = pd.Index([str(s) for s in samples.column("sample_id").to_pylist()])
+    if (known.get_indexer(scores["sample_id"]) < 0).any():
         raise InputError("scores", "sample_id", "scored sample missing from samples.parquet")
+    ids = scores["sample_id"].astype(str).to_numpy()
     written: dict[str, dict[str, int]] = {}
     for m in methods:
-        order = pos[np.argsort(scores[f"rank_{m}"].to_numpy(), kind="stable")]
+        ranks = scores[f"rank_{m}"].to_numpy(np.int64)
+        order = np.argsort(ranks, kind="stable")
         (out / m).mkdir(parents=True, exist_ok=True)
         written[m] = {}
         for f in fractions:
             k = subset_size(f, len(order))
-            pq.write_table(samples.take(pa.array(order[:k])), out / m / subset_name(f))
+            table = pa.table({"sample_id": pa.array(ids[order[:k]], pa.string()),
+                              "rank": pa.array(ranks[order[:k]], pa.int64())})
+            pq.write_table(table, out / m / subset_name(f))
             written[m][subset_name(f)] = k
     return written
+
+
+def read_subset(path: str | os.PathLike) -> list[str]:
+    """The sample ids of a subset file, best first (checked: the columns, no null or duplicate id)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    table = pq.read_table(path)
+    require_columns(path, table.column_names, ("sample_id",))
+    ids = table.column("sample_id").to_pylist()
+    if any(i is None for i in ids):
+        raise InputError(path, "sample_id", "null id")
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        dup = pd.Index(ids)[pd.Index(ids).duplicated()][0]
+        raise InputError(path, "sample_id", f"duplicate id {dup!r}")
+    if "rank" in table.column_names:
+        rank_ = table.column("rank").to_numpy()
+        if len(rank_) > 1 and (np.diff(rank_) < 0).any():
+            raise InputError(path, "rank", "ids are not in rank order (best first)")
+    return ids

@@ -1,6 +1,7 @@
 """Checkpoints of SAE training: `checkpoint_dir/step-XXXXXXXX/` = state.safetensors (weights, Adam moments
 and step counts, dead-latent counters) + state.json (step, input scale, loss curve, compatibility key),
-written atomically; only the newest is kept. A rerun with the same params and store resumes from it;
+written atomically; only the newest `train_sae.keep_checkpoints` are kept (each is about 3x the SAE: 6.4 GB at
+4096 x 65,536). A rerun with the same params and store resumes from it;
 nothing is ever unpickled."""
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ CHECKPOINT_FORMAT = 1
 def checkpoint_key(params: TrainSaeParams, store: ActivationStore) -> str:
     """What a checkpoint must have been made with to be resumed: the params (but the device), the store
     and this version of mmsae (the code that wrote it)."""
-    p = {k: v for k, v in params.as_dict().items() if k != "device"}
+    p = {k: v for k, v in params.as_dict().items() if k not in ("device", "keep_checkpoints")}
     return config_hash(p, [store.folder.resolve().name, f"d_model={store.d_model}", f"n_tokens={store.n_tokens}",
                            f"mmsae={__version__}"], 16)
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, sae: SAE, opt: torch.optim.Optimizer,
-                    counters: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write checkpoint_dir/step-<step>/ atomically, then remove the older ones; returns its folder."""
+                    counters: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 1) -> Path:
+    """Write checkpoint_dir/step-<step>/ atomically, then remove all but the newest `keep`; returns its folder."""
     tensors: dict[str, torch.Tensor] = {}
     names = [n for n, _ in sae.named_parameters()]
     for n, p in sae.named_parameters():
@@ -51,10 +52,16 @@ def save_checkpoint(checkpoint_dir: Path, step: int, sae: SAE, opt: torch.optim.
     with atomic_dir(final) as tmp:
         save_file(tensors, str(tmp / Files.TRAIN_STATE_TENSORS))
         write_json(tmp / Files.TRAIN_STATE, {**state, "step": step, "format": CHECKPOINT_FORMAT})
-    for old in checkpoint_dir.glob("step-*"):
-        if old != final and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(checkpoint_dir, keep)
     return final
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> list[Path]:
+    """Remove every step-* folder but the newest `keep` (by step); returns those kept, newest first."""
+    folders = sorted((p for p in checkpoint_dir.glob("step-*") if p.is_dir()), reverse=True)  # zero-padded steps
+    for old in folders[max(1, keep):]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folders[:max(1, keep)]
 
 
 def latest_checkpoint(checkpoint_dir: Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:

@@ -204,7 +204,8 @@ def run_steps(run: Trainee, schedule: BatchSchedule, store: ActivationStore, par
             sums.zero_()
             n_sum = 0
             save_checkpoint(checkpoint_dir, done, sae, opt, counters, {"key": run.key, "input_scale": sae.input_scale,
-                                                                        "curve": run.curve, "tokens_seen": done * batch_size})
+                                                                        "curve": run.curve, "tokens_seen": done * batch_size},
+                            keep=params.keep_checkpoints)
     bar.close()
 
 
