@@ -175,6 +175,8 @@ class CodesReader:
         for i, part in enumerate(self.parts):
             if self.starts[i + 1] == self.starts[i] or (part is not None and part["row1"] <= value):
                 continue  # empty, or the index says the whole part is below
+            if part is not None and part["row0"] >= value:
+                return int(self.starts[i])  # the index says the whole part is at or above
             gs = self._group_starts(i)
             self._check_sorted(i)  # a range read relies on row order (hand-built unsorted codes stream fine)
             for g in range(len(gs) - 1):
@@ -201,11 +203,17 @@ class CodesReader:
             c0, c1 = 0, total
         else:
             c0, c1 = self._first_at_least(int(rows[0])), self._first_at_least(int(rows[1]))
+        yield from self._span(columns, batch_rows, c0, c1, aligned=True)
+
+    def _span(self, columns: list[str], batch_rows: int, c0: int, c1: int, aligned: bool) -> Iterator[dict[str, np.ndarray]]:
+        """Batches over codes [c0, c1): cut at global multiples of batch_rows and whole (aligned), or cut
+        from c0 and ending at c1."""
         if c0 >= c1:
             return
+        total = int(self.starts[-1])
         cached: tuple[tuple[int, int], pa.Table] | None = None
-        for b0 in range((c0 // batch_rows) * batch_rows, c1, batch_rows):
-            b1 = min(b0 + batch_rows, total)
+        for b0 in range((c0 // batch_rows) * batch_rows if aligned else c0, c1, batch_rows):
+            b1 = min(b0 + batch_rows, total if aligned else c1)
             pieces = []
             for i in range(int(np.searchsorted(self.starts, b0, side="right")) - 1, len(self.files)):
                 p0 = int(self.starts[i])
@@ -231,8 +239,11 @@ class CodesReader:
         groups that hold them (a features subset, a sample range of the browser)."""
         columns = list(columns)
         need = list(dict.fromkeys([*columns, "row"]))
+        from mmsae.features import require_columns
+
+        if self.files:
+            require_columns(self.files[0], self.names, need)
         for row0, row1 in ranges:
-            for batch in self.iter_codes(need, batch_rows, rows=(row0, row1)):
-                keep = (batch["row"] >= row0) & (batch["row"] < row1)
-                if keep.any():
-                    yield {c: batch[c][keep] for c in columns}
+            c0, c1 = self._first_at_least(int(row0)), self._first_at_least(int(row1))
+            for batch in self._span(need, batch_rows, c0, c1, aligned=False):
+                yield {c: batch[c] for c in columns}
