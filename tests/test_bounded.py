@@ -146,3 +146,25 @@ def test_evaluation_blocks_bounded_and_unchanged(monkeypatch):
     recon = blocks.reconstruct(sae, x)
     monkeypatch.setattr(type(sae), "forward", real)
     torch.testing.assert_close(recon, sae(x)[0])
+
+
+def test_evaluate_sae_reads_only_its_samples_and_decodes_per_batch(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from mmsae.activations.extraction import LazyRecords
+    from mmsae.data import schema
+    from mmsae.sae.evaluate_sae import read_head
+
+    ids = [f"s{i}" for i in range(10)]
+    frame = pd.DataFrame({"sample_id": ids, "question": "q ?", "image": [b"\x89PNG"] * 10,
+                          "responses": [["a", "b"]] * 10, "preferred": 0})
+    path = tmp_path / "samples.parquet"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=3)
+    assert read_head(path, 4)["sample_id"].tolist() == ids[:4]
+    assert read_head(path, 0)["sample_id"].tolist() == ids
+    assert read_head(path, 50)["sample_id"].tolist() == ids
+    decoded = []
+    monkeypatch.setattr(schema, "decode_image", lambda image, p, sid: decoded.append(sid) or image)
+    records = LazyRecords(read_head(path, 4), path)
+    assert len(records) == 4 and not decoded
+    assert [r.sample_id for r in records[2:4]] == ids[2:4] and decoded == ids[2:4]
