@@ -168,3 +168,16 @@ def test_evaluate_sae_reads_only_its_samples_and_decodes_per_batch(tmp_path, mon
     records = LazyRecords(read_head(path, 4), path)
     assert len(records) == 4 and not decoded
     assert [r.sample_id for r in records[2:4]] == ids[2:4] and decoded == ids[2:4]
+
+
+def test_token_columns_as_categoricals_give_the_same_split(store):
+    from mmsae.sae.training.tokens import select_tokens
+
+    cols = ActivationStore(store.folder).token_columns(["row", "sample_id", "modality"])  # nothing cached
+    assert isinstance(cols["modality"].dtype, pd.CategoricalDtype) and list(cols.columns) == ["row", "sample_id", "modality"]
+    for scope, special in (("all", False), ("text", True)):
+        a = select_tokens(cols, scope, special, 0.3)
+        b = select_tokens(store.tokens, scope, special, 0.3)
+        assert a.n_eval_samples == b.n_eval_samples > 0
+        for field in ("train_rows", "eval_rows", "eval_modality", "eval_in_scope"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field

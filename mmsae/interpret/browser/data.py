@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from mmsae.artifacts import Files
 from mmsae.errors import InputError
@@ -85,8 +87,16 @@ def select_features(stats: pd.DataFrame, n_features: int, per_class: int) -> pd.
 
 
 def read_tokens(path: str | os.PathLike) -> pd.DataFrame:
-    """tokens.parquet indexed by store row (row i = position i of the frame)."""
-    tokens = read_columns(path, TOKEN_COLUMNS).sort_values("row", kind="stable").reset_index(drop=True)
+    """tokens.parquet indexed by store row (row i = position i of the frame): only the columns the site
+    uses, sample_id and modality as categoricals (a code per token, not a Python string)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    require_columns(path, pq.read_schema(path).names, TOKEN_COLUMNS)
+    tokens = pq.read_table(path, columns=list(TOKEN_COLUMNS), read_dictionary=["sample_id", "modality"]).to_pandas()
+    if not tokens["row"].is_monotonic_increasing:
+        tokens = tokens.sort_values("row", kind="stable")
+    tokens = tokens.reset_index(drop=True)
     if not np.array_equal(tokens["row"].to_numpy(), np.arange(len(tokens))):
         raise InputError(path, "row", "rows are not 0..n-1")
     return tokens
