@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -247,3 +248,23 @@ class CodesReader:
             c0, c1 = self._first_at_least(int(row0)), self._first_at_least(int(row1))
             for batch in self._span(need, batch_rows, c0, c1, aligned=False):
                 yield {c: batch[c] for c in columns}
+
+
+def sample_row_ranges(sample_id: pd.Series, wanted: Iterable[str]) -> list[tuple[int, int]]:
+    """The store-row ranges [row0, row1) of the `wanted` samples, adjacent ones merged, from tokens.parquet's
+    sample_id column in row order (a categorical from ActivationStore.token_columns, or strings): what
+    `CodesReader.select` takes to read a sample subset's codes only."""
+    codes, cats = pd.factorize(sample_id, sort=False)
+    n = len(codes)
+    if n == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    ends = np.r_[starts[1:], n]
+    keep = np.isin(np.asarray(cats.astype(str))[codes[starts]], list({str(w) for w in wanted}))
+    out: list[tuple[int, int]] = []
+    for a, b in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out

@@ -203,9 +203,20 @@ def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows:
     return out
 
 
+def _in_ranges(rows: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    keep = np.zeros(len(rows), bool)
+    for a, b in ranges:
+        keep |= (rows >= a) & (rows < b)
+    return keep
+
+
 def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, rule: str = "per_modality",
-                  min_per_modality: int = 5, batch_rows: int = 1 << 20) -> pd.DataFrame:
+                  min_per_modality: int = 5, batch_rows: int = 1 << 20,
+                  row_ranges: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
     """features.parquet as a DataFrame (one row per feature 0..d_sae-1; see the module docstring).
+
+    row_ranges: only the codes of these store-row ranges (a sample subset: mmsae.codes.sample_row_ranges),
+    read from the parts that hold them only; None = every code.
 
     `store` is an ActivationStore (anything with `read_rows(layer, rows)`); `layer` the SAE's layer.
     """
@@ -213,7 +224,14 @@ def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, 
         raise InputError("features.rule", "rule", f"unknown rule {rule!r}; known: {RULES}")
     counts = np.zeros((3, d_sae), np.int64)  # text, image, special
     tracker = TopK(top_k, 2 * d_sae if rule == "per_modality" else d_sae)
-    for b in iter_codes(codes, ("row", "modality", "feature", "activation"), batch_rows):
+    columns = ("row", "modality", "feature", "activation")
+    if row_ranges is None:
+        batches = iter_codes(codes, columns, batch_rows)
+    elif isinstance(codes, pd.DataFrame):
+        batches = iter_codes(codes[_in_ranges(codes["row"].to_numpy(), row_ranges)], columns, batch_rows)
+    else:
+        batches = (codes if isinstance(codes, CodesReader) else CodesReader(codes)).select(row_ranges, columns, batch_rows)
+    for b in batches:
         feat = b["feature"].astype(np.int64)
         if len(feat) and (feat.min() < 0 or feat.max() >= d_sae):
             raise InputError(Files.CODES, "feature", f"feature id outside [0, {d_sae})")

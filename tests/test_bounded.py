@@ -181,3 +181,22 @@ def test_token_columns_as_categoricals_give_the_same_split(store):
         assert a.n_eval_samples == b.n_eval_samples > 0
         for field in ("train_rows", "eval_rows", "eval_modality", "eval_in_scope"):
             assert np.array_equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_features_of_a_sample_subset_read_only_its_codes(store, tmp_path):
+    from mmsae.codes import sample_row_ranges
+
+    sae = random_sae(d_in=D, d_sae=24, seed=4)
+    encode_store(sae, store, 0, 0.0, 64, tmp_path / "c", progress=False, part_tokens=40, row_group=50)
+    tokens = ActivationStore(store.folder).token_columns(["row", "sample_id"])
+    order = tokens["sample_id"].drop_duplicates().astype(str).tolist()
+    subset = order[3:6] + order[12:13]  # the samples of parts 1 and 4 only (3 samples per part)
+    ranges = sample_row_ranges(tokens["sample_id"], subset)
+    assert len(ranges) == 2 and sample_row_ranges(tokens["sample_id"].astype(str), subset) == ranges
+    reader = CodesReader(tmp_path / "c")
+    got = feature_table(reader, store, 0, 24, top_k=4, min_per_modality=1, row_ranges=ranges)
+    assert reader.opened == [1, 4]
+    whole = _codes(tmp_path / "c")
+    want = feature_table(whole[whole["sample_id"].isin(subset)], store, 0, 24, top_k=4, min_per_modality=1)
+    assert_frame_equal(got, want)
+    assert_frame_equal(feature_table(whole, store, 0, 24, top_k=4, min_per_modality=1, row_ranges=ranges), want)
