@@ -30,6 +30,13 @@ Pipeline block sizes (about 3 minutes here): --samples 1200 --batch-rows 1048576
 
 H100: --device cuda --d-in 4096 --d-sae 65536 --k 64 --samples 2000 --factor 10 --batch-tokens 4096
 (the feature and score stages run on the CPU whatever the device: only encode uses it).
+
+7B widths on this CPU (--widths 7b = --d-in 4096 --d-sae 65536 --k 64; perf/README.md section 4):
+  --widths 7b --samples 4 --factor 10 --batch-tokens 64 --batch-rows 4096 --chunk-tokens 64
+256 -> 2,560 tokens, blocks small enough that 1x spans 4 of each; about 25 minutes on the shared 2-core
+machine (the SAE's 2 x 4096 x 65,536 GEMMs in encode and in score's reconstruction error dominate).
+The SAE itself is 2 GB (fp32 W_enc + W_dec), in the baseline of encode and score; the peak *increase*
+is what must stay flat.
 """
 
 from __future__ import annotations
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-in", type=int, default=128)
     p.add_argument("--d-sae", type=int, default=1024)
     p.add_argument("--k", type=int, default=16, help="active latents per token (codes rows per token)")
+    p.add_argument("--widths", choices=("7b",), default=None,
+                   help="7b: --d-in 4096 --d-sae 65536 --k 64 (LLaVA-NeXT-7B and the preset's SAE)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="encode.batch_tokens")
     p.add_argument("--batch-rows", type=int, default=1 << 18,
                    help="codes rows per streamed batch in features and score (the pipeline's default: 1048576)")
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help=argparse.SUPPRESS)
     add_common_args(p, "scale")
     args = p.parse_args(argv)
+    if args.widths == "7b":
+        args.d_in, args.d_sae, args.k = 4096, 65536, 64
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.dir), args)))
         return 0
