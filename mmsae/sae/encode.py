@@ -58,7 +58,16 @@ def _block_codes(sae: SAE, x: torch.Tensor, delta: float, cap: int) -> tuple[np.
     """(token, feature, activation) of the codes > delta of x, at most `cap` per token (its largest; 0 = all),
     how many codes the cap dropped and from how many tokens. Dense codes only in row slices of blocks.DENSE_BYTES."""
     ts, fs, acts, dropped, capped = [], [], [], 0, 0
+    sparse = hasattr(sae, "encode_sparse") and not (cap and sae.k > cap)
     for s in row_slices(len(x), sae.cfg.d_sae):
+        if sparse:  # TopK: (values, indices) [rows, k], latents ascending; no dense codes, no nonzero scan
+            xs = x[s]
+            values, idx, _ = sae.encode_sparse(xs * sae.input_factor(xs))
+            keep = values > delta
+            ts.append(np.repeat(np.arange(s.start, s.stop), values.shape[-1])[keep.cpu().numpy().ravel()])
+            fs.append(idx[keep].cpu().numpy())
+            acts.append(values[keep].float().cpu().numpy())
+            continue
         f = sae.encode(x[s])
         keep = f > delta
         count = keep.sum(-1)
