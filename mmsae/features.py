@@ -196,10 +196,10 @@ def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows:
             sums.index_add_(0, torch.from_numpy(slot[where]), torch.from_numpy(unit))
         count = np.bincount(slot, minlength=2 * len(members)).reshape(-1, 2)
         both = (count[:, 0] > 0) & (count[:, 1] > 0)
-        s = sums.numpy().reshape(len(members), 2, -1)
-        mean_t = s[:, 0] / np.maximum(count[:, :1], 1)
-        mean_i = s[:, 1] / np.maximum(count[:, 1:], 1)
-        out[g0 : g0 + len(members)] = np.where(both, np.einsum("fd,fd->f", mean_t, mean_i), 0.0)
+        # <sum_t / n_t, sum_i / n_i> per feature, row by row: no [features x d_model] temporaries
+        dots = np.concatenate([(sums[2 * a : 2 * a + 2048 : 2] * sums[2 * a + 1 : 2 * a + 2048 : 2]).sum(1).numpy()
+                               for a in range(0, len(members), 1024)])
+        out[g0 : g0 + len(members)] = np.where(both, dots / np.maximum(count[:, 0] * count[:, 1], 1), 0.0)
     return out
 
 
