@@ -48,10 +48,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import MANIFEST, Files, Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.codes import CodesReader
 from mmsae.errors import InputError
 from mmsae.params import FeaturesParams
 
@@ -103,9 +105,10 @@ def read_columns(path: str | os.PathLike, required: Sequence[str], all_columns: 
 
 
 def iter_codes(codes: Codes, columns: Sequence[str], batch_rows: int = 1 << 20) -> Iterator[dict[str, np.ndarray]]:
-    """Column arrays of codes.parquet (or an in-memory frame with its columns), batch_rows at a time."""
+    """Column arrays of the codes (an encode artifact's codes.parquet folder or file, or an in-memory frame
+    with its columns), batch_rows at a time; mmsae.codes cuts the batches (the layout lives there)."""
     columns = list(columns)
-    if hasattr(codes, "iter_codes"):  # a view with its own batches (mmsae.scoring.shards.CodesRange)
+    if hasattr(codes, "iter_codes"):  # a reader or a view with its own batches (mmsae.scoring.shards.CodesRange)
         yield from codes.iter_codes(columns, batch_rows)
         return
     if isinstance(codes, pd.DataFrame):
@@ -114,48 +117,51 @@ def iter_codes(codes: Codes, columns: Sequence[str], batch_rows: int = 1 << 20) 
             part = codes.iloc[start : start + batch_rows]
             yield {c: part[c].to_numpy() for c in columns}
         return
-    path = Path(codes)
-    if not path.exists():
-        raise InputError(path, "path", "file does not exist")
-    # pre_buffer off: with it, arrow caches the column chunks of every row group the iteration will read,
-    # so memory grew with the size of codes.parquet rather than with batch_rows
-    pf = pq.ParquetFile(path, pre_buffer=False)
-    require_columns(path, pf.schema_arrow.names, columns)
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-        yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
-
-
-def _top_k_per_key(key: np.ndarray, act: np.ndarray, row: np.ndarray, extra: np.ndarray, k: int):
-    """Keep the k largest activations per key; returns the arrays sorted by (key, -act, row)."""
-    order = np.lexsort((row, -act, key))
-    key, act, row, extra = key[order], act[order], row[order], extra[order]
-    if len(key):
-        starts = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
-        group_start = np.repeat(starts, np.diff(np.r_[starts, len(key)]))
-        keep = np.arange(len(key)) - group_start < k
-        key, act, row, extra = key[keep], act[keep], row[keep], extra[keep]
-    return key, act, row, extra
+    yield from CodesReader(codes).iter_codes(columns, batch_rows)
 
 
 class TopK:
-    """Streaming top-k (by activation, ties by smaller row) per integer key, with an optional payload."""
+    """Streaming top-k (by activation, ties by smaller row) per integer key in [0, n_keys), with an optional
+    int8 payload. Held as [n_keys, k] tables sorted per key, so memory is n_keys x k whatever the number of
+    codes; each batch only sorts the codes that beat their key's current k-th entry, merged with the
+    tables' rows of those keys."""
 
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.key = np.zeros(0, np.int64)
-        self.act = np.zeros(0, np.float32)
-        self.row = np.zeros(0, np.int64)
-        self.extra = np.zeros(0, np.int8)
+    def __init__(self, k: int, n_keys: int) -> None:
+        self.k, self.n_keys = int(k), int(n_keys)
+        self.act_t = np.full((self.n_keys, self.k), -np.inf, np.float32)
+        self.row_t = np.full((self.n_keys, self.k), np.iinfo(np.int64).max, np.int64)
+        self.extra_t = np.zeros((self.n_keys, self.k), np.int8)
 
     def update(self, key: np.ndarray, act: np.ndarray, row: np.ndarray, extra: np.ndarray | None = None) -> None:
+        key, act, row = key.astype(np.int64), act.astype(np.float32), row.astype(np.int64)
         extra = np.zeros(len(key), np.int8) if extra is None else extra.astype(np.int8)
-        self.key, self.act, self.row, self.extra = _top_k_per_key(
-            np.concatenate([self.key, key.astype(np.int64)]),
-            np.concatenate([self.act, act.astype(np.float32)]),
-            np.concatenate([self.row, row.astype(np.int64)]),
-            np.concatenate([self.extra, extra]),
-            self.k,
-        )
+        last_act, last_row = self.act_t[key, -1], self.row_t[key, -1]
+        beat = (act > last_act) | ((act == last_act) & (row < last_row))
+        if not beat.any():
+            return
+        key, act, row, extra = key[beat], act[beat], row[beat], extra[beat]
+        keys = np.unique(key)
+        # the affected keys' current entries plus the candidates, ordered by (key, -act, row)
+        n_old = len(keys) * self.k
+        all_key = np.concatenate([np.repeat(keys, self.k), key])
+        all_act = np.concatenate([self.act_t[keys].ravel(), act])
+        all_row = np.concatenate([self.row_t[keys].ravel(), row])
+        all_extra = np.concatenate([self.extra_t[keys].ravel(), extra])
+        order = np.lexsort((all_row, -all_act, all_key))
+        slot = np.searchsorted(keys, all_key[order])
+        rank = np.arange(len(order)) - np.searchsorted(all_key[order], all_key[order], side="left")
+        keep = rank < self.k
+        o, s, r = order[keep], slot[keep], rank[keep]
+        assert len(o) == n_old  # every affected key had k slots (padding included) before the merge
+        self.act_t[keys[s], r] = all_act[o]
+        self.row_t[keys[s], r] = all_row[o]
+        self.extra_t[keys[s], r] = all_extra[o]
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(key, act, row, extra) of the kept entries, sorted by (key, -act, row)."""
+        valid = self.act_t > -np.inf
+        key = np.broadcast_to(np.arange(self.n_keys, dtype=np.int64)[:, None], valid.shape)[valid]
+        return key, self.act_t[valid], self.row_t[valid], self.extra_t[valid]
 
 
 def _lists(owner: np.ndarray, values: np.ndarray, n: int, typ: pa.DataType) -> pa.ListArray:
@@ -165,47 +171,67 @@ def _lists(owner: np.ndarray, values: np.ndarray, n: int, typ: pa.DataType) -> p
 
 
 def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows: list[np.ndarray],
-                     max_rows: int = 65536) -> np.ndarray:
-    """For each i: mean cosine over all text_rows[i] x image_rows[i] pairs of the store's hidden states.
+                     max_bytes: int = 1 << 30) -> np.ndarray:
+    """For each i: mean cosine over all text_rows[i] x image_rows[i] pairs of the store's hidden states,
+    i.e. <mean unit text state, mean unit image state>.
 
-    Features are processed in groups whose rows fit in `max_rows`, so memory stays bounded.
+    The unit states are summed per feature and side while the store is read chunk by chunk in row order
+    (`iter_rows`: each chunk once per group, not once per group of rows), for groups of features whose
+    float64 sums fit in max_bytes (32,768 features at d_model 4,096 with the default 1 GiB).
     """
     n = len(text_rows)
     out = np.zeros(n, np.float64)
-    i = 0
-    while i < n:
-        j, size = i, 0
-        while j < n and (j == i or size + len(text_rows[j]) + len(image_rows[j]) <= max_rows):
-            size += len(text_rows[j]) + len(image_rows[j])
-            j += 1
-        rows = np.concatenate([np.concatenate([text_rows[m], image_rows[m]]) for m in range(i, j)]).astype(np.int64)
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        states = store.read_rows(layer, uniq).astype(np.float64)
-        norms = np.linalg.norm(states, axis=1, keepdims=True)
-        unit = np.divide(states, norms, out=np.zeros_like(states), where=norms > 0)
-        pos = 0
-        for m in range(i, j):
-            nt, ni = len(text_rows[m]), len(image_rows[m])
-            if nt and ni:
-                t = unit[inverse[pos : pos + nt]].mean(0)
-                v = unit[inverse[pos + nt : pos + nt + ni]].mean(0)
-                out[m] = float(t @ v)
-            pos += nt + ni
-        i = j
+    group = max(1, int(max_bytes) // (2 * int(store.d_model) * 8))
+    for g0 in range(0, n, group):
+        members = range(g0, min(n, g0 + group))
+        slot = np.concatenate([np.full(len(side[m]), 2 * (m - g0) + s, np.int64)
+                               for m in members for s, side in enumerate((text_rows, image_rows))] or [np.zeros(0, np.int64)])
+        rows = np.concatenate([side[m] for m in members for side in (text_rows, image_rows)] or [np.zeros(0, np.int64)])
+        sums = torch.zeros((2 * len(members), int(store.d_model)), dtype=torch.float64)
+        reader = store.iter_rows(layer, rows) if hasattr(store, "iter_rows") else [(np.arange(len(rows)), store.read_rows(layer, rows))]
+        for where, states in reader:
+            states = states.astype(np.float64)
+            norms = np.linalg.norm(states, axis=1, keepdims=True)
+            unit = np.divide(states, norms, out=np.zeros_like(states), where=norms > 0)
+            sums.index_add_(0, torch.from_numpy(slot[where]), torch.from_numpy(unit))
+        count = np.bincount(slot, minlength=2 * len(members)).reshape(-1, 2)
+        both = (count[:, 0] > 0) & (count[:, 1] > 0)
+        # <sum_t / n_t, sum_i / n_i> per feature, row by row: no [features x d_model] temporaries
+        dots = np.concatenate([(sums[2 * a : 2 * a + 2048 : 2] * sums[2 * a + 1 : 2 * a + 2048 : 2]).sum(1).numpy()
+                               for a in range(0, len(members), 1024)])
+        out[g0 : g0 + len(members)] = np.where(both, dots / np.maximum(count[:, 0] * count[:, 1], 1), 0.0)
     return out
 
 
+def _in_ranges(rows: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    keep = np.zeros(len(rows), bool)
+    for a, b in ranges:
+        keep |= (rows >= a) & (rows < b)
+    return keep
+
+
 def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, rule: str = "per_modality",
-                  min_per_modality: int = 5, batch_rows: int = 1 << 20) -> pd.DataFrame:
+                  min_per_modality: int = 5, batch_rows: int = 1 << 20,
+                  row_ranges: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
     """features.parquet as a DataFrame (one row per feature 0..d_sae-1; see the module docstring).
+
+    row_ranges: only the codes of these store-row ranges (a sample subset: mmsae.codes.sample_row_ranges),
+    read from the parts that hold them only; None = every code.
 
     `store` is an ActivationStore (anything with `read_rows(layer, rows)`); `layer` the SAE's layer.
     """
     if rule not in RULES:
         raise InputError("features.rule", "rule", f"unknown rule {rule!r}; known: {RULES}")
     counts = np.zeros((3, d_sae), np.int64)  # text, image, special
-    tracker = TopK(top_k)
-    for b in iter_codes(codes, ("row", "modality", "feature", "activation"), batch_rows):
+    tracker = TopK(top_k, 2 * d_sae if rule == "per_modality" else d_sae)
+    columns = ("row", "modality", "feature", "activation")
+    if row_ranges is None:
+        batches = iter_codes(codes, columns, batch_rows)
+    elif isinstance(codes, pd.DataFrame):
+        batches = iter_codes(codes[_in_ranges(codes["row"].to_numpy(), row_ranges)], columns, batch_rows)
+    else:
+        batches = (codes if isinstance(codes, CodesReader) else CodesReader(codes)).select(row_ranges, columns, batch_rows)
+    for b in batches:
         feat = b["feature"].astype(np.int64)
         if len(feat) and (feat.min() < 0 or feat.max() >= d_sae):
             raise InputError(Files.CODES, "feature", f"feature id outside [0, {d_sae})")
@@ -222,14 +248,15 @@ def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, 
         else:
             tracker.update(feat, act, row, is_image)
 
+    key, top_act, top_row, top_extra = tracker.entries()
     if rule == "per_modality":
-        side_image = (tracker.key % 2).astype(bool)
-        owner = tracker.key // 2
+        side_image = (key % 2).astype(bool)
+        owner = key // 2
     else:
-        side_image = tracker.extra.astype(bool)
-        owner = tracker.key
-    t_owner, t_act, t_row = owner[~side_image], tracker.act[~side_image], tracker.row[~side_image]
-    i_owner, i_act, i_row = owner[side_image], tracker.act[side_image], tracker.row[side_image]
+        side_image = top_extra.astype(bool)
+        owner = key
+    t_owner, t_act, t_row = owner[~side_image], top_act[~side_image], top_row[~side_image]
+    i_owner, i_act, i_row = owner[side_image], top_act[side_image], top_row[side_image]
     t_off = np.searchsorted(t_owner, np.arange(d_sae + 1))
     i_off = np.searchsorted(i_owner, np.arange(d_sae + 1))
     n_top_text, n_top_image = np.diff(t_off), np.diff(i_off)

@@ -218,6 +218,12 @@ class EncodeParams(StageParams):
     batch_tokens: int
     #: 'auto' = cuda if available, else cpu
     device: str
+    #: keep at most this many codes (the largest above delta) per token; the number dropped is logged and
+    #: in the manifest (a ReLU SAE early in training fires on ~half its latents). 0 = no cap
+    max_codes_per_token: int
+    #: tokens per parquet part of codes.parquet (parts hold whole samples; features and score read only
+    #: the parts they need)
+    part_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,8 +119,29 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: list[int], reps
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far: VmHWM, the high-water mark of this address space.
+    Not ru_maxrss: Linux carries it across execve, so a worker started by a parent that once held more
+    (perf/scale.py building a 2 GB SAE) reported the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs), so a
+    later peak_rss_mb() is the peak since now, not of an earlier step (loading a 2 GB SAE transiently holds
+    twice its size). False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_mb() -> float:

@@ -18,8 +18,9 @@ so the consistency passes (concept_sums, binding) would hold nothing. score ther
 min_balance 0: every cross-modal feature, 898 -> 1,008 of 1,024 at the default sizes), which makes those
 passes as heavy as they get. The XMc size is printed and recorded (`n_concept_features`).
 
-Memory: the subprocess's peak RSS (resource.getrusage ru_maxrss) and its increase over the RSS measured
-right before the stage (after imports and set-up): that increase should stay flat as the data grows
+Memory: the subprocess's peak RSS (VmHWM, reset right after the set-up where Linux allows it, so it is the
+stage's own peak, not that of loading the SAE) and its increase over the RSS measured right before the
+stage (after imports and set-up): that increase should stay flat as the data grows
 10x if the stage streams. The stages stream in blocks (encode: --batch-tokens tokens; features and
 score: --batch-rows codes rows; score's pass over the store: 8 store chunks), so the 1x size must
 already span a few blocks for the comparison to mean anything: the defaults use smaller blocks than
@@ -30,6 +31,13 @@ Pipeline block sizes (about 3 minutes here): --samples 1200 --batch-rows 1048576
 
 H100: --device cuda --d-in 4096 --d-sae 65536 --k 64 --samples 2000 --factor 10 --batch-tokens 4096
 (the feature and score stages run on the CPU whatever the device: only encode uses it).
+
+7B widths on this CPU (--widths 7b = --d-in 4096 --d-sae 65536 --k 64; perf/README.md section 4):
+  --widths 7b --samples 4 --factor 10 --batch-tokens 64 --batch-rows 4096 --chunk-tokens 64
+256 -> 2,560 tokens, blocks small enough that 1x spans 4 of each; about 25 minutes on the shared 2-core
+machine (the SAE's 2 x 4096 x 65,536 GEMMs in encode and in score's reconstruction error dominate).
+The SAE itself is 2 GB (fp32 W_enc + W_dec), in the baseline of encode and score; the peak *increase*
+is what must stay flat.
 """
 
 from __future__ import annotations
@@ -46,7 +54,16 @@ from typing import Any
 from mmsae.artifacts import Files
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, current_rss_mb, machine, now, peak_rss_mb, report, setup  # noqa: E402
+from _common import (  # noqa: E402
+    add_common_args,
+    current_rss_mb,
+    machine,
+    now,
+    peak_rss_mb,
+    report,
+    reset_peak_rss,
+    setup,
+)
 
 STAGES = ("encode", "features", "score")
 # score.methods that need no model loss (model_loss needs a model_loss artifact)
@@ -91,6 +108,8 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         ids = sorted({str(s) for chunk in column.column(0).chunks for s in chunk.dictionary.to_pylist()})
         del column
     base = current_rss_mb()
+    # the peak from here on: loading the SAE (before the baseline) transiently holds twice its weights
+    reset = reset_peak_rss()
     t0, c0 = now(dev), time.process_time()
     out: dict[str, Any] = {}
     if stage == "encode":
@@ -115,7 +134,7 @@ def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     wall, cpu = now(dev) - t0, time.process_time() - c0
     return {"stage": stage, "n_tokens": n_tokens, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n_tokens / wall,
             "tokens_per_cpu_s": n_tokens / cpu, "rss_before_mb": base, "peak_rss_mb": peak_rss_mb(),
-            "peak_increase_mb": peak_rss_mb() - base, **out}
+            "peak_increase_mb": peak_rss_mb() - base, "peak_reset": reset, **out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-in", type=int, default=128)
     p.add_argument("--d-sae", type=int, default=1024)
     p.add_argument("--k", type=int, default=16, help="active latents per token (codes rows per token)")
+    p.add_argument("--widths", choices=("7b",), default=None,
+                   help="7b: --d-in 4096 --d-sae 65536 --k 64 (LLaVA-NeXT-7B and the preset's SAE)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="encode.batch_tokens")
     p.add_argument("--batch-rows", type=int, default=1 << 18,
                    help="codes rows per streamed batch in features and score (the pipeline's default: 1048576)")
@@ -143,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help=argparse.SUPPRESS)
     add_common_args(p, "scale")
     args = p.parse_args(argv)
+    if args.widths == "7b":
+        args.d_in, args.d_sae, args.k = 4096, 65536, 64
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.dir), args)))
         return 0

@@ -12,6 +12,7 @@ from test_sae import D, random_sae, synthetic_store
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
+from mmsae.codes import CodesReader
 from mmsae.sae import encode
 from mmsae.sae.encode import CODES_SCHEMA, encode_store
 from mmsae.sae.io import load_sae, save_sae
@@ -23,14 +24,14 @@ def test_encode_store_keeps_only_above_delta(tmp_path, normalize):
     sae = random_sae(d_in=D, d_sae=24, seed=1, normalize_activations=normalize)
     delta = 0.3
     counts = encode_store(sae, store, 1, delta, batch_tokens=50, out_path=tmp_path / "codes.parquet", progress=False)
-    pf = pq.ParquetFile(tmp_path / "codes.parquet")
-    assert pf.schema_arrow == CODES_SCHEMA
-    assert pf.num_row_groups == -(-store.n_tokens // 50)  # one row group per block
-    codes = pf.read().to_pandas()
+    reader = CodesReader(tmp_path / "codes.parquet")
+    assert all(pq.read_schema(f) == CODES_SCHEMA for f in reader.files)
+    codes = pq.read_table(tmp_path / "codes.parquet").to_pandas()
     with torch.no_grad():
         f = sae.encode(torch.from_numpy(store.read(1))).numpy()
     t, i = np.nonzero(f > delta)
-    assert counts == {"n_tokens": store.n_tokens, "nnz": len(t)} and len(codes) == len(t)
+    assert counts == {"n_tokens": store.n_tokens, "nnz": len(t), "n_parts": 1, "codes_dropped": 0,
+                      "tokens_capped": 0} and len(codes) == len(t)
     assert np.array_equal(codes["row"].to_numpy(), t) and np.array_equal(codes["feature"].to_numpy(), i)
     np.testing.assert_allclose(codes["activation"].to_numpy(), f[t, i], rtol=1e-6)
     assert (codes["activation"] > delta).all()

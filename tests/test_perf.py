@@ -220,3 +220,22 @@ def test_scale_bench_prints_memory_ratios(tmp_path, capsys):
     r = res["ratios_big_over_small"]["encode"]
     assert r["peak_rss"] == pytest.approx(res["runs"]["2x"]["encode"]["peak_rss_mb"]
                                           / res["runs"]["1x"]["encode"]["peak_rss_mb"])
+
+
+def test_topk_bench_agrees_with_the_lexsort_it_replaced(tmp_path, capsys):
+    line, res = run_script("topk", ["--d-sae", "50", "--k", "3", "--batch-rows", "500", "--batches", "8"], capsys,
+                           tmp_path / "t.json")
+    assert res["same"] is True and "same entries: True" in line and res["n_codes"] == 4000
+
+
+def test_peak_rss_is_this_address_space(tmp_path):
+    """A child's peak is its own, not its parent's (ru_maxrss survives execve; VmHWM does not)."""
+    import subprocess
+
+    big = bytearray(400 << 20)  # the parent's peak rises by 400 MB
+    big[::4096] = b"x" * len(big[::4096])
+    code = f"import sys; sys.path.insert(0, {str(PERF)!r}); import _common; print(_common.peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    parent = load("_common").peak_rss_mb()
+    assert parent - child > 300, (parent, child)
+    del big

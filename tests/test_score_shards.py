@@ -15,6 +15,7 @@ from test_sae import synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
 from mmsae.artifacts import write_manifest
+from mmsae.codes import CodesReader
 from mmsae.errors import InputError
 from mmsae.features import feature_table, feature_weights, iter_codes, write_features
 from mmsae.params import ScoreParams
@@ -42,7 +43,7 @@ N_SAMPLES = 23
 def chain(tmp_path_factory):
     """extract -> train_sae -> encode -> features on a synthetic store: 23 samples of 15 tokens, zarr chunks
     of 8 rows (score's store blocks: 64 rows, so samples straddle blocks), codes written in blocks of 50
-    tokens (many row groups)."""
+    tokens into parts of about 4 samples (many parts and row groups)."""
     tmp = tmp_path_factory.mktemp("chain")
     store = ActivationStore(synthetic_store(tmp / "extract", n_samples=N_SAMPLES, chunk_tokens=8, layers=(0,)))
     train_sae(store, tiny_params(steps=10, checkpoint_every=10, expansion=2, buffer_chunks=16), tmp / "train_sae",
@@ -50,7 +51,8 @@ def chain(tmp_path_factory):
     sae = load_sae(tmp / "train_sae")
     encode = tmp / "encode"
     encode.mkdir()
-    encode_store(sae, store, 0, 0.0, 50, encode / "codes.parquet", progress=False)
+    # parts of about 4 samples, row groups of 100 codes: batches cut across row groups and parts
+    encode_store(sae, store, 0, 0.0, 50, encode / "codes.parquet", progress=False, part_tokens=60, row_group=100)
     write_manifest(encode, "encode", {}, counts={"layer": 0, "d_sae": sae.cfg.d_sae})
     features = tmp / "features"
     features.mkdir()
@@ -87,7 +89,8 @@ def test_codes_range_yields_the_batches_of_one_pass(chain):
     """CodesRange cuts batches as iter_codes over the whole file does (across row groups), keeping only
     those that hold the shard's rows; all rows of the range are in them."""
     codes = chain["codes"]
-    assert pq.ParquetFile(codes).num_row_groups > 5
+    reader = CodesReader(codes)
+    assert len(reader.files) > 3 and sum(len(reader._group_starts(i)) - 1 for i in range(len(reader.files))) > 10
     full = list(iter_codes(codes, ("row", "feature", "activation"), 37))
     rows = pq.read_table(codes, columns=["row"]).column("row").to_numpy()
     for row0, row1 in [(0, 100), (100, 101), (130, 345), (300, 10**9), (50, 50)]:

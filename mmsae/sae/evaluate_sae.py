@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmsae import cli
+from mmsae.activations.extraction import LazyRecords
 from mmsae.artifacts import Files, Timer, atomic_dir, write_manifest
+from mmsae.data.schema import read_frame, validate_frame
 from mmsae.errors import InputError
 from mmsae.models import load_model_with
 from mmsae.params import EvaluateSaeParams
@@ -54,11 +58,36 @@ def load_saes(specs: tuple[str, ...]) -> tuple[dict[str, SAE], int]:
     return saes, layers.pop()
 
 
+def read_head(path: Path, n: int) -> pd.DataFrame:
+    """The first n rows of samples.parquet (every row with n = 0), read batch by batch: the image bytes of
+    the rows after them are never read."""
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    if not n:
+        return read_frame(path, check_images=False)
+    try:
+        pf = pq.ParquetFile(path)
+        batches, got = [], 0
+        for batch in pf.iter_batches(batch_size=min(n, 1024)):
+            batches.append(batch.slice(0, n - got))
+            got += len(batches[-1])
+            if got >= n:
+                break
+        df = pa.Table.from_batches(batches, schema=pf.schema_arrow).to_pandas()
+    except Exception as exc:
+        raise InputError(path, "file", f"not a readable parquet file ({exc.__class__.__name__})") from exc
+    validate_frame(df, path, check_images=False)
+    df["sample_id"] = df["sample_id"].astype(str)
+    return df
+
+
 def run(inputs: Inputs, params: EvaluateSaeParams, out: Path) -> None:
     timer = Timer()
-    records, mllm = cli.load_records_and_model(inputs, timer)
-    if params.n_samples:
-        records = records[: params.n_samples]
+    samples = Path(inputs.samples) / Files.SAMPLES
+    with timer("read"):  # trimmed to n_samples first; images decoded batch by batch (LazyRecords)
+        records = LazyRecords(read_head(samples, params.n_samples), samples)
+    with timer("load_model"):
+        mllm = load_model_with(inputs.model, inputs.model_params)
     saes, layer = load_saes(inputs.sae)
     ces, recons = [], []
     targets = [("mllm", inputs.model)] + ([("base", inputs.base_model)] if inputs.base_model else [])

@@ -13,7 +13,8 @@ internally, over the evaluated tokens:
 - `dense_fraction`: fraction of latents whose firing frequency on the evaluated tokens > dense_threshold.
 
 `MetricAccumulator` computes the same quantities streaming (float64 sums), so evaluation over a large
-held-out set needs memory for one block only; `evaluate` is the in-memory entry point.
+held-out set needs memory for one block only (the SAE runs on row slices of at most
+mmsae.sae.blocks.DENSE_BYTES of dense codes); `evaluate` is the in-memory entry point.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from mmsae.sae.blocks import forward_blocks
 
 MODALITY_KEYS = ("image", "text")
 
@@ -114,19 +117,21 @@ def evaluate_blocks(sae, blocks: Iterable[tuple[torch.Tensor, Sequence[str] | np
     device = sae.W_enc.device
     overall = MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device)
     per: dict[str, MetricAccumulator] = {m: MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device) for m in MODALITY_KEYS}
-    for x, modality, in_scope in blocks:
-        x = x.to(device=device, dtype=sae.W_enc.dtype)
-        x_hat, f = sae(x)
-        modality = np.asarray(modality)
-        if in_scope is None:
-            overall.update(x, x_hat, f)
-        else:
-            m = torch.from_numpy(np.asarray(in_scope, dtype=bool)).to(device)
-            overall.update(x[m], x_hat[m], f[m])
-        for name in np.unique(modality):
-            m = torch.from_numpy(modality == name).to(device)
-            acc = per.setdefault(str(name), MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device))
-            acc.update(x[m], x_hat[m], f[m])
+    for x_block, modality_block, in_scope_block in blocks:
+        x_block = x_block.to(device=device, dtype=sae.W_enc.dtype)
+        modality_block = np.asarray(modality_block)
+        # the SAE on row slices: dense codes of at most mmsae.sae.blocks.DENSE_BYTES at a time
+        for s, x_hat, f in forward_blocks(sae, x_block):
+            x, modality = x_block[s], modality_block[s]
+            if in_scope_block is None:
+                overall.update(x, x_hat, f)
+            else:
+                m = torch.from_numpy(np.asarray(in_scope_block, dtype=bool)[s]).to(device)
+                overall.update(x[m], x_hat[m], f[m])
+            for name in np.unique(modality):
+                m = torch.from_numpy(modality == name).to(device)
+                acc = per.setdefault(str(name), MetricAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device))
+                acc.update(x[m], x_hat[m], f[m])
     out = {"overall": overall.result(dense_threshold, tokens_since_fire, dead_window)}
     out.update({name: acc.result(dense_threshold) for name, acc in per.items()})
     return out, overall

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mmsae.errors import InputError
 from mmsae.models.adapters import IMAGE, TEXT, ModelAdapter
+from mmsae.sae.blocks import forward_blocks, reconstruct
 from mmsae.sae.metrics import MetricAccumulator
 from mmsae.sae.model import SAE
 
@@ -53,7 +54,7 @@ class SpliceHook:
             replacement = torch.zeros_like(h[m])
         else:
             x = h[m].to(self.sae.W_enc.dtype)
-            replacement = self.sae(x)[0].to(h.dtype)
+            replacement = reconstruct(self.sae, x).to(h.dtype)  # no [tokens x d_sae] block of codes
         h = h.clone()
         h[m] = replacement
         return (h, *output[1:]) if isinstance(output, tuple) else h
@@ -163,11 +164,17 @@ def _splice_masks(meta: object) -> dict[str, torch.Tensor]:
 
 def _add_reconstruction(recon: dict[tuple[str, str], MetricAccumulator], saes: dict[str, SAE], h: torch.Tensor,
                         masks: dict[str, torch.Tensor]) -> None:
+    """The SAE runs once on the `all` positions, in row slices of bounded dense codes; `image` and `text`
+    (disjoint, their union is `all`) take their rows of each slice."""
+    sel = masks["all"].to(h.device)
+    subs = {m: mask.to(h.device)[sel] for m, mask in masks.items()}
     for name, sae in saes.items():
-        for m, mask in masks.items():
-            x = h[mask.to(h.device)].to(sae.W_enc.dtype)
-            x_hat, f = sae(x)
-            recon[(name, m)].update(x.cpu(), x_hat.cpu(), f.cpu())
+        x_all = h[sel].to(sae.W_enc.dtype)
+        for s, x_hat, f in forward_blocks(sae, x_all):
+            x, x_hat, f = x_all[s].cpu(), x_hat.cpu(), f.cpu()
+            for m, sub in subs.items():
+                keep = sub[s].cpu()
+                recon[(name, m)].update(x[keep], x_hat[keep], f[keep])
 
 
 def _add_splice(adapter: ModelAdapter, hook: SpliceHook, saes: dict[str, SAE], splice: str, mask: torch.Tensor,

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmsae.artifacts import Files
+from mmsae.codes import CodesReader
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.context import ScoringContext
@@ -76,64 +75,17 @@ def shard_samples(tokens: pd.DataFrame, sample_ids: Sequence[str], n_shards: int
 
 
 class CodesRange:
-    """The codes.parquet batches that hold store rows [row0, row1): `mmsae.features.iter_codes` yields them
-    for this object. Batches are cut as `ParquetFile.iter_batches` cuts the whole file (every batch_rows
-    rows, across row groups), so each is a batch one job reads too. Codes must be ordered by row (encode
-    writes them so; checked on the row groups' statistics)."""
+    """The code batches that hold store rows [row0, row1): `mmsae.features.iter_codes` yields them for this
+    object. Batches are cut as one pass over all the codes cuts them (mmsae.codes.CodesReader: every
+    batch_rows codes, across row groups and parts), so each is a batch one job reads too; only the parts
+    and row groups that hold those batches are read. Codes must be ordered by row (encode writes them so;
+    checked on the row groups' statistics)."""
 
     def __init__(self, path: str | os.PathLike, row0: int, row1: int) -> None:
         self.path, self.row0, self.row1 = Path(path), int(row0), int(row1)
 
-    def _first_at_least(self, pf: pq.ParquetFile, value: int, starts: np.ndarray) -> int:
-        """Index (in the file) of the first code whose row is >= value."""
-        col = pf.schema_arrow.get_field_index("row")
-        for g in range(pf.num_row_groups):
-            st = pf.metadata.row_group(g).column(col).statistics
-            if st is not None and st.has_min_max and st.max < value:
-                continue
-            rows = pf.read_row_group(g, columns=["row"]).column("row").to_numpy()
-            i = int(np.searchsorted(rows, value, side="left"))
-            if i < len(rows):
-                return int(starts[g]) + i
-        return int(starts[-1])
-
-    def _check_sorted(self, pf: pq.ParquetFile) -> None:
-        col = pf.schema_arrow.get_field_index("row")
-        last = -1
-        for g in range(pf.num_row_groups):
-            st = pf.metadata.row_group(g).column(col).statistics
-            if st is None or not st.has_min_max:
-                continue
-            if st.min < last:
-                raise InputError(self.path, "row", "codes are not ordered by row (needed to shard the scoring)")
-            last = st.max
-
     def iter_codes(self, columns: Sequence[str], batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
-        if not self.path.exists():
-            raise InputError(self.path, "path", "file does not exist")
-        pf = pq.ParquetFile(self.path)
-        require_columns(self.path, pf.schema_arrow.names, [*columns, "row"])
-        self._check_sorted(pf)
-        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-        starts = np.cumsum([0, *sizes]).astype(np.int64)
-        c0 = self._first_at_least(pf, self.row0, starts)
-        c1 = self._first_at_least(pf, self.row1, starts)
-        if c0 >= c1:
-            return
-        cached: tuple[int, pa.Table] | None = None
-        for b0 in range((c0 // batch_rows) * batch_rows, c1, batch_rows):
-            b1 = min(b0 + batch_rows, int(starts[-1]))
-            pieces = []
-            for g in range(int(np.searchsorted(starts, b0, side="right")) - 1, len(sizes)):
-                g0, g1 = int(starts[g]), int(starts[g + 1])
-                if g0 >= b1:
-                    break
-                if cached is None or cached[0] != g:
-                    cached = (g, pf.read_row_group(g, columns=list(columns)))
-                lo, hi = max(b0, g0), min(b1, g1)
-                pieces.append(cached[1].slice(lo - g0, hi - lo))
-            batch = pa.concat_tables(pieces).combine_chunks()
-            yield {c: batch.column(c).to_numpy() for c in columns}
+        yield from CodesReader(self.path).iter_codes(columns, batch_rows, rows=(self.row0, self.row1))
 
 
 class StoreRows:

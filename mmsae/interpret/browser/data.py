@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -87,10 +88,18 @@ def select_features(stats: pd.DataFrame, n_features: int, per_class: int) -> pd.
 
 
 def read_tokens(path: str | os.PathLike) -> pd.DataFrame:
-    """tokens.parquet indexed by store row (row i = position i of the frame)."""
-    stored = pq.read_schema(path).names if os.path.exists(path) else []
+    """tokens.parquet indexed by store row (row i = position i of the frame): only the columns the site
+    uses, sample_id and modality as categoricals (a code per token, not a Python string)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    stored = pq.read_schema(path).names
+    require_columns(path, stored, TOKEN_COLUMNS)
     columns = [*TOKEN_COLUMNS, *(["image_index"] if "image_index" in stored else [])]
-    tokens = read_columns(path, columns).sort_values("row", kind="stable").reset_index(drop=True)
+    tokens = pq.read_table(path, columns=columns, read_dictionary=["sample_id", "modality"]).to_pandas()
+    if not tokens["row"].is_monotonic_increasing:
+        tokens = tokens.sort_values("row", kind="stable")
+    tokens = tokens.reset_index(drop=True)
     if "image_index" not in tokens.columns:  # a store from before multi-image records: one image each
         tokens["image_index"] = image_index(tokens)
     if not np.array_equal(tokens["row"].to_numpy(), np.arange(len(tokens))):

@@ -78,7 +78,7 @@ def sae_metadata(store: ActivationStore, params: TrainSaeParams, uses_l1: bool,
                  metadata: dict[str, Any] | None) -> dict[str, Any]:
     """cfg.json metadata of the SAE trained on `store`: SAELens' LLM fields, then ours."""
     layer = int(params.layer)
-    positions = store.tokens["position"]
+    positions = store.token_columns(["position"])["position"]
     return {
         "model_name": "unknown",
         "hook_name": hook_name(layer),
@@ -280,7 +280,8 @@ def train_sae(store: ActivationStore, params: TrainSaeParams, out_dir: str | Pat
     layer, steps, batch_size = int(params.layer), int(params.steps), int(params.batch_size)
     store.array(layer)  # InputError if the layer was not extracted
     device = resolve_device(params.device)
-    split = select_tokens(store.tokens, params.scope, params.include_special, params.eval_fraction)
+    split = select_tokens(store.token_columns(["row", "sample_id", "modality"]), params.scope, params.include_special,
+                          params.eval_fraction)
     schedule = BatchSchedule(split.train_rows, store.n_tokens, store.chunk_tokens, params.buffer_chunks,
                              batch_size, params.seed)
     run = start_or_resume(new_sae(store, params, device, metadata), store, params, schedule, checkpoint_dir, device)

@@ -31,7 +31,7 @@ def import_sae(store: ActivationStore, params: TrainSaeParams, source: str | Pat
     if hooked is not None and int(hooked) != layer:
         raise InputError(Path(source) / Files.SAE_CFG, "hook_layer", f"SAE hooks layer {hooked}, config train_sae.layer is {layer}")
     sae.cfg.metadata.update(hook_layer=layer, hook_name=hook_name(layer), pretrained=str(source))
-    split = select_tokens(store.tokens, params.scope, params.include_special, params.eval_fraction)
+    split = select_tokens(store.token_columns(["row", "sample_id", "modality"]), params.scope, params.include_special, params.eval_fraction)
     t0 = time.perf_counter()
     with torch.no_grad():
         evals, overall = evaluate_blocks(sae, eval_blocks(store, layer, split), params.dense_threshold)

@@ -45,8 +45,16 @@ def select_tokens(tokens: pd.DataFrame, scope: str, include_special: bool, eval_
     if not tokens["row"].is_monotonic_increasing:
         tokens = tokens.sort_values("row", kind="stable")
     rows = tokens["row"].to_numpy(np.int64)
-    mod = tokens["modality"].astype(str).to_numpy()
-    inv, uniq = pd.factorize(tokens["sample_id"].astype(str))  # hash-based: fast on 1e8 tokens
+    # modality and sample_id may be categoricals (ActivationStore.token_columns): compared and factorised
+    # on their codes, never expanded to one Python string per token
+    in_scope = tokens["modality"].isin(modalities).to_numpy()
+    in_eval_mods = tokens["modality"].isin(evaluable).to_numpy()
+    sid = tokens["sample_id"]
+    if isinstance(sid.dtype, pd.CategoricalDtype):
+        inv, uniq = pd.factorize(sid.cat.codes.to_numpy())  # codes in order of first appearance
+        uniq = sid.cat.categories.astype(str).to_numpy()[uniq]
+    else:
+        inv, uniq = pd.factorize(sid.astype(str))  # hash-based: fast on 1e8 tokens
     unit = sample_unit(np.asarray(uniq))
     is_eval = unit < eval_fraction
     if eval_fraction > 0 and not is_eval.any() and len(uniq) >= 2:
@@ -54,13 +62,13 @@ def select_tokens(tokens: pd.DataFrame, scope: str, include_special: bool, eval_
     if is_eval.all() and len(uniq):
         is_eval[np.argmax(unit)] = False
     tok_eval = is_eval[inv]
-    train_sel = ~tok_eval & np.isin(mod, modalities)
-    eval_sel = tok_eval & np.isin(mod, evaluable)
+    train_sel = ~tok_eval & in_scope
+    eval_sel = tok_eval & in_eval_mods
     return TokenSplit(
         train_rows=rows[train_sel],
         eval_rows=rows[eval_sel],
-        eval_modality=mod[eval_sel],
-        eval_in_scope=np.isin(mod[eval_sel], modalities),
+        eval_modality=tokens["modality"].iloc[np.flatnonzero(eval_sel)].astype(str).to_numpy(),
+        eval_in_scope=in_scope[eval_sel],
         n_train_samples=int((~is_eval).sum()),
         n_eval_samples=int(is_eval.sum()),
     )
