@@ -210,7 +210,8 @@ def render_params_module(schema: dict[str, Any] | None = None) -> str:
         out.append("")
 
     for stage, section in schema["properties"].items():
-        if section.get("type") == "object":
+        # a mapping of user-named entries (pools) has no fixed keys, hence no class
+        if section.get("type") == "object" and "properties" in section:
             by_stage.append((stage, _class_name(stage)))
             emit(_class_name(stage), stage, section, (stage,))
     out.extend(["", "BY_STAGE: dict[str, type[StageParams]] = {"])

@@ -14,8 +14,10 @@ from mmsae.config import StageParams
 
 @dataclasses.dataclass(frozen=True)
 class DataParams(StageParams):
+    #: the pool that is scored and filtered (and, unless sae_data is set, the SAE's corpus)
     STAGE: ClassVar[str] = "data"
-    #: 'toyworld' (built by the pipeline) or a path to a parquet file in the mmsae record schema
+    #: 'toyworld' (the toy world's pool, built by the pipeline), 'toyworld:<split>' (its pool, train or
+    #: heldout split) or a path to a data set file in data.format
     source: str
     #: how to read `source` (see mmsae/data/readers.py)
     format: Literal["mmsae", "align_anything", "rlaif_v", "llava_json", "obelics"]
@@ -219,6 +221,12 @@ class FeaturesParams(StageParams):
     top_k: int
     rule: Literal["per_modality", "release"]
     min_per_modality: int
+    #: where the cross-modal weights (the `weight` column) are computed: the pool's codes, or the SAE
+    #: corpus's (sae_data, encoded by the SAE); the counts, top tokens and classes are always the pool's
+    weights_on: Literal["pool", "corpus"]
+    #: the weights from the first N samples (in sample order) of weights_on only (the paper, 1,000 of the
+    #: pool); null = all
+    weights_samples: int | None
 
 
 @dataclasses.dataclass(frozen=True)
