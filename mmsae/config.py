@@ -75,6 +75,12 @@ def validate(config: dict[str, Any], source: str | os.PathLike = "config", schem
     return config
 
 
+def section_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of one config section's values with the schema's defaults filled: for sections whose
+    entries jsonschema's defaults do not reach (each entry of `pools` has the keys of `sae_data`)."""
+    return _fill_defaults(copy.deepcopy(values), load_schema()["properties"][section])
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}

@@ -35,6 +35,35 @@ class DataParams(StageParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class SaeDataParams(StageParams):
+    #: the SAE's corpus (the paper: 100K OBELICS documents), read like `data` and sampled by `n` and
+    #: `seed`, with its own sample and extract folders; train_sae learns from it, encode / features /
+    #: score read the pool. The corpus's folders hash only its own keys, so changing or adding a pool
+    #: keeps the SAE
+    STAGE: ClassVar[str] = "sae_data"
+    #: null = the SAE learns from the pool `data`; else as data.source ('toyworld:train': the toy world's
+    #: train split)
+    source: str | None
+    #: how to read `source` (see mmsae/data/readers.py)
+    format: Literal["mmsae", "align_anything", "rlaif_v", "llava_json", "obelics"]
+    #: folder that relative image paths are resolved against (llava_json, path-only images)
+    image_root: str | None
+    #: 'error' stops at the first unreadable row; 'skip' drops them and lists their ids in
+    #: bad_rows.parquet
+    on_bad_row: Literal["error", "skip"]
+    #: largest encoded image read (bytes, 32 MiB by default); a bigger file or inline image is a bad row,
+    #: so a device file or a huge file never fills memory
+    max_image_bytes: int
+    #: longest question or response (characters); a longer one is a bad row. 100,000 characters is far
+    #: above any model context; extract.max_length is the token guard
+    max_text_chars: int
+    #: records sampled; null = all
+    n: int | None
+    #: seed of the sample
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ToyworldParams(StageParams):
     STAGE: ClassVar[str] = "toyworld"
     seed: int
@@ -614,6 +643,7 @@ class AttributeParams(StageParams):
 
 BY_STAGE: dict[str, type[StageParams]] = {
     "data": DataParams,
+    "sae_data": SaeDataParams,
     "toyworld": ToyworldParams,
     "toy_model": ToyModelParams,
     "model": ModelParams,
