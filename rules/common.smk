@@ -209,7 +209,7 @@ def stage_dir(stage, **variant):
 def variant_of(stage, folder):
     """The variant whose `stage` folder is named `folder` (the wildcard of the varied and sourced rules)."""
     sources = [{"source": s} for s in [CORPUS, *POOLS.values()] if s is not None] if stage in SOURCED else []
-    for variant in [{}, *VARIANTS.get(stage, []), *sources]:
+    for variant in [{**v, **s} for s in [{}, *sources] for v in [{}, *VARIANTS.get(stage, [])]]:
         if Path(stage_dir(stage, **variant)).name == folder:
             return variant
     raise ValueError(f"no {stage} variant has the folder {folder}")
