@@ -37,7 +37,7 @@ STEER_CONCEPT = config["steer"]["concept"] is not None and TOY_DATA and TOY_MODE
 PARENTS = {
     "toyworld": [],
     "toy_model": ["toyworld"],
-    "sample": ["toyworld"] if TOY_DATA else [],
+    "sample": ["toyworld"] if TOY_DATA else [],  # the pool's; another source's: parent_folders
     "extract": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "model_loss": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "train_sae": ["extract"],
@@ -147,8 +147,9 @@ def data_path(source=None):
     return f"{stage_dir('toyworld')}/{split}.parquet" if split else source_config(source)[0]["source"]
 
 
-# Parents read from another source than the stage's own (name -> (stage, source)): train_sae's extraction
-# is the corpus's; features.weights_on: corpus reads the corpus's extraction and its codes.
+# Parents read from another source than the stage's own: train_sae's extraction is the corpus's
+# ((stage, parent) -> source); with features.weights_on: corpus, features also reads the corpus's
+# extraction and codes (input name -> stage, of the corpus).
 SOURCE_OF_PARENT = {("train_sae", "extract"): CORPUS}
 CORPUS_PARENTS = {"corpus_extract": "extract", "corpus_encode": "encode"}
 if config["features"]["weights_on"] == "corpus":

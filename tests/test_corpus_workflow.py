@@ -4,12 +4,15 @@ change and keep every folder name when the new keys are not used."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import yaml
-from test_workflow import REPO, smk
+from test_workflow import REPO, _job_counts, smk
 
 CORPUS = {"source": "toyworld:train", "n": 150}
 POOLS = {"extra": {"source": "toyworld:heldout", "n": 30}, "again": {"source": "toyworld", "n": 60, "seed": 3}}
@@ -19,14 +22,14 @@ _DRY: dict[str, str] = {}
 
 
 def _dry(tmp_path: Path, name: str, **sections) -> str:
-    """The dry run's output for config/test.yaml updated by `sections` (memoised by name: each dry run takes
-    seconds)."""
-    if name in _DRY:
-        return _DRY[name]
+    """The dry run's output for config/test.yaml updated by `sections`, written to tmp_path/{name}.yaml
+    (memoised by name: each dry run takes seconds)."""
     cfg = yaml.safe_load((REPO / "config/test.yaml").read_text())
     cfg.update(sections)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    if name in _DRY:
+        return _DRY[name]
     r: subprocess.CompletedProcess = smk("-n", "-p", "--directory", str(tmp_path), "--configfile", str(path))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     _DRY[name] = r.stdout + r.stderr
@@ -130,3 +133,36 @@ def test_weights_on_corpus_without_a_corpus_fails(tmp_path):
     path.write_text(yaml.safe_dump({"features": {"weights_on": "corpus"}}))
     r = smk("-n", "--directory", str(tmp_path), "--configfile", str(REPO / "config/test.yaml"), str(path))
     assert r.returncode != 0 and "features.weights_on" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_run_scores_a_pool_with_the_corpus_sae_and_a_new_pool_reuses_it(tmp_path):
+    """A real run on two toy sources: the SAE learns from the toy world's train split, the held-out split is
+    scored with it (weights from the corpus's first 100 samples); then a second pool needs only its own jobs."""
+    feats = {**yaml.safe_load((REPO / "config/test.yaml").read_text())["features"], "weights_on": "corpus",
+             "weights_samples": 100}
+    one = {"sae_data": CORPUS, "pools": {"extra": POOLS["extra"]}, "features": feats,
+           "score": {"methods": ["cosine", "l0"], "fractions": [0.5, 1.0], "layers": [0]}}
+    text = _dry(tmp_path, "run-one", **one)
+    pool_sample = _sample_of(text, "heldout.parquet")
+    pool_score = next(c["out"] for c in _commands(text, "score") if c["samples"].endswith(pool_sample))
+    r = smk(f"{pool_score}/manifest.json", "--cores", "2", "--directory", str(tmp_path),
+            "--configfile", str(tmp_path / "run-one.yaml"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    results = tmp_path / "results" / "test"
+    corpus_extract = _extract_of(text, _sample_of(text, "train.parquet"))
+    (sae,) = results.glob("train_sae-*")
+    assert json.loads((sae / "manifest.json").read_text())["inputs"]["extract"].endswith(corpus_extract)
+    scores = pd.read_parquet(tmp_path / pool_score / "scores.parquet")
+    assert len(scores) == POOLS["extra"]["n"] and scores["sample_id"].str.startswith("heldout-").all()
+    manifest = json.loads((results / Path(pool_score).name / "manifest.json").read_text())
+    features = Path(manifest["inputs"]["features"]).name
+    weights = json.loads((results / features / "manifest.json").read_text())["counts"]["weights"]
+    assert weights["on"] == "corpus" and weights["n_samples"] == 100
+    # a second pool: its own sample, extract, encode, features and score; the SAE and the corpus stay
+    two = {**one, "pools": POOLS}
+    text2 = _dry(tmp_path, "run-two", **two)
+    new_score = (_folders(text2, "score") - _folders(text, "score")).pop()
+    r = smk("-n", f"results/test/{new_score}/manifest.json", "--directory", str(tmp_path),
+            "--configfile", str(tmp_path / "run-two.yaml"))
+    assert _job_counts(r) == {"sample": 1, "extract": 1, "encode": 1, "features": 1, "score": 1, "total": 5}
