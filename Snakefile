@@ -34,4 +34,5 @@ rule all:
         f"{RESULTS}/report/index.html",
         f"{RESULTS}/browser.html",
         *([manifest("patch_filter")] if PATCH_FILTER else []),
+        *[manifest("score", source=s) for s in POOLS.values()],  # each of `pools` scored by the run's SAE
     default_target: True

@@ -75,6 +75,12 @@ def validate(config: dict[str, Any], source: str | os.PathLike = "config", schem
     return config
 
 
+def section_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of one config section's values with the schema's defaults filled: for sections whose
+    entries jsonschema's defaults do not reach (each entry of `pools` has the keys of `sae_data`)."""
+    return _fill_defaults(copy.deepcopy(values), load_schema()["properties"][section])
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -210,7 +216,8 @@ def render_params_module(schema: dict[str, Any] | None = None) -> str:
         out.append("")
 
     for stage, section in schema["properties"].items():
-        if section.get("type") == "object":
+        # a mapping of user-named entries (pools) has no fixed keys, hence no class
+        if section.get("type") == "object" and "properties" in section:
             by_stage.append((stage, _class_name(stage)))
             emit(_class_name(stage), stage, section, (stage,))
     out.extend(["", "BY_STAGE: dict[str, type[StageParams]] = {"])

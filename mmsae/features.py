@@ -34,6 +34,12 @@ Stage features (`run`): reads codes.parquet (encode; its manifest gives the SAE'
 the extract store (residual hidden states at that layer, for the cosine weight). Writes
 features.parquet: feature, n_text, n_image, n_special, top_text_rows, top_text_acts, top_image_rows,
 top_image_acts, weight (null unless cross-modal), class (text-only | image-only | cross-modal | dead).
+
+The weight column alone may come from other codes (config features.weights_on / weights_samples): the
+first N samples of the pool (the paper: 1,000), or the SAE corpus encoded by the same SAE (--corpus-encode,
+--corpus-extract), or its first N samples. Those codes get a table of their own, whose weights replace
+the pool's; a feature cross-modal in the pool but not on the subset then has a null weight, and the
+other way round. The counts, top tokens and classes stay the pool's.
 """
 
 from __future__ import annotations
@@ -330,6 +336,48 @@ def text_modalities(rule: str) -> tuple[str, ...]:
     return ("text", "special") if rule == "release" else ("text",)
 
 
+# --- the weights subset (features.weights_on, features.weights_samples) ---------------------------------
+
+
+def first_samples_end(extract: str | os.PathLike, n_samples: int, batch_rows: int = 1 << 20) -> tuple[int, int]:
+    """(end row, samples) of the first n_samples samples of an extraction, in its row (= sample) order:
+    the store row where sample n_samples + 1 starts, or the number of rows when it has no more. Streams
+    the token index's sample_id column and stops there, so memory does not grow with the store."""
+    path = Path(extract) / Files.TOKENS
+    if not path.exists():
+        raise InputError(path, "path", "file does not exist")
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    require_columns(path, pf.schema_arrow.names, ("sample_id",))
+    seen, start, last = 0, 0, None
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["sample_id"]):
+        ids = batch.column(0).to_numpy(zero_copy_only=False)
+        new = np.r_[last is None or ids[0] != last, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, bool)
+        firsts = np.flatnonzero(new)  # rows of this batch where a sample begins (samples are contiguous)
+        if seen + len(firsts) > n_samples:
+            return start + int(firsts[n_samples - seen]), n_samples
+        seen += len(firsts)
+        start += len(ids)
+        last = ids[-1] if len(ids) else last
+    return start, seen
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsBelow:
+    """The codes of store rows < end (codes are ordered by row, as encode writes them): the codes of the
+    first samples. `iter_codes` yields this view's batches and stops at the first batch past `end`."""
+
+    codes: Codes
+    end: int
+
+    def iter_codes(self, columns: Sequence[str], batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+        want = list(dict.fromkeys([*columns, "row"]))
+        for b in iter_codes(self.codes, want, batch_rows):
+            keep = b["row"] < self.end
+            yield {c: b[c][keep] for c in columns}
+            if not keep[-1:].all():  # past the end: later batches hold later rows only
+                return
+
+
 STAGE = "features"
 
 
@@ -337,6 +385,19 @@ STAGE = "features"
 class Inputs:
     encode: Path = cli.arg("encode artifact folder (codes.parquet)")
     extract: Path = cli.arg("extract artifact folder (hidden states)")
+    corpus_encode: Path | None = cli.arg("encode artifact of the SAE corpus (features.weights_on: corpus)",
+                                         default=None)
+    corpus_extract: Path | None = cli.arg("extract artifact of the SAE corpus (features.weights_on: corpus)",
+                                          default=None)
+
+
+def _weights_source(inputs: Inputs, params: FeaturesParams) -> tuple[Path, Path] | None:
+    """(encode, extract) whose codes the weights come from, or None when they are the pool's whole table's."""
+    if params.weights_on == "corpus":
+        if inputs.corpus_encode is None or inputs.corpus_extract is None:
+            raise InputError("features.weights_on", "weights_on", "'corpus' needs --corpus-encode and --corpus-extract")
+        return Path(inputs.corpus_encode), Path(inputs.corpus_extract)
+    return None if params.weights_samples is None else (Path(inputs.encode), Path(inputs.extract))
 
 
 def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
@@ -346,8 +407,30 @@ def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
     with timer("features"):
         df = feature_table(Path(inputs.encode) / Files.CODES, store, layer, d_sae, params.top_k, params.rule,
                            params.min_per_modality)
+    counts = {"layer": layer, "d_sae": d_sae}
+    read = {"encode": inputs.encode, "extract": inputs.extract}
+    if (source := _weights_source(inputs, params)) is not None:
+        # The weight column from another set of codes (the paper: 1,000 samples of the pool); the rest of the
+        # table (counts, top tokens, class) stays the pool's, whose store rows the later stages read.
+        w_encode, w_extract = source
+        w_layer, w_d_sae = encode_info(w_encode)
+        if (w_layer, w_d_sae) != (layer, d_sae):
+            raise InputError(Path(w_encode) / MANIFEST, "counts", f"layer {w_layer}, d_sae {w_d_sae}: not the pool's "
+                             f"SAE (layer {layer}, d_sae {d_sae})")
+        codes: Codes = Path(w_encode) / Files.CODES
+        n = None
+        if params.weights_samples is not None:
+            end, n = first_samples_end(w_extract, params.weights_samples)
+            codes = RowsBelow(codes, end)
+        with timer("weights"):
+            weights = feature_table(codes, ActivationStore(w_extract), layer, d_sae, params.top_k, params.rule,
+                                    params.min_per_modality)
+        df["weight"] = weights["weight"].to_numpy()
+        counts["weights"] = {"on": params.weights_on, "n_samples": n,
+                             "n_weighted": int(np.isfinite(df["weight"].to_numpy(np.float64)).sum())}
+        if params.weights_on == "corpus":
+            read.update(corpus_encode=w_encode, corpus_extract=w_extract)
     with atomic_dir(out) as tmp:
         write_features(df, tmp / Files.FEATURES)
-        counts = {"layer": layer, "d_sae": d_sae, "classes": class_counts(df)}
-        write_manifest(tmp, STAGE, params.as_dict(), {"encode": inputs.encode, "extract": inputs.extract},
-                       counts, timer.timings)
+        counts["classes"] = class_counts(df)
+        write_manifest(tmp, STAGE, params.as_dict(), read, counts, timer.timings)

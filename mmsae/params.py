@@ -14,8 +14,10 @@ from mmsae.config import StageParams
 
 @dataclasses.dataclass(frozen=True)
 class DataParams(StageParams):
+    #: the pool that is scored and filtered (and, unless sae_data is set, the SAE's corpus)
     STAGE: ClassVar[str] = "data"
-    #: 'toyworld' (built by the pipeline) or a path to a parquet file in the mmsae record schema
+    #: 'toyworld' (the toy world's pool, built by the pipeline), 'toyworld:<split>' (its pool, train or
+    #: heldout split) or a path to a data set file in data.format
     source: str
     #: how to read `source` (see mmsae/data/readers.py)
     format: Literal["mmsae", "align_anything", "rlaif_v", "llava_json", "obelics"]
@@ -33,6 +35,35 @@ class DataParams(StageParams):
     #: longest question or response (characters); a longer one is a bad row. 100,000 characters is far
     #: above any model context; extract.max_length is the token guard
     max_text_chars: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeDataParams(StageParams):
+    #: the SAE's corpus (the paper: 100K OBELICS documents), read like `data` and sampled by `n` and
+    #: `seed`, with its own sample and extract folders; train_sae learns from it, encode / features /
+    #: score read the pool. The corpus's folders hash only its own keys, so changing or adding a pool
+    #: keeps the SAE
+    STAGE: ClassVar[str] = "sae_data"
+    #: null = the SAE learns from the pool `data`; else as data.source ('toyworld:train': the toy world's
+    #: train split)
+    source: str | None
+    #: how to read `source` (see mmsae/data/readers.py)
+    format: Literal["mmsae", "align_anything", "rlaif_v", "llava_json", "obelics"]
+    #: folder that relative image paths are resolved against (llava_json, path-only images)
+    image_root: str | None
+    #: 'error' stops at the first unreadable row; 'skip' drops them and lists their ids in
+    #: bad_rows.parquet
+    on_bad_row: Literal["error", "skip"]
+    #: largest encoded image read (bytes, 32 MiB by default); a bigger file or inline image is a bad row,
+    #: so a device file or a huge file never fills memory
+    max_image_bytes: int
+    #: longest question or response (characters); a longer one is a bad row. 100,000 characters is far
+    #: above any model context; extract.max_length is the token guard
+    max_text_chars: int
+    #: records sampled; null = all
+    n: int | None
+    #: seed of the sample
+    seed: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +263,12 @@ class FeaturesParams(StageParams):
     top_k: int
     rule: Literal["per_modality", "release"]
     min_per_modality: int
+    #: where the cross-modal weights (the `weight` column) are computed: the pool's codes, or the SAE
+    #: corpus's (sae_data, encoded by the SAE); the counts, top tokens and classes are always the pool's
+    weights_on: Literal["pool", "corpus"]
+    #: the weights from the first N samples (in sample order) of weights_on only (the paper, 1,000 of the
+    #: pool); null = all
+    weights_samples: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -622,6 +659,7 @@ class AttributeParams(StageParams):
 
 BY_STAGE: dict[str, type[StageParams]] = {
     "data": DataParams,
+    "sae_data": SaeDataParams,
     "toyworld": ToyworldParams,
     "toy_model": ToyModelParams,
     "model": ModelParams,

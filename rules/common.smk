@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not pip-installed
 from mmsae.artifacts import stage_dirname
-from mmsae.config import config_error, result_keys
+from mmsae.config import config_error, result_keys, section_defaults
 from mmsae.models.shape import planned_shape, shape_problems
 
 # A bad config stops here with one line naming the field and its value; Snakemake's own validation
@@ -37,7 +37,7 @@ STEER_CONCEPT = config["steer"]["concept"] is not None and TOY_DATA and TOY_MODE
 PARENTS = {
     "toyworld": [],
     "toy_model": ["toyworld"],
-    "sample": ["toyworld"] if TOY_DATA else [],
+    "sample": ["toyworld"] if TOY_DATA else [],  # the pool's; another source's: parent_folders
     "extract": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "model_loss": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "train_sae": ["extract"],
@@ -105,10 +105,76 @@ VARIANTS = {
 }
 
 
-def hashed_params(stage, **variant):
+# Data sources. The pool `data` (source None) is scored and feeds the curve, report and browser; the SAE
+# corpus `sae_data` (CORPUS, when set) is what train_sae learns from; each `pools` entry ("pool:<name>") is
+# one more pool scored with the same SAE. A source has its own sample, extract, model_loss, encode,
+# features and score folders (SOURCED), hashed on its data keys and sampling, never on its name: equal
+# sources share folders, and train_sae's hash covers the corpus chain only, so adding or changing a pool
+# keeps the SAE.
+SOURCED = ("sample", "extract", "model_loss", "encode", "features", "score")
+CORPUS = "sae_data" if config["sae_data"]["source"] is not None else None
+POOLS = {name: f"pool:{name}" for name in config["pools"]}
+TOY_SPLITS = ("pool", "train", "heldout")  # the toy world's files, `toyworld:<split>`
+
+
+def source_config(source):
+    """(data keys, sampling {n, seed}) of a source."""
+    if source is None:
+        return config["data"], config["sample"]
+    keys = section_defaults("sae_data", config["sae_data"] if source == "sae_data" else config["pools"][source[5:]])
+    return keys, {k: keys.pop(k) for k in ("n", "seed")}
+
+
+for _name, _source in POOLS.items():
+    if source_config(_source)[0]["source"] is None:
+        raise ValueError(f"config pools.{_name}.source: a pool needs a data set ('toyworld[:split]' or a file)")
+
+
+def toy_split(source):
+    """The toy world's split a source reads ('toyworld' = its pool), or None for a data set file."""
+    name = source_config(source)[0]["source"]
+    if name != "toyworld" and not name.startswith("toyworld:"):
+        return None
+    split = name.partition(":")[2] or "pool"
+    if split not in TOY_SPLITS:
+        label = "data" if source is None else source.replace(":", "s.", 1) if source != "sae_data" else source
+        raise ValueError(f"config {label}.source: {name!r}: the toy world's splits are {', '.join(TOY_SPLITS)}")
+    return split
+
+
+def data_path(source=None):
+    split = toy_split(source)
+    return f"{stage_dir('toyworld')}/{split}.parquet" if split else source_config(source)[0]["source"]
+
+
+# Parents read from another source than the stage's own: train_sae's extraction is the corpus's
+# ((stage, parent) -> source); with features.weights_on: corpus, features also reads the corpus's
+# extraction and codes (input name -> stage, of the corpus).
+SOURCE_OF_PARENT = {("train_sae", "extract"): CORPUS}
+CORPUS_PARENTS = {"corpus_extract": "extract", "corpus_encode": "encode"}
+if config["features"]["weights_on"] == "corpus":
+    if CORPUS is None:
+        raise ValueError("config features.weights_on: 'corpus' needs an SAE corpus (sae_data)")
+    PARENTS["features"] = PARENTS["features"] + list(CORPUS_PARENTS)
+
+
+def parent_folders(stage, variant):
+    """{input name: folder} of the artifacts `stage` reads, for its variant (train_sae keys and `source`)."""
+    variant = dict(variant)
+    source = variant.pop("source", None)
+    parents = PARENTS[stage] if stage != "sample" else (["toyworld"] if toy_split(source) else [])
+    out = {}
+    for name in parents:
+        parent = CORPUS_PARENTS.get(name, name)
+        src = CORPUS if name in CORPUS_PARENTS else SOURCE_OF_PARENT.get((stage, name), source)
+        out[name] = stage_dir(parent, source=src, **variant)
+    return out
+
+
+def hashed_params(stage, source=None, **variant):
     """The config a stage depends on, which its folder hash covers: its own slice (plus the model slice
     for stages that run it) without its execution keys (schema: `execution: true`); a variant overrides
-    train_sae keys."""
+    train_sae keys; sample hashes its source's data keys and sampling."""
     params = result_keys(stage, config.get(stage, {}))
     if stage == "train_sae":
         params.update(variant)
@@ -116,7 +182,11 @@ def hashed_params(stage, **variant):
                  "steer", "attribute"):
         params["model"] = result_keys("model", config["model"])
     if stage == "sample":
-        params["data"] = config["data"]
+        data, sampling = source_config(source)
+        params = {**result_keys("sample", sampling), "data": data}
+    if stage == "features" and (params["weights_on"], params["weights_samples"]) == ("pool", None):
+        # the weights from the whole pool: the features of before these keys, in the folders they had
+        del params["weights_on"], params["weights_samples"]
     if stage == "curve":  # the arms' recipe: fine-tuning and benchmarking
         params.update(finetune=hashed_params("finetune"), benchmark=config["benchmark"],
                       model=result_keys("model", config["model"]))
@@ -125,18 +195,22 @@ def hashed_params(stage, **variant):
 
 @cache
 def _stage_dir(stage, variant):
-    parents = [Path(_stage_dir(p, variant if p in VARIED else ())).name for p in PARENTS[stage]]
+    parents = [Path(d).name for d in parent_folders(stage, variant).values()]
     return f"{RESULTS}/{stage_dirname(stage, hashed_params(stage, **dict(variant)), parents)}"
 
 
 def stage_dir(stage, **variant):
-    """results/{run}/{stage}-{hash}; `variant` overrides train_sae keys for this stage and its parents."""
-    return _stage_dir(stage, tuple(sorted(variant.items())) if stage in VARIED else ())
+    """results/{run}/{stage}-{hash}; `variant` overrides train_sae keys for this stage and its parents, and
+    `source` names the data source of a SOURCED stage (None: the pool `data`)."""
+    keep = {k: v for k, v in variant.items()
+            if (k != "source" and stage in VARIED) or (k == "source" and stage in SOURCED and v is not None)}
+    return _stage_dir(stage, tuple(sorted(keep.items())))
 
 
 def variant_of(stage, folder):
-    """The variant whose `stage` folder is named `folder` (the wildcard of the varied rules)."""
-    for variant in [{}, *VARIANTS[stage]]:
+    """The variant whose `stage` folder is named `folder` (the wildcard of the varied and sourced rules)."""
+    sources = [{"source": s} for s in [CORPUS, *POOLS.values()] if s is not None] if stage in SOURCED else []
+    for variant in [{**v, **s} for s in [{}, *sources] for v in [{}, *VARIANTS.get(stage, [])]]:
         if Path(stage_dir(stage, **variant)).name == folder:
             return variant
     raise ValueError(f"no {stage} variant has the folder {folder}")
@@ -144,12 +218,16 @@ def variant_of(stage, folder):
 
 def variant_inputs(stage):
     """Input function of a varied rule: its parents' manifests, for the variant named by the wildcard."""
-    return lambda wc: {p: manifest(p, **variant_of(stage, wc.folder)) for p in PARENTS[stage]}
+    return lambda wc: {p: f"{d}/manifest.json" for p, d in parent_folders(stage, variant_of(stage, wc.folder)).items()}
 
 
 def variant_dir(stage, parent):
     """Params function of a varied rule: the folder of one of its parents, for the wildcard's variant."""
-    return lambda wc: stage_dir(parent, **variant_of(stage, wc.folder))
+    return lambda wc: parent_folders(stage, variant_of(stage, wc.folder))[parent]
+
+
+def source_of(stage, folder):
+    return variant_of(stage, folder).get("source")
 
 
 def sae_dirs():
@@ -165,8 +243,8 @@ def manifest(stage, **overrides):
 
 
 def inputs(stage):
-    """A rule's inputs: the manifests of the artifacts it reads."""
-    return {p: manifest(p) for p in PARENTS[stage]}
+    """A rule's inputs: the manifests of the artifacts it reads (the pool `data`'s)."""
+    return {p: f"{d}/manifest.json" for p, d in parent_folders(stage, {}).items()}
 
 
 def log_file(stage):
@@ -195,6 +273,3 @@ def base_model_arg():
         raise ValueError("config evaluate_sae.base_model: 'toy' needs model.path: toy; give a base LLM path or null")
     return f"--base-model {stage_dir('toy_model')}/base_model" if base == "toy" else f"--base-model {base}"
 
-
-def data_path():
-    return f"{stage_dir('toyworld')}/pool.parquet" if TOY_DATA else config["data"]["source"]

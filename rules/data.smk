@@ -14,22 +14,34 @@ rule toyworld:
         "python {SCRIPTS}/toyworld.py --out {params.out} --params {params.cfg:q} > {log} 2>&1"
 
 
+def _sample_inputs(wc):
+    source = source_of("sample", wc.folder)
+    return {**variant_inputs("sample")(wc), **({} if toy_split(source) else {"data": data_path(source)})}
+
+
+def _source_json(part):
+    """Params function of the sample rule: its source's data keys (0) or sampling (1) as JSON."""
+    return lambda wc: json.dumps(source_config(source_of("sample", wc.folder))[part], sort_keys=True)
+
+
+# One rule for every data source's sample (the pool `data`, the SAE corpus, each of `pools`).
 rule sample:
     input:
-        **inputs("sample"),
-        **({} if TOY_DATA else {"data": data_path()}),
+        unpack(_sample_inputs),
     output:
-        manifest("sample"),
+        f"{RESULTS}/{{folder}}/manifest.json",
+    wildcard_constraints:
+        folder=r"sample-[0-9a-f]{8}",
     params:
-        cfg=slice_json("sample"),
-        data=data_path(),
-        data_cfg=slice_json("data"),
-        out=stage_dir("sample"),
+        cfg=_source_json(1),
+        data=lambda wc: data_path(source_of("sample", wc.folder)),
+        data_cfg=_source_json(0),
+        out=lambda wc: f"{RESULTS}/{wc.folder}",
     conda:
         ENV
     log:
-        log_file("sample"),
+        f"{RESULTS}/logs/{{folder}}.log",
     benchmark:
-        bench_file("sample")
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/sample.py --data {params.data:q} --data-params {params.data_cfg:q} --out {params.out} --params {params.cfg:q} > {log} 2>&1"

@@ -7,29 +7,38 @@ EXTRACT_ARGS = (
 )
 
 
-def extract_shard_manifests():
-    return [f"{stage_dir('extract')}/shards/{k:04d}/manifest.json" for k in range(EXTRACT_SHARDS)]
+def extract_shard_manifests(wc):
+    return [f"{RESULTS}/{wc.folder}/shards/{k:04d}/manifest.json" for k in range(EXTRACT_SHARDS)]
+
+
+# The extraction of every data source (the pool `data`, the SAE corpus, each of `pools`), by folder name.
+EXTRACT_PARAMS = dict(
+    cfg=slice_json("extract"),
+    model_cfg=slice_json("model"),
+    model=model_path(),
+    samples=variant_dir("extract", "sample"),
+    out=lambda wc: f"{RESULTS}/{wc.folder}",
+)
+EXTRACT_FOLDER = r"extract-[0-9a-f]{8}"
 
 
 if EXTRACT_SHARDS == 1:
 
     rule extract:
         input:
-            **inputs("extract"),
+            unpack(variant_inputs("extract")),
         output:
-            manifest("extract"),
+            f"{RESULTS}/{{folder}}/manifest.json",
+        wildcard_constraints:
+            folder=EXTRACT_FOLDER,
         params:
-            cfg=slice_json("extract"),
-            model_cfg=slice_json("model"),
-            model=model_path(),
-            samples=stage_dir("sample"),
-            out=stage_dir("extract"),
+            **EXTRACT_PARAMS,
         conda:
             ENV
         log:
-            log_file("extract"),
+            f"{RESULTS}/logs/{{folder}}.log",
         benchmark:
-            bench_file("extract")
+            f"{RESULTS}/benchmarks/{{folder}}.tsv"
         shell:
             "python {SCRIPTS}/extract.py " + EXTRACT_ARGS + " > {log} 2>&1"
 
@@ -38,41 +47,36 @@ else:
     # A killed shard job's rerun keeps the parts it had finished (mmsae.activations.extract_shard).
     rule extract_shard:
         input:
-            **inputs("extract"),
+            unpack(variant_inputs("extract")),
         output:
-            f"{stage_dir('extract')}/shards/{{shard}}/manifest.json",
+            f"{RESULTS}/{{folder}}/shards/{{shard}}/manifest.json",
         wildcard_constraints:
+            folder=EXTRACT_FOLDER,
             shard=r"\d{4}",
         params:
-            cfg=slice_json("extract"),
-            model_cfg=slice_json("model"),
-            model=model_path(),
-            samples=stage_dir("sample"),
-            out=stage_dir("extract"),
+            **EXTRACT_PARAMS,
             shard=lambda wc: int(wc.shard),
         conda:
             ENV
         log:
-            f"{log_file('extract')[:-len('.log')]}.shard-{{shard}}.log",
+            f"{RESULTS}/logs/{{folder}}.shard-{{shard}}.log",
         benchmark:
-            f"{bench_file('extract')[:-len('.tsv')]}.shard-{{shard}}.tsv"
+            f"{RESULTS}/benchmarks/{{folder}}.shard-{{shard}}.tsv"
         shell:
             "python {SCRIPTS}/extract.py " + EXTRACT_ARGS + " --shard {params.shard} > {log} 2>&1"
 
     rule extract_gather:
         input:
-            extract_shard_manifests(),
+            extract_shard_manifests,
         output:
-            manifest("extract"),
+            f"{RESULTS}/{{folder}}/manifest.json",
+        wildcard_constraints:
+            folder=EXTRACT_FOLDER,
         params:
-            cfg=slice_json("extract"),
-            model_cfg=slice_json("model"),
-            model=model_path(),
-            samples=stage_dir("sample"),
-            out=stage_dir("extract"),
+            **EXTRACT_PARAMS,
         conda:
             ENV
         log:
-            log_file("extract"),
+            f"{RESULTS}/logs/{{folder}}.log",
         shell:
             "python {SCRIPTS}/extract.py " + EXTRACT_ARGS + " --gather > {log} 2>&1"

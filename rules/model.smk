@@ -21,23 +21,26 @@ rule toy_model:
         " --params {params.cfg:q} > {log} 2>&1"
 
 
+# The pool's model loss, and each of `pools`' (a score method), by folder name.
 rule model_loss:
     input:
-        **inputs("model_loss"),
+        unpack(variant_inputs("model_loss")),
     output:
-        manifest("model_loss"),
+        f"{RESULTS}/{{folder}}/manifest.json",
+    wildcard_constraints:
+        folder=r"model_loss-[0-9a-f]{8}",
     params:
         cfg=slice_json("model_loss"),
         model_cfg=slice_json("model"),
         model=model_path(),
-        samples=stage_dir("sample"),
-        out=stage_dir("model_loss"),
+        samples=variant_dir("model_loss", "sample"),
+        out=lambda wc: f"{RESULTS}/{wc.folder}",
     conda:
         ENV
     log:
-        log_file("model_loss"),
+        f"{RESULTS}/logs/{{folder}}.log",
     benchmark:
-        bench_file("model_loss")
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/model_loss.py --samples {params.samples} --model {params.model:q}"
         " --model-params {params.model_cfg:q} --out {params.out} --params {params.cfg:q} > {log} 2>&1"

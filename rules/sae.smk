@@ -9,7 +9,7 @@ rule train_sae:
         folder=r"train_sae-[0-9a-f]{8}",
     params:
         cfg=lambda wc: json.dumps(hashed_params("train_sae", **variant_of("train_sae", wc.folder)), sort_keys=True),
-        extract=stage_dir("extract"),
+        extract=variant_dir("train_sae", "extract"),  # the SAE corpus's (sae_data), else the pool's
         out=lambda wc: f"{RESULTS}/{wc.folder}",
         # outside the output folder, so a killed job's rerun resumes from its last checkpoint
         checkpoints=lambda wc: f"{RESULTS}/{wc.folder}.checkpoints",
@@ -33,7 +33,7 @@ rule encode:
         folder=r"encode-[0-9a-f]{8}",
     params:
         cfg=slice_json("encode"),
-        extract=stage_dir("extract"),
+        extract=variant_dir("encode", "extract"),
         sae=variant_dir("encode", "train_sae"),
         out=lambda wc: f"{RESULTS}/{wc.folder}",
     conda:

@@ -1,5 +1,6 @@
 def _model_loss_arg(wildcards):
-    return f"--model-loss {stage_dir('model_loss')}" if "model_loss" in PARENTS["score"] else ""
+    folders = parent_folders("score", variant_of("score", wildcards.folder))
+    return f"--model-loss {folders['model_loss']}" if "model_loss" in folders else ""
 
 
 # score.shards > 1: per-sample statistics by sample range in parallel (score_shard, temporary outputs),
@@ -11,8 +12,8 @@ SCORE_ARGS = (
 )
 SCORE_PARAMS = dict(
     cfg=slice_json("score"),
-    samples=stage_dir("sample"),
-    extract=stage_dir("extract"),
+    samples=variant_dir("score", "sample"),
+    extract=variant_dir("score", "extract"),
     encode=variant_dir("score", "encode"),
     features=variant_dir("score", "features"),
     sae=variant_dir("score", "train_sae"),
