@@ -361,23 +361,6 @@ def first_samples_end(extract: str | os.PathLike, n_samples: int, batch_rows: in
     return start, seen
 
 
-@dataclasses.dataclass(frozen=True)
-class RowsBelow:
-    """The codes of store rows < end (codes are ordered by row, as encode writes them): the codes of the
-    first samples. `iter_codes` yields this view's batches and stops at the first batch past `end`."""
-
-    codes: Codes
-    end: int
-
-    def iter_codes(self, columns: Sequence[str], batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
-        want = list(dict.fromkeys([*columns, "row"]))
-        for b in iter_codes(self.codes, want, batch_rows):
-            keep = b["row"] < self.end
-            yield {c: b[c][keep] for c in columns}
-            if not keep[-1:].all():  # past the end: later batches hold later rows only
-                return
-
-
 STAGE = "features"
 
 
@@ -417,14 +400,13 @@ def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
         if (w_layer, w_d_sae) != (layer, d_sae):
             raise InputError(Path(w_encode) / MANIFEST, "counts", f"layer {w_layer}, d_sae {w_d_sae}: not the pool's "
                              f"SAE (layer {layer}, d_sae {d_sae})")
-        codes: Codes = Path(w_encode) / Files.CODES
-        n = None
-        if params.weights_samples is not None:
+        n, rows = None, None
+        if params.weights_samples is not None:  # codes are in store-row (= sample) order: read only the parts before
             end, n = first_samples_end(w_extract, params.weights_samples)
-            codes = RowsBelow(codes, end)
+            rows = [(0, end)]
         with timer("weights"):
-            weights = feature_table(codes, ActivationStore(w_extract), layer, d_sae, params.top_k, params.rule,
-                                    params.min_per_modality)
+            weights = feature_table(Path(w_encode) / Files.CODES, ActivationStore(w_extract), layer, d_sae,
+                                    params.top_k, params.rule, params.min_per_modality, row_ranges=rows)
         df["weight"] = weights["weight"].to_numpy()
         counts["weights"] = {"on": params.weights_on, "n_samples": n,
                              "n_weighted": int(np.isfinite(df["weight"].to_numpy(np.float64)).sum())}

@@ -57,6 +57,9 @@ class SaeDataParams(StageParams):
     #: largest encoded image read (bytes, 32 MiB by default); a bigger file or inline image is a bad row,
     #: so a device file or a huge file never fills memory
     max_image_bytes: int
+    #: most images one record may hold (image + extra_images); a record with more is a bad row, so one
+    #: interleaved document never fills memory
+    max_images_per_sample: int
     #: longest question or response (characters); a longer one is a bad row. 100,000 characters is far
     #: above any model context; extract.max_length is the token guard
     max_text_chars: int
