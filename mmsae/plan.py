@@ -45,7 +45,7 @@ TOKENS_MEM_BYTES_PER_TOKEN = 120.0  # the same table in pandas (issue #15: 86-20
 PARQUET_FILE_BYTES = 4096  # footer, schema and page headers of one parquet file (tiny files: most of it)
 CODES_BYTES_PER_ROW = 7.0  # codes.parquet on disk per (token, feature, activation) row: 6.9-7.1 in the demo
 RELU_L0 = 190  # active latents per token of a trained relu SAE-V (the paper's L0 at 65,536 latents)
-BASE_RSS = 0.7 * GB  # python + torch + transformers + mmsae imported (this CPU, torch 2.13)
+BASE_RSS = 0.45 * GB  # python + torch + transformers + mmsae: the toy demo's stage jobs peak at 450-600 MB
 TEMPLATE_TOKENS = 12  # chat-template tokens around a question when no tokenizer can be loaded
 STAGE_RULES = ("extract", "train_sae", "encode", "features", "score", "evaluate_sae", "model_loss",
                "baseline_scores", "finetune", "report", "browser")
@@ -63,6 +63,7 @@ class Throughput:
     fp32_tflops: float = 67.0
     model_utilisation: float = 0.4
     sae_utilisation: float = 0.5
+    cpu_gflops: float = 53.0  # fp32 matmul FLOP/s of the SAE on a CPU job (issue #15's measurement, this 2-core CPU)
     gpu_mem_gb: float = 80.0
     disk_gb: float = 1000.0  # scratch space assumed free for results/ (no profile states one)
 
@@ -390,6 +391,7 @@ class StagePlan:
     host_peak: float = 0.0  # bytes, one job
     gpu_peak: float = 0.0  # bytes, one job (0: no GPU)
     gpu_hours: float = 0.0  # all jobs
+    cpu_hours: float = 0.0  # all jobs: SAE work a stage does on the CPU (score without a GPU)
     notes: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
 
@@ -500,9 +502,9 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
         s.gpu_peak = 4 * P + 8192 * d_sae * 4
         s.gpu_hours = len(score_layers) * tp.hours(4 * d * d_sae * img_tokens, "tf32", sae=True)
     else:
-        s.notes.append(f"SAE on the CPU over {img_tokens:,.0f} image tokens (offdist): the profile gives score no GPU "
-                       "(issue #15: 15 ms/token at 4096 x 65,536)")
-        s.gpu_hours = 0.0
+        s.cpu_hours = len(score_layers) * 4 * d * d_sae * img_tokens / (tp.cpu_gflops * 1e9) / 3600
+        s.notes.append(f"SAE on the CPU over {img_tokens:,.0f} image tokens (offdist), 4 d d_sae FLOPs each at "
+                       f"{tp.cpu_gflops:g} GFLOP/s (issue #15 measured 15 ms/token at 4096 x 65,536)")
     s.notes.append(f"{n_methods} methods x {n_frac} fractions; subsets as id lists (a copy of the records if not)")
     plans.append(s)
 
@@ -542,8 +544,11 @@ def profile_resources(profile: str | Path) -> dict[str, dict[str, Any]]:
     cfg = yaml.safe_load(Path(profile).read_text()) or {}
     default = cfg.get("default-resources") or {}
     out = {}
+    named = cfg.get("set-resources") or {}
     for rule in STAGE_RULES + ("sae_extract", "extract_shard", "score_shard"):
-        r = {**default, **((cfg.get("set-resources") or {}).get(rule) or {})}
+        # the SAE corpus's extraction runs as extract does unless the profile names it
+        own = named.get(rule) or (named.get("extract") if rule == "sae_extract" else None) or {}
+        r = {**default, **own}
         out[rule] = {"mem_mb": int(r.get("mem_mb", 0)), "runtime": int(r.get("runtime", 0)), "gpu": int(r.get("gpu", 0))}
     return out
 
@@ -552,8 +557,7 @@ def check_profile(plans: list[StagePlan], resources: dict[str, dict[str, Any]], 
     """Flag each stage whose one job will not fit its rule's resources; and the disk."""
     flags = []
     for p in plans:
-        rule = "extract" if p.stage == "sae_extract" and "sae_extract" not in resources else p.stage
-        r = resources.get(rule)
+        r = resources.get(p.stage)
         if r is None:
             continue
         if r["mem_mb"] and p.host_peak > r["mem_mb"] * 2**20:
@@ -562,7 +566,7 @@ def check_profile(plans: list[StagePlan], resources: dict[str, dict[str, Any]], 
             p.flags.append("needs a GPU; the profile gives it none")
         if r["gpu"] and p.gpu_peak > tp.gpu_mem_gb * GB * r["gpu"]:
             p.flags.append(f"GPU memory {p.gpu_peak / GB:.1f} GiB > {tp.gpu_mem_gb:g} GiB x {r['gpu']} GPU")
-        per_job_min = p.gpu_hours * 60 / max(1, p.jobs)
+        per_job_min = (p.gpu_hours + p.cpu_hours) * 60 / max(1, p.jobs)
         if r["runtime"] and per_job_min > r["runtime"]:
             p.flags.append(f"runtime {per_job_min:,.0f} min per job > runtime {r['runtime']} min")
         flags += [f"{p.stage}: {x}" for x in p.flags]
@@ -594,6 +598,13 @@ def corpus_section(config: dict[str, Any]) -> dict[str, Any] | None:
     return dict(sae_data) if sae_data else None
 
 
+def stage_device(config: dict[str, Any], stage: str) -> str:
+    """'cpu' when the config pins the stage to the CPU, else 'auto' (a GPU where the job has one)."""
+    key = {"train_sae": config["train_sae"]["device"], "encode": config["encode"]["device"],
+           "score": config["score"].get("device", "cpu")}.get(stage, config["model"]["device"])
+    return "cpu" if key == "cpu" else "auto"
+
+
 def plan(config: dict[str, Any], model_config: str | None = None, sample_rows: int = 64,
          tp: Throughput | None = None, profile: str | Path | None = None,
          pool_override: tuple[int, TokenCounts] | None = None,
@@ -616,6 +627,11 @@ def plan(config: dict[str, Any], model_config: str | None = None, sample_rows: i
         data = {**config["data"], **corpus_cfg}
         corpus = source(data, corpus_cfg.get("n"), int(corpus_cfg.get("seed", 0)) + 1, ex["include_response"])
     plans = build_plan(config, info, pool, corpus, tp, relu_l0)
+    for p in plans:  # a stage set to run on the CPU holds its device memory on the host
+        if p.gpu_peak and stage_device(config, p.stage) == "cpu":
+            p.host_peak += p.gpu_peak
+            p.gpu_peak = 0.0
+            p.notes.append("on the CPU: device memory counted on the host")
     flags = check_profile(plans, profile_resources(profile), tp) if profile else []
     d_sae = dictionary_size(config["train_sae"]["expansion"], info.d_model)
 
@@ -629,7 +645,8 @@ def plan(config: dict[str, Any], model_config: str | None = None, sample_rows: i
                    "tokenizer": processor is not None, "throughput": asdict(tp), "profile": str(profile) if profile else None},
         "sources": {"pool": src("pool", pool), "corpus": src("corpus", corpus)},
         "stages": {p.stage: {**asdict(p), "disk_total": p.disk_total} for p in plans},
-        "totals": {"disk": sum(p.disk_total for p in plans), "gpu_hours": sum(p.gpu_hours for p in plans)},
+        "totals": {"disk": sum(p.disk_total for p in plans), "gpu_hours": sum(p.gpu_hours for p in plans),
+                   "cpu_hours": sum(p.cpu_hours for p in plans)},
         "flags": flags,
     }
 
@@ -655,14 +672,17 @@ def render_markdown(p: dict[str, Any]) -> str:
     lines += [f"- text tokens by {'the model tokenizer' if i['tokenizer'] else 'characters / 4'}, from the first "
               f"{i['sample_rows']} rows; GPU-hours at bf16 {tp['bf16_tflops']:g} / TF32 {tp['tf32_tflops']:g} TFLOP/s "
               f"x {tp['model_utilisation']:g} (model) / {tp['sae_utilisation']:g} (SAE)", "",
-              "| stage | jobs | disk | host peak / job | GPU peak / job | GPU-hours | artifacts | notes |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| stage | jobs | disk | host peak / job | GPU peak / job | GPU-hours | CPU-hours | artifacts | notes |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in p["stages"].items():
         arts = "; ".join(f"{k} {_size(v)}" for k, v in s["disk"].items())
         notes = "; ".join(s["notes"] + [f"**{x}**" for x in s["flags"]])
         lines.append(f"| {name} | {s['jobs']} | {_size(s['disk_total'])} | {_size(s['host_peak'])} | "
-                     f"{_size(s['gpu_peak']) if s['gpu_peak'] else '-'} | {s['gpu_hours']:,.2f} | {arts} | {notes} |")
-    lines += ["", f"Total disk {_size(p['totals']['disk'])}, {p['totals']['gpu_hours']:,.1f} GPU-hours.", ""]
+                     f"{_size(s['gpu_peak']) if s['gpu_peak'] else '-'} | {s['gpu_hours']:,.2f} | "
+                     f"{s['cpu_hours']:,.1f} | {arts} | {notes} |")
+    t = p["totals"]
+    lines += ["", f"Total disk {_size(t['disk'])}, {t['gpu_hours']:,.1f} GPU-hours, {t['cpu_hours']:,.1f} CPU-hours "
+              "(SAE work on CPU jobs; model forwards on a CPU are not estimated).", ""]
     lines += ["## Will not fit", ""] + [f"- {x}" for x in p["flags"]] if p["flags"] else ["Everything fits the profile."]
     return "\n".join(lines) + "\n"
 
@@ -679,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-share", type=float, default=0.984, help="with --tokens-per-sample: image share")
     ap.add_argument("--corpus-rows", type=int, help="with --corpus-tokens-per-sample: an SAE corpus of this size")
     ap.add_argument("--corpus-tokens-per-sample", type=float)
-    for f in ("bf16_tflops", "tf32_tflops", "fp32_tflops", "model_utilisation", "sae_utilisation", "gpu_mem_gb", "disk_gb"):
+    for f in Throughput.__dataclass_fields__:
         ap.add_argument("--" + f.replace("_", "-"), type=float, default=getattr(Throughput(), f))
     ap.add_argument("--relu-l0", type=int, default=RELU_L0, help="codes per token of a relu SAE (the paper: 190)")
     ap.add_argument("--out", help="folder for plan.md + plan.json (default: print the markdown)")
