@@ -220,3 +220,14 @@ def test_scale_bench_prints_memory_ratios(tmp_path, capsys):
     r = res["ratios_big_over_small"]["encode"]
     assert r["peak_rss"] == pytest.approx(res["runs"]["2x"]["encode"]["peak_rss_mb"]
                                           / res["runs"]["1x"]["encode"]["peak_rss_mb"])
+
+
+def test_store_read_bench_prints_ratio(tmp_path, capsys):
+    line, res = run_script("store_read", ["--d-in", "32", "--tokens", "1024", "--chunk-tokens", "64",
+                                          "--shard-chunks", "2", "--batch-size", "64", "--buffer-chunks", "2",
+                                          "--work", str(tmp_path)], capsys, tmp_path / "r.json")
+    assert re.search(r"shuffled batches [\d,]+ MiB/s \([\d,]+ tok/s\) vs sequential [\d,]+ MiB/s .* ratio \d+\.\d\d", line), line
+    assert res["ratio_shuffled_over_sequential"] == pytest.approx(res["shuffled_bytes_per_s"] / res["sequential_bytes_per_s"])
+    # every row served once in the epoch: tokens/s x seconds = the store's rows
+    assert res["shuffled_tokens_per_s"] * res["shuffled_s"] == pytest.approx(1024)
+    assert 0 < res["store_bytes"] and res["raw_bytes"] == 1024 * 32 * 2
