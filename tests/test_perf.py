@@ -230,4 +230,4 @@ def test_store_read_bench_prints_ratio(tmp_path, capsys):
     assert res["ratio_shuffled_over_sequential"] == pytest.approx(res["shuffled_bytes_per_s"] / res["sequential_bytes_per_s"])
     # every row served once in the epoch: tokens/s x seconds = the store's rows
     assert res["shuffled_tokens_per_s"] * res["shuffled_s"] == pytest.approx(1024)
-    assert 0 < res["store_bytes"] and res["raw_bytes"] == 1024 * 32 * 2
+    assert res["store_bytes"] > 0 and res["raw_bytes"] == 1024 * 32 * 2

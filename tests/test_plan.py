@@ -119,3 +119,17 @@ def test_flags_what_does_not_fit(tmp_path):
     corpus = plan.plan({**config, "sae_data": {"source": "toyworld", "n": 50}}, sample_rows=8, profile=None)
     assert corpus["sources"]["corpus"]["rows"] == 50 and "sae_extract" in corpus["stages"]
     assert corpus["stages"]["train_sae"]["tokens"]["available"] < p["stages"]["train_sae"]["tokens"]["available"]
+
+
+def test_cli_writes_plan_md_and_json(tmp_path, capsys):
+    """`python -m mmsae.plan` (what `snakemake plan` runs), with the pool given as rows x tokens/sample."""
+    out = tmp_path / "plan"
+    assert plan.main(["--rows", "100", "--tokens-per-sample", "50", "--image-share", "0.5", "--profile", "",
+                      "--config-json", '{"extract": {"dtype": "bfloat16"}}', "--out", str(out)]) == 0
+    p = json.loads((out / "plan.json").read_text())
+    assert p["sources"]["pool"]["tokens"] == 5000 and p["stages"]["extract"]["tokens"]["image"] == 2500
+    d = p["inputs"]["d_model"]
+    # tokens x the default layers x d x 2 bytes x bf16's zstd ratio
+    layers = len(plan.load_plan_config(None)["extract"]["layers"])
+    assert p["stages"]["extract"]["disk"]["acts.zarr"] == 5000 * layers * d * 2 * plan.STORE_COMPRESSION["bfloat16"]
+    assert (out / "plan.md").read_text() == capsys.readouterr().out
