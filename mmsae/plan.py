@@ -150,8 +150,11 @@ def load_model_info(config: dict[str, Any], model_config: str | None = None) -> 
             raise SystemExit(f"plan: no config.json for model {path!r} (not a local folder, not in the HF cache); "
                              f"pass --model-config FOLDER ({exc.__class__.__name__})") from exc
     cfg = json.loads((folder / "config.json").read_text())
-    pre_path = folder / "preprocessor_config.json"
-    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+    pre: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):  # transformers 5 nests the image processor
+        if (folder / name).is_file():
+            cfg_pre = json.loads((folder / name).read_text())
+            pre.update({**cfg_pre, **(cfg_pre.get("image_processor") or {})})
     index = folder / "model.safetensors.index.json"
     size = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.is_file() else None
     if size is None and (folder / "model.safetensors").is_file():
@@ -207,14 +210,18 @@ def image_tokens(info: ModelInfo, width: int, height: int) -> int:
             new_w = int(round(width * (cur_h / height), 7))
             cur_w -= 2 * ((cur_w - new_w) // 2)
         return cur_h * cur_w + cur_h + side * side + extra
+    pre = info.preprocessor
     if t == "qwen2_vl":
-        pre = info.preprocessor
-        patch = int(vision.get("patch_size", 14)) * int(vision.get("spatial_merge_size", 2))
-        h, w = _smart_resize(height, width, patch, int(pre.get("min_pixels", 56 * 56)),
-                             int(pre.get("max_pixels", 28 * 28 * 1280)))
+        patch = (int(pre.get("patch_size") or vision.get("patch_size", 14))
+                 * int(pre.get("merge_size") or vision.get("spatial_merge_size", 2)))
+        size = pre.get("size") or {}
+        h, w = _smart_resize(height, width, patch, int(pre.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
+                             int(pre.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280))
         return (h // patch) * (w // patch)
-    if t == "chameleon":
-        return 1024
+    if t == "chameleon":  # the processor's image_seq_length, else the VQ-VAE's latent grid (1024 at 512 px / 16)
+        vq = cfg.get("vq_config") or {}
+        side = int(vq.get("resolution", 512)) // 2 ** (len(vq.get("channel_multiplier", [1] * 5)) - 1)
+        return int(pre.get("image_seq_length") or side * side)
     return 0  # a text-only LLM ignores images
 
 

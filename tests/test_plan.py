@@ -9,7 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import build_tiny_llava_next, records_frame, tiny_llava_next, tiny_records
+from helpers import (
+    build_tiny_llava_next,
+    records_frame,
+    tiny_chameleon,
+    tiny_llava_next,
+    tiny_qwen2_vl,
+    tiny_records,
+)
 
 from mmsae import cli, plan
 from mmsae.activations import ActivationStore
@@ -105,6 +112,44 @@ def test_image_tokens_equal_the_processors():
     want = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]
     assert [plan.image_tokens(v16, w, h) for w, h in sizes] == want
     assert plan.image_tokens(v16, 640, 480) > 576  # anyres adds tiles to the base grid
+
+
+@pytest.mark.parametrize("builder", [tiny_qwen2_vl, tiny_chameleon])
+def test_image_tokens_from_a_saved_folder(builder, tmp_path):
+    """Qwen2-VL (smart resize, merged patches) and Chameleon (VQ grid) read from the saved processor config
+    equal the counts the processor expands (tests/test_extract.py's EXPECTED_IMAGE_TOKENS for these sizes)."""
+    path = builder(tmp_path)
+    info = plan.load_model_info({"model": {"path": str(path)}})
+    want = {"qwen2_vl": [16, 8, 10], "chameleon": [16, 16, 16]}[info.model_type]
+    assert [plan.image_tokens(info, w, h) for w, h in [(32, 32), (16, 32), (40, 20)]] == want
+
+
+def test_every_image_is_counted(tmp_path):
+    """mmsae layout with extra_images and OBELICS documents: all images of a record, in the tokens."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    pd.DataFrame([{"sample_id": "a", "question": "q", "image": png(8, 8), "extra_images": [png(8, 8), png(8, 8)],
+                   "responses": ["r"], "preferred": 0},
+                  {"sample_id": "b", "question": "q", "image": png(8, 8), "extra_images": None,
+                   "responses": ["r"], "preferred": 0}]).to_parquet(tmp_path / "m.parquet")
+    pd.DataFrame([{"texts": ["a", None, "b", None], "images": [None, png(8, 8), None, png(8, 8)]}]).to_parquet(
+        tmp_path / "o.parquet")
+    info = plan.model_info({"model_type": "llava", "vision_config": {"image_size": 336, "patch_size": 14},
+                            "text_config": {"hidden_size": 8, "num_hidden_layers": 1}})
+    n, rows = plan.read_source({"source": str(tmp_path / "m.parquet"), "format": "mmsae"}, None, 8, {})
+    assert n == 2 and [len(r.image_sizes) for r in rows] == [3, 1]
+    tc = plan.count_tokens(rows, info, None, include_response=True)
+    assert tc.images == 2 and tc.image == 2 * 576
+    n, rows = plan.read_source({"source": str(tmp_path / "o.parquet"), "format": "obelics"}, None, 8, {})
+    assert n == 1 and len(rows[0].image_sizes) == 2 and rows[0].question == "a b" and rows[0].response is None
 
 
 def test_flags_what_does_not_fit(tmp_path):
