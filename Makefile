@@ -104,7 +104,7 @@ perf: setup $(SAELENS_STAMP)
 CONFIG ?= config/config.yaml
 plan: setup
 	PATH=$(BIN):$$PATH snakemake --cores 1 --configfile $(CONFIG) plan
-	@cat results/$$(PATH=$(BIN):$$PATH python -c "import yaml,sys;print((yaml.safe_load(open('$(CONFIG)')) or {}).get('run','demo'))")/plan/plan.md
+	@cat $$(ls -t results/*/plan/plan.md | head -1)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,7 +9,8 @@ Built in --work (default build/real-width):
   word-level one (the texts are toy-world words), so text token counts are small; image tokens are real.
 - pool.parquet: --pool records in the Align-Anything layout (question, image, response_1/2,
   overall_response), toy-world scenes upscaled to photo sizes (anyres picks 2-5 tiles: ~1,200-2,900
-  image tokens each); with --multi-image, `extra_images` of 1-2 more images (needs the multi-image schema).
+  image tokens each); with --multi-image, the mmsae layout with `extra_images` of 1-2 more images per
+  record (needs the multi-image schema).
 - corpus.parquet: --corpus OBELICS-layout documents (texts / images interleaved, 2-3 images each), the
   SAE's corpus with --sae-data (needs the `sae_data` section); without it the SAE learns from the pool.
 - config.yaml: config/presets/real-width-cpu.yaml plus the paths and flags above.
@@ -104,13 +105,16 @@ def build_data(work: Path, a: argparse.Namespace) -> None:
     rows = []
     for i in range(a.pool):
         r = world.iloc[i]
-        row = {"sample_id": f"p{i:05d}", "question": r.question, "image": _png(r.image, SIZES[i % len(SIZES)]),
-               "response_1": r.responses[int(r.preferred)], "response_2": r.responses[1 - int(r.preferred)],
-               "overall_response": 1}
-        if a.multi_image:
+        image = _png(r.image, SIZES[i % len(SIZES)])
+        if a.multi_image:  # the mmsae layout, whose `extra_images` column holds images 2..n
             extra = [_png(world.iloc[a.pool + 3 * a.corpus + j].image, SIZES[(i + j + 1) % len(SIZES)])
                      for j in range(1 + i % 2)]
-            row["extra_images"] = extra
+            row = {"sample_id": f"p{i:05d}", "question": r.question, "image": image, "extra_images": extra,
+                   "responses": list(r.responses), "preferred": int(r.preferred)}
+        else:  # the Align-Anything layout
+            row = {"sample_id": f"p{i:05d}", "question": r.question, "image": image,
+                   "response_1": r.responses[int(r.preferred)], "response_2": r.responses[1 - int(r.preferred)],
+                   "overall_response": 1}
         rows.append(row)
     pd.DataFrame(rows).to_parquet(work / "pool.parquet")
     docs = []
@@ -129,7 +133,8 @@ def write_config(work: Path, a: argparse.Namespace) -> Path:
     cfg = yaml.safe_load(PRESET.read_text())
     cfg["run"] = a.run
     cfg["model"]["path"] = str(work / "model")
-    cfg["data"] = {**cfg.get("data", {}), "source": str(work / "pool.parquet"), "format": "align_anything"}
+    cfg["data"] = {**cfg.get("data", {}), "source": str(work / "pool.parquet"),
+                   "format": "mmsae" if a.multi_image else "align_anything"}
     cfg["extract"]["layers"] = [a.layers - 1]
     cfg["train_sae"]["layer"] = a.layers - 1
     cfg["train_sae"]["expansion"] = a.expansion
