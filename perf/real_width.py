@@ -13,7 +13,7 @@ Built in --work (default build/real-width):
   record (needs the multi-image schema).
 - corpus.parquet: --corpus OBELICS-layout documents (texts / images interleaved, 2-3 images each), the
   SAE's corpus with --sae-data (needs the `sae_data` section); without it the SAE learns from the pool.
-- config.yaml: config/presets/real-width-cpu.yaml plus the paths and flags above.
+- config.yaml: perf/real_width.yaml plus the paths and flags above.
 
 Then, unless --build-only: `snakemake --cores N --configfile config.yaml` (every stage to the report and
 the browser), and a table of each stage's max_rss (Snakemake's benchmark TSVs) and disk (du of its
@@ -41,7 +41,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = REPO / "config" / "presets" / "real-width-cpu.yaml"
+PRESET = Path(__file__).resolve().parent / "real_width.yaml"  # the run's settings; the paths are filled in here
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6
 # photo-like sizes: anyres picks different grids (672x672, 1008x336, ...) so token counts vary
 SIZES = [(640, 480), (800, 600), (1024, 768), (480, 640), (1000, 340), (336, 336)]
