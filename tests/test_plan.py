@@ -65,11 +65,11 @@ def run(tmp_path_factory):
     config = plan.load_plan_config(None, {
         "data": {"source": str(data)}, "model": {"path": str(model)}, "extract": extract,
         "train_sae": sae, "encode": encode, "score": {"layers": [1]}, "evaluate_sae": {"scopes": ["all"]}})
-    return tmp, plan.plan(config, sample_rows=12, profile=None)
+    return tmp, plan.plan(config, sample_rows=12, profile=None), config
 
 
 def test_tokens_by_modality(run):
-    tmp, p = run
+    tmp, p, _ = run
     counts = json.loads((tmp / "extract" / "manifest.json").read_text())["counts"]
     est = p["stages"]["extract"]["tokens"]
     assert p["sources"]["pool"]["rows"] == counts["n_samples"] == 24
@@ -79,15 +79,17 @@ def test_tokens_by_modality(run):
 
 
 def test_disk_per_artifact(run):
-    tmp, p = run
+    tmp, p, config = run
+    newest = max((tmp / "ckpt").iterdir())  # one checkpoint as training writes it
     st = p["stages"]
     measured = {
         ("extract", "acts.zarr"): du(tmp / "extract") - (tmp / "extract" / "tokens.parquet").stat().st_size,
         ("extract", "tokens.parquet"): (tmp / "extract" / "tokens.parquet").stat().st_size,
         ("encode", "codes.parquet"): du(tmp / "encode" / "codes.parquet"),
         ("train_sae", "sae_weights.safetensors"): (tmp / "train_sae" / "sae" / "sae_weights.safetensors").stat().st_size,
-        # the plan counts the newest checkpoint plus the one being written
-        ("train_sae", "checkpoints (during training)"): 2 * du(tmp / "ckpt"),
+        # the plan counts the kept checkpoints plus the one being written
+        ("train_sae", "checkpoints (during training)"):
+            (config["train_sae"].get("keep_checkpoints", 1) + 1) * du(newest),
     }
     for (stage, artifact), size in measured.items():
         assert near(st[stage]["disk"][artifact], size), (stage, artifact, st[stage]["disk"][artifact], size)
