@@ -12,7 +12,7 @@ CORES ?= 2
 TORCH ?= $(shell cat envs/torch.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) envs/torch.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-latest lock lint params dryrun clean chromium perf
+.PHONY: setup demo test test-latest lock lint params dryrun clean chromium perf plan
 
 # Lock first (exact versions, hashes checked, no resolution), then torch (its dependencies are already
 # there at the locked versions, so pip adds only a CUDA build's own packages), then mmsae itself without
@@ -96,7 +96,15 @@ perf: setup $(SAELENS_STAMP)
 	$(PY) perf/sae_flops.py $(PERF_ARGS)
 	$(PY) perf/extract_overhead.py $(PERF_ARGS)
 	$(PY) perf/scale.py $(PERF_ARGS)
+	$(PY) perf/store_read.py $(PERF_ARGS)
 	@echo "JSON results: perf/out/"
+
+# What a config will cost before running it (mmsae/plan.py): results/{run}/plan/plan.md + plan.json.
+# make plan CONFIG=config/presets/llava-next-7b.yaml
+CONFIG ?= config/config.yaml
+plan: setup
+	PATH=$(BIN):$$PATH snakemake --cores 1 --configfile $(CONFIG) plan
+	@cat $$(ls -t results/*/plan/plan.md | head -1)
 
 lint: setup
 	$(BIN)/ruff check .

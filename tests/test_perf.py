@@ -239,3 +239,14 @@ def test_peak_rss_is_this_address_space(tmp_path):
     parent = load("_common").peak_rss_mb()
     assert parent - child > 300, (parent, child)
     del big
+
+
+def test_store_read_bench_prints_ratio(tmp_path, capsys):
+    line, res = run_script("store_read", ["--d-in", "32", "--tokens", "1024", "--chunk-tokens", "64",
+                                          "--shard-chunks", "2", "--batch-size", "64", "--buffer-chunks", "2",
+                                          "--work", str(tmp_path)], capsys, tmp_path / "r.json")
+    assert re.search(r"shuffled batches [\d,]+ MiB/s \([\d,]+ tok/s\) vs sequential [\d,]+ MiB/s .* ratio \d+\.\d\d", line), line
+    assert res["ratio_shuffled_over_sequential"] == pytest.approx(res["shuffled_bytes_per_s"] / res["sequential_bytes_per_s"])
+    # every row served once in the epoch: tokens/s x seconds = the store's rows
+    assert res["shuffled_tokens_per_s"] * res["shuffled_s"] == pytest.approx(1024)
+    assert res["store_bytes"] > 0 and res["raw_bytes"] == 1024 * 32 * 2
