@@ -105,10 +105,11 @@ def build_data(work: Path, a: argparse.Namespace) -> None:
     rows = []
     for i in range(a.pool):
         r = world.iloc[i]
-        image = _png(r.image, SIZES[i % len(SIZES)])
+        sizes = a.sizes or SIZES
+        image = _png(r.image, sizes[i % len(sizes)])
         if a.multi_image:  # the mmsae layout, whose `extra_images` column holds images 2..n
-            extra = [_png(world.iloc[a.pool + 3 * a.corpus + j].image, SIZES[(i + j + 1) % len(SIZES)])
-                     for j in range(1 + i % 2)]
+            extra = [_png(world.iloc[a.pool + 3 * a.corpus + j].image, sizes[(i + j + 1) % len(sizes)])
+                     for j in range(1 + i % a.max_extra)]
             row = {"sample_id": f"p{i:05d}", "question": r.question, "image": image, "extra_images": extra,
                    "responses": list(r.responses), "preferred": int(r.preferred)}
         else:  # the Align-Anything layout
@@ -124,7 +125,7 @@ def build_data(work: Path, a: argparse.Namespace) -> None:
         for j in range(n_img):
             r = world.iloc[a.pool + 3 * i + j]
             texts += [r.question + " " + r.responses[int(r.preferred)], None]
-            images += [None, _png(r.image, SIZES[(i + j) % len(SIZES)])]
+            images += [None, _png(r.image, (a.sizes or SIZES)[(i + j) % len(a.sizes or SIZES)])]
         docs.append({"id": f"doc{i:05d}", "texts": texts, "images": images})
     pd.DataFrame(docs).to_parquet(work / "corpus.parquet")
 
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", type=int, default=16, help="SAE-corpus documents (OBELICS layout)")
     p.add_argument("--sae-data", action="store_true", help="train the SAE on the corpus (needs config key sae_data)")
     p.add_argument("--multi-image", action="store_true", help="pool records with extra_images (needs the schema column)")
+    p.add_argument("--sizes", type=lambda v: [tuple(int(x) for x in wh.split("x")) for wh in v.split(",")],
+                   default=None, help="image sizes WxH,WxH,... (default: photo sizes, 2-5 anyres tiles each)")
+    p.add_argument("--max-extra", type=int, default=2, help="pool records get 1..max-extra extra images")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--build-only", action="store_true", help="build model, data and config; run nothing")
     p.add_argument("--config-only", action="store_true",
