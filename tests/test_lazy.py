@@ -49,6 +49,24 @@ def test_parquet_records_equal_the_decoded_records_batch_by_batch(samples, monke
     assert rec[7:7] == []
 
 
+def test_parquet_records_stream_every_image_of_multi_image_records(samples, tmp_path, monkeypatch):
+    monkeypatch.setattr(lazy, "STREAM_ROWS", 3)
+    df = pd.read_parquet(samples)
+    # rows 1, 4, 7, ...: two more images each (other rows' images), placed after the question
+    df["extra_images"] = [[df["image"][(i + 1) % len(df)], df["image"][(i + 2) % len(df)]] if i % 3 == 1 else []
+                          for i in range(len(df))]
+    path = tmp_path / "multi.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=5)
+    want = read_records(path)
+    rec = lazy.ParquetRecords(path)
+    assert not {"image", "extra_images"} & set(rec.meta.columns)  # no image bytes held beyond a batch
+    got = [r for a in range(0, len(df), 4) for r in rec[a : a + 4]]
+    _same(got, want)
+    assert [len(r.images) for r in got] == [3 if i % 3 == 1 else 1 for i in range(len(df))]
+    for a, b in zip(got, want, strict=True):
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True))
+
+
 def test_read_rows_keeps_only_the_ids_in_their_order(samples):
     full = read_frame(samples)
     ids = [full["sample_id"][i] for i in (17, 3, 9)]
