@@ -65,4 +65,4 @@ def test_execution_keys_are_marked_in_the_schema():
     assert execution_keys("extract") == ("shards", "part_batches")
     assert execution_keys("score") == ("shards",)
     assert execution_keys("finetune") == ("accelerate_config",)
-    assert execution_keys("train_sae") == ()
+    assert execution_keys("train_sae") == ("keep_checkpoints",)

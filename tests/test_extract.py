@@ -347,7 +347,7 @@ def test_killed_extraction_resumes_from_finished_parts(shard_setup, single_store
 
 
 def test_part_of_other_params_is_not_reused_and_images_decode_per_part(shard_setup, tmp_path, monkeypatch):
-    import mmsae.data.schema as schema
+    import mmsae.data.lazy as lazy
     from mmsae.activations import partial_dir
 
     model, samples = shard_setup
@@ -355,8 +355,8 @@ def test_part_of_other_params_is_not_reused_and_images_decode_per_part(shard_set
     stale = partial_dir(out) / "parts" / "00000"
     stale.mkdir(parents=True)
     (stale / "part.json").write_text(json.dumps({"key": "other", "records": [0, 2], "sample_ids": []}))
-    decoded, real = [], schema.records_from_frame
-    monkeypatch.setattr(schema, "records_from_frame", lambda df, path: decoded.append(len(df)) or real(df, path))
+    decoded, real = [], lazy.records_from_frame
+    monkeypatch.setattr(lazy, "records_from_frame", lambda df, path: decoded.append(len(df)) or real(df, path))
     assert _run_extract(model, samples, out) == 0
     assert (out / "parts" / "00000" / "acts.zarr").exists()
     assert decoded == [2, 2, 2, 2, 2, 1]  # one part's images at a time (part_batches 1 x batch_size 2)
