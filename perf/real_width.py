@@ -161,18 +161,30 @@ def collect(run: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def table(measured: dict[str, dict[str, float]], plan: dict) -> str:
+def plan_stage(folder: Path) -> str:
+    """The plan's stage of a results folder: an extraction of the SAE corpus is `sae_extract` (its samples
+    were read from corpus.parquet), every other folder its stage name."""
+    stage = folder.name.rsplit("-", 1)[0]
+    if stage == "extract" and (folder / "manifest.json").exists():
+        samples = json.loads((folder / "manifest.json").read_text())["inputs"]["samples"]
+        sample_manifest = json.loads((REPO / samples / "manifest.json").read_text())
+        if Path(sample_manifest["inputs"].get("data", "")).name == "corpus.parquet":
+            return "sae_extract"
+    return stage
+
+
+def table(measured: dict[str, dict[str, float]], plan: dict, run: str) -> str:
     lines = ["| stage folder | wall s | peak RSS (measured) | host peak (plan) | disk (measured) | disk (plan) |",
              "|---|---|---|---|---|---|"]
     stages = plan["stages"]
     for folder, m in measured.items():
-        stage = folder.rsplit("-", 1)[0]
+        stage = plan_stage(REPO / "results" / run / folder)
         p = stages.get(stage, {})
         jobs = max(1, p.get("jobs", 1))
         host = f"{p['host_peak'] / 2**20:,.0f} MB" if p else "-"
         final = sum(v for k, v in p.get("disk", {}).items() if "during" not in k)  # not the transient checkpoints
         disk = f"{final / jobs / 2**20:,.1f} MB" if p else "-"
-        lines.append(f"| {folder} | {m['s']:,.0f} | {m['max_rss_mb']:,.0f} MB | {host} | {m['disk_mb']:,.1f} MB | {disk} |")
+        lines.append(f"| {folder}{' (corpus)' if stage == 'sae_extract' else ''} | {m['s']:,.0f} | {m['max_rss_mb']:,.0f} MB | {host} | {m['disk_mb']:,.1f} MB | {disk} |")
     return "\n".join(lines)
 
 
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_plan_config(config_path)
     est = make_plan(config, sample_rows=a.pool, profile=REPO / "profiles" / "slurm" / "config.yaml")
     measured = collect(config["run"])
-    out = table(measured, est)
+    out = table(measured, est, a.run)
     (work / "measured.json").write_text(json.dumps({"measured": measured, "plan": est}, indent=2, default=float))
     (work / "measured.md").write_text(out + "\n")
     print(out)
