@@ -28,21 +28,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmsae.activations.store import TOKEN_SCHEMA
 from mmsae.errors import InputError
 
 INDEX = "_index.json"
 ROW_GROUP = 1 << 20  # codes per row group: one streaming batch (features / score read 2^20 at a time)
 
-CODES_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("sample_id", pa.string()),
-        ("position", pa.int32()),
-        ("modality", pa.string()),
-        ("feature", pa.int32()),
-        ("activation", pa.float32()),
-    ]
-)
+# a code's token key (the token index's first columns, one home: TOKEN_SCHEMA), then the code
+CODES_SCHEMA = pa.schema([*(TOKEN_SCHEMA.field(c) for c in ("row", "sample_id", "position", "modality")),
+                          ("feature", pa.int32()), ("activation", pa.float32())])
 
 
 def part_name(i: int) -> str:
