@@ -460,9 +460,9 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     # train_sae: one SAE per variant (scopes of evaluate_sae, score layers)
     scopes = list(dict.fromkeys([sae_cfg["scope"], *config["evaluate_sae"]["scopes"]]))
     n_sae = len(scopes) + len(set(score_layers) - {sae_cfg["layer"]})
-    # checkpoints kept (train_sae.keep_checkpoints where the schema has it; today the newest only), + the one
+    # checkpoints kept (train_sae.keep_checkpoints), + the one
     # being written before the oldest goes
-    keep = int(sae_cfg.get("keep_checkpoints", 1)) + 1
+    keep = int(sae_cfg["keep_checkpoints"]) + 1
     steps_tokens = sae_cfg["steps"] * sae_cfg["batch_size"]
     train_tokens = _source_tokens(sae_src_n, sae_src_tc, sae_cfg["scope"], sae_cfg["include_special"])
     t = StagePlan("train_sae", jobs=n_sae, tokens={"trained": steps_tokens, "available": train_tokens})
@@ -482,14 +482,14 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
 
     # encode: one per score layer; rows = tokens x active latents
     l0 = sae_cfg["k"] if sae_cfg["architecture"] == "topk" else min(relu_l0, d_sae)
-    l0 = min(l0, int(enc.get("max_codes_per_token") or l0))  # boundedsae's cap, where the schema has it
+    l0 = min(l0, int(enc["max_codes_per_token"] or l0))  # encode's cap per token (0: none)
     pool_sae_tokens = _source_tokens(n_pool, tc_pool, sae_cfg["scope"], sae_cfg["include_special"])
     e = StagePlan("encode", jobs=len(score_layers), tokens={"encoded": pool_sae_tokens, "codes_rows": pool_sae_tokens * l0})
     e.disk = {"codes.parquet": len(score_layers) * (pool_sae_tokens * l0 * CODES_BYTES_PER_ROW + PARQUET_FILE_BYTES)}
     bt = enc["batch_tokens"]
     dense = min(bt, dense_rows(d_sae)) * d_sae * 4  # one byte-bounded slice of codes (mmsae.sae.blocks)
     e.gpu_peak = 4 * P + dense * 2 + bt * d * 4
-    e.host_peak = BASE_RSS + 4 * P + dense * 2 + bt * d * 4 + enc.get("part_tokens", bt) * l0 * CODES_BYTES_PER_ROW
+    e.host_peak = BASE_RSS + 4 * P + dense * 2 + bt * d * 4 + enc["part_tokens"] * l0 * CODES_BYTES_PER_ROW
     e.gpu_hours = len(score_layers) * tp.hours(2 * d * d_sae * pool_sae_tokens, "tf32", sae=True)
     e.notes.append(f"L0 {l0} ({'k' if sae_cfg['architecture'] == 'topk' else 'relu SAE-V, the paper'}); "
                    "host/GPU: the SAE, one byte-bounded slice of dense codes x2, one codes part's rows")
@@ -509,7 +509,7 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
               "subsets (id lists)": n_methods * sum(sc["fractions"]) * n_pool * 24}
     img_tokens = n_pool * tc_pool.image
     s.host_peak = BASE_RSS + 4 * P + n_pool * (n_methods * 8 + 200) + sae_rows(d_sae) * d_sae * 4
-    gpu = sc.get("device", "cpu") != "cpu"
+    gpu = sc["device"] != "cpu"
     if gpu:
         s.gpu_peak = 4 * P + sae_rows(d_sae) * d_sae * 4
         s.gpu_hours = len(score_layers) * tp.hours(4 * d * d_sae * img_tokens, "tf32", sae=True)
@@ -613,7 +613,7 @@ def corpus_section(config: dict[str, Any]) -> dict[str, Any] | None:
 def stage_device(config: dict[str, Any], stage: str) -> str:
     """'cpu' when the config pins the stage to the CPU, else 'auto' (a GPU where the job has one)."""
     key = {"train_sae": config["train_sae"]["device"], "encode": config["encode"]["device"],
-           "score": config["score"].get("device", "cpu")}.get(stage, config["model"]["device"])
+           "score": config["score"]["device"]}.get(stage, config["model"]["device"])
     return "cpu" if key == "cpu" else "auto"
 
 
