@@ -25,7 +25,7 @@ from mmsae.sae.model import (
     matryoshka_widths,
 )
 from mmsae.sae.training import optimizer_step, select_tokens, train_sae
-from tests.test_sae import D, _weights, random_sae, synthetic_store, tiny_params
+from tests.test_sae import _weights, random_sae, synthetic_store, tiny_params
 
 R = 1 / math.sqrt(2)
 NEW = ("batchtopk", "jumprelu", "matryoshka_batchtopk")
