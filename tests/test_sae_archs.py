@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +319,22 @@ def test_training_reaches_low_fvu(tmp_path, arch):
     split = select_tokens(store.tokens, "all", False, p.eval_fraction)
     x = torch.from_numpy(store.read_rows(0, split.eval_rows))
     assert evaluate(sae, x, split.eval_modality)["overall"]["centred_fvu"] == pytest.approx(m["centred_fvu"], rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_architecture_presets_overlay_the_demo_config(tmp_path, arch):
+    """config/presets/sae/<arch>.yaml, given after config/config.yaml (snakemake merges them key by key)."""
+    import yaml
+
+    from mmsae.config import validate
+    from mmsae.sae.training.loop import new_sae
+
+    repo = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    overlay = yaml.safe_load((repo / "config" / "presets" / "sae" / f"{arch}.yaml").read_text())
+    assert set(overlay) == {"train_sae"} and overlay["train_sae"]["architecture"] == arch
+    merged = {**base, "train_sae": {**base.get("train_sae", {}), **overlay["train_sae"]}}
+    params = TrainSaeParams.load(validate(merged)["train_sae"])
+    store = ActivationStore(synthetic_store(tmp_path / "x", n_samples=4))
+    sae = new_sae(store, params.replace(expansion=8), torch.device("cpu"), None)
+    assert sae.cfg.architecture == arch and sae.training_details()
