@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sae import _weights, random_sae, synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
 from mmsae.errors import InputError
@@ -26,7 +27,6 @@ from mmsae.sae.model import (
     matryoshka_widths,
 )
 from mmsae.sae.training import optimizer_step, select_tokens, train_sae
-from tests.test_sae import _weights, random_sae, synthetic_store, tiny_params
 
 R = 1 / math.sqrt(2)
 NEW = ("batchtopk", "jumprelu", "matryoshka_batchtopk")

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_sae import synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
 from mmsae.sae.io import load_sae
 from mmsae.sae.training import train_sae
-from tests.test_sae import synthetic_store, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 SAELENS_PY = REPO / "perf" / ".venv-saelens" / "bin" / "python"
