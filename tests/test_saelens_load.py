@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_sae import synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
 from mmsae.sae.io import load_sae
+from mmsae.sae.model import build_sae
 from mmsae.sae.training import train_sae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +49,19 @@ for folder in sys.argv[3:]:
 np.savez(sys.argv[2], **out)
 print(json.dumps({"version": sae_lens.__version__, "classes": names}))
 """
+
+
+def as_trained(folder: Path, checkpoints: Path) -> torch.nn.Module:
+    """The SAE as it stood after its last training step (its final checkpoint: weights, buffers and input
+    scale, before save_sae folded the scale and wrote the SAELens layout)."""
+    last = sorted(checkpoints.glob("step-*"))[-1]
+    tensors = load_file(str(last / "state.safetensors"))
+    sae = build_sae(load_sae(folder).cfg, seed=None)
+    with torch.no_grad():
+        for name, t in [*sae.named_parameters(), *sae.named_buffers()]:
+            t.copy_(tensors[f"{'sae' if isinstance(t, torch.nn.Parameter) else 'buffer'}.{name}"])
+    sae.input_scale = json.loads((last / "state.json").read_text())["input_scale"]
+    return sae
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +97,8 @@ def test_saelens_loads_every_architecture_and_reproduces_our_codes(tmp_path, sae
         key = folder.parent.name
         arch = key.split("-")[0]
         assert info["classes"][key][0] == SAELENS_CLASS.get(arch, "JumpReLUSAE"), key
-        ours = load_sae(folder)
-        assert ours.cfg.architecture == arch
+        assert load_sae(folder).cfg.architecture == arch
+        ours = as_trained(folder, tmp_path / f"ck-{key}")  # not the saved file: a save bug must show
         with torch.no_grad():
             f = ours.encode(xt)
             x_hat = ours.decode(f, xt)
