@@ -481,7 +481,8 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     plans.append(t)
 
     # encode: one per score layer; rows = tokens x active latents
-    l0 = sae_cfg["k"] if sae_cfg["architecture"] == "topk" else min(relu_l0, d_sae)
+    k_arch = sae_cfg["architecture"] in ("topk", "batchtopk", "matryoshka_batchtopk")  # k per token (or its mean)
+    l0 = sae_cfg["k"] if k_arch else min(relu_l0, d_sae)
     l0 = min(l0, int(enc["max_codes_per_token"] or l0))  # encode's cap per token (0: none)
     pool_sae_tokens = _source_tokens(n_pool, tc_pool, sae_cfg["scope"], sae_cfg["include_special"])
     e = StagePlan("encode", jobs=len(score_layers), tokens={"encoded": pool_sae_tokens, "codes_rows": pool_sae_tokens * l0})
@@ -491,7 +492,7 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     e.gpu_peak = 4 * P + dense * 2 + bt * d * 4
     e.host_peak = BASE_RSS + 4 * P + dense * 2 + bt * d * 4 + enc["part_tokens"] * l0 * CODES_BYTES_PER_ROW
     e.gpu_hours = len(score_layers) * tp.hours(2 * d * d_sae * pool_sae_tokens, "tf32", sae=True)
-    e.notes.append(f"L0 {l0} ({'k' if sae_cfg['architecture'] == 'topk' else 'relu SAE-V, the paper'}); "
+    e.notes.append(f"L0 {l0} ({'k' if k_arch else 'relu SAE-V, the paper'}); "
                    "host/GPU: the SAE, one byte-bounded slice of dense codes x2, one codes part's rows")
     plans.append(e)
 

@@ -98,6 +98,18 @@ class TopKTrainingSAEConfig(_Cfg):
     pass
 
 
+class BatchTopKTrainingSAEConfig(_Cfg):
+    pass
+
+
+class JumpReLUTrainingSAEConfig(_Cfg):
+    pass
+
+
+class MatryoshkaBatchTopKTrainingSAEConfig(_Cfg):
+    pass
+
+
 class _SAE:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -110,6 +122,18 @@ class StandardTrainingSAE(_SAE):
 
 
 class TopKTrainingSAE(_SAE):
+    pass
+
+
+class BatchTopKTrainingSAE(_SAE):
+    pass
+
+
+class JumpReLUTrainingSAE(_SAE):
+    pass
+
+
+class MatryoshkaBatchTopKTrainingSAE(_SAE):
     pass
 '''
 FAKE_TRAINER = '''
@@ -156,6 +180,19 @@ def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
     assert ours["d_sae"] == 64 and ours["l0_eval"] == pytest.approx(4.0)  # mmsae's own trainer: k = 4 latents
     assert res["ratio_mmsae_over_saelens"]["topk"]["wall"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
     assert res["sizes"]["store_tokens"] == 6 * 64
+
+
+def test_sae_train_bench_gives_a_ratio_per_new_architecture(tmp_path, capsys, monkeypatch):
+    archs = ["batchtopk", "jumprelu", "matryoshka_batchtopk"]
+    line, res = run_sae_train(tmp_path, capsys, monkeypatch, ["--steps", "4", "--k", "4", "--archs", ",".join(archs),
+                                                              "--l0", "0.01"])
+    for arch in archs:
+        assert re.search(rf"{arch} mmsae [\d,]+ tok/s vs [\d,]+ = \d+\.\d\dx", line), line
+        assert res["runs"][f"mmsae_{arch}"]["steps"] == res["runs"][f"saelens_{arch}"]["steps"] == 4
+    assert set(res["ratio_mmsae_over_saelens"]) == set(archs)
+    # mmsae's own trainer ran each: the inference L0 of a BatchTopK SAE after 4 steps is above k (the
+    # threshold starts at 0 and moves 1% per step), a JumpReLU's below d_sae
+    assert res["runs"]["mmsae_batchtopk"]["l0_eval"] > 4 and res["runs"]["mmsae_jumprelu"]["l0_eval"] < 64
 
 
 def test_sae_train_bench_times_relu_also_from_a_trained_sae(tmp_path, capsys, monkeypatch):
