@@ -53,7 +53,9 @@ model_loss. The flat regime at d 4096 x 65,536 (perf/README.md section 4b, about
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmsae.artifacts import Files
+from mmsae.artifacts import MANIFEST, Files, read_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -133,25 +135,42 @@ def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[s
             "peak_increase_mb": peak_rss_mb() - base, "peak_reset": reset, **extra}
 
 
-def synthetic_main(args: argparse.Namespace) -> int:
-    """--synthetic-codes: features and score at each of --factors x --samples samples (see the docstring)."""
+def synthetic_pool(work: Path, samples: int, args: argparse.Namespace, keep: bool) -> dict[str, Any]:
+    """perf/_codes.py's pool in work/ (its counts and write time); with `keep`, one written there before for
+    the same sizes is reused (its stage outputs removed)."""
     from _codes import write_pool
 
+    if keep and (work / "encode" / MANIFEST).exists():
+        counts = read_manifest(work / "encode")["counts"]
+        want = {"n_samples": samples, "d_sae": args.d_sae, "n_tokens": samples * args.tokens_per_sample}
+        if any(counts.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"error: the kept pool in {work} is not this size ({want}); remove it")
+        for out in ("features", "score"):
+            shutil.rmtree(work / out, ignore_errors=True)
+        return {**counts, "write_s": 0.0}
+    t0 = time.perf_counter()
+    counts = write_pool(work, samples, args.d_in, args.d_sae, args.k, seed=args.seed,
+                        tokens_per_sample=args.tokens_per_sample, images=args.images, image_tokens=args.image_tokens,
+                        zipf=args.zipf, chunk_tokens=args.chunk_tokens, part_tokens=args.part_tokens)
+    return {**counts, "write_s": time.perf_counter() - t0}
+
+
+def synthetic_main(args: argparse.Namespace) -> int:
+    """--synthetic-codes: features and score at each of --factors x --samples samples (see the docstring)."""
     stages = [s for s in args.stages.split(",") if s and s != "encode"]
     factors = [int(f) for f in args.factors.split(",")]
     runs: dict[str, dict[str, Any]] = {}
     passthrough = ["--synthetic-codes", "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k),
                    "--threads", str(args.threads), "--consistency", args.consistency]
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+    keep = args.keep and args.work
+    with contextlib.nullcontext(args.work) if keep else tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for f in factors:
             label, work = f"{f}x", Path(tmp) / f"{f}x"
-            t0 = time.perf_counter()
-            pool = write_pool(work, args.samples * f, args.d_in, args.d_sae, args.k, seed=args.seed,
-                              tokens_per_sample=args.tokens_per_sample, images=args.images,
-                              image_tokens=args.image_tokens, zipf=args.zipf, chunk_tokens=args.chunk_tokens,
-                              part_tokens=args.part_tokens)
-            runs[label] = {"pool": {**pool, "write_s": time.perf_counter() - t0}}
+            runs[label] = {"pool": synthetic_pool(work, args.samples * f, args, bool(keep))}
             for stage in stages:
+                if args.inline:
+                    runs[label][stage] = synthetic_worker(stage, work, args)
+                    continue
                 cmd = [sys.executable, __file__, "--worker", stage, "--dir", str(work), *passthrough]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -258,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-tokens", type=int, default=334, help="--synthetic-codes: tokens per image")
     p.add_argument("--zipf", type=float, default=1.0, help="--synthetic-codes: Zipf exponent of latent frequency")
     p.add_argument("--part-tokens", type=int, default=1 << 20, help="--synthetic-codes: encode.part_tokens")
+    p.add_argument("--keep", action="store_true",
+                   help="--synthetic-codes with --work: keep the pools in WORK/<f>x and reuse them on the next run")
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     add_common_args(p, "scale")
