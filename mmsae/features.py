@@ -82,7 +82,7 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 Codes = str | os.PathLike | pd.DataFrame
-COSINE_ROWS = 4096  # states normalised (float64) and added to the cosine sums at a time: 128 MB at d 4,096
+COSINE_ROWS = 1024  # states normalised (float64) and added to the cosine sums at a time: 32 MB at d 4,096
 
 
 def encode_info(encode: str | os.PathLike) -> tuple[int, int]:
