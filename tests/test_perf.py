@@ -296,3 +296,15 @@ def test_scale_bench_on_synthetic_codes(tmp_path, capsys):
         assert run["pool"]["n_tokens"] == run["features"]["n_tokens"] == samples * 64
         assert run["score"]["n_samples"] == samples and run["features"]["cross_modal"] > 0
         assert run["score"]["peak_rss_mb"] > 0 and run["features"]["peak_rss_mb"] > 0
+
+
+def test_scale_bench_keeps_and_reuses_its_synthetic_pools(tmp_path, capsys):
+    argv = ["--synthetic-codes", "--inline", "--samples", "1", "--factors", "1,2", "--d-in", "8", "--d-sae", "32",
+            "--k", "4", "--tokens-per-sample", "64", "--images", "1", "--image-tokens", "40", "--chunk-tokens", "32",
+            "--work", str(tmp_path), "--keep"]
+    _, first = run_script("scale", argv, capsys, tmp_path / "a.json")
+    assert (tmp_path / "2x" / "score").is_dir() and first["runs"]["2x"]["pool"]["write_s"] > 0
+    _, again = run_script("scale", argv, capsys, tmp_path / "b.json")  # the same pools, the stages rerun
+    assert again["runs"]["2x"]["pool"]["write_s"] == 0 and again["runs"]["2x"]["score"]["n_samples"] == 2
+    with pytest.raises(SystemExit, match="not this size"):
+        load("scale").main([*argv[:3], "2", *argv[4:], "--json", str(tmp_path / "c.json")])  # --samples 2
