@@ -197,7 +197,7 @@ def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows:
         sums = torch.zeros((2 * len(members), int(store.d_model)), dtype=torch.float64)
         # Each state is read and normalised once, however many features ask for it: a store chunk holds the
         # top tokens of many features (up to 2 x K x group requests), so one [requests, d_model] float64
-        # block per chunk grew with the features (0.9 GB at 1,730 of them, d 4,096; perf/README.md 4b).
+        # block per chunk grew with the features (0.9 GB at 1,730 of them, d 4,096; perf/README.md: the flat regime).
         urows, inv = np.unique(rows, return_inverse=True)
         by_row = np.argsort(inv, kind="stable")  # the requests grouped by row, each row's in their order
         req0 = np.searchsorted(inv[by_row], np.arange(len(urows) + 1))

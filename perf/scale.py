@@ -46,7 +46,7 @@ the token index and samples.parquet; sizes `--factors` x `--samples` samples of 
 3 images per sample). Encode is not run in this mode (it needs the SAE over real activations: the mode
 above). Score runs without the SAE (sae=None: offdist / consistency_gated without the reconstruction
 error, which is ~12 ms per image token on a CPU: hours at these sizes), with every other method but
-model_loss. The flat regime at d 4096 x 65,536 (perf/README.md section 4b, about 30 minutes, ~6 GB):
+model_loss. The flat regime at d 4096 x 65,536 (perf/README.md, section 4's last part; ~35 minutes, 6 GB of disk):
   MALLOC_MMAP_THRESHOLD_=65536 python perf/scale.py --synthetic-codes --widths 7b --samples 64 --factors 1,3,10
 """
 
@@ -124,7 +124,7 @@ def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[s
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     counts = read_manifest(out)["counts"]
     extra: dict[str, Any] = {}
-    if stage == "features":  # the d_sae-bounded structures that fill as tokens grow (perf/README.md 4b)
+    if stage == "features":  # the d_sae-bounded structures that fill as tokens grow (perf/README.md: the flat regime)
         xm = counts["classes"]["cross-modal"]
         group = (1 << 30) // (2 * args.d_in * 8)  # mean_pair_cosine's features per 1 GiB group
         extra = {"cross_modal": xm, "cosine_sums_mb": min(xm, group) * 2 * args.d_in * 8 / 2**20}

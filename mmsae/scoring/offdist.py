@@ -19,7 +19,7 @@ SAE_MAX_ROWS, SAE_MIN_ROWS, SAE_CODE_ELEMENTS = 4096, 64, 1 << 24
 
 # score's passes over the store (offdist, nosae_cosine) read it 8 chunks (one shard file) at a time, fewer
 # when that block would pass this many bytes as float32: at d_model 4,096 and chunk 8,192 a block of 8 chunks
-# is 1 GiB of float32, and with its masked copy and float64 sums score's peak rose by 4.3 GB (perf/README.md 4b)
+# is 1 GiB of float32, and with its masked copy and float64 sums score's peak rose by 4.3 GB (perf/README.md: the flat regime)
 STORE_BLOCK_CHUNKS, STORE_BLOCK_BYTES = 8, 1 << 28
 
 
