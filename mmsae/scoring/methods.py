@@ -64,9 +64,11 @@ from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.offdist import store_block_tokens
 from mmsae.scoring.streams import Unsorted, streamed
 
 METHODS: dict[str, Callable[[ScoringContext], np.ndarray]] = {}
+NOSAE_ROWS = 4096  # nosae_cosine adds a block's rows to its float64 sums this many at a time
 
 
 def register(name: str) -> Callable:
@@ -125,7 +127,7 @@ def nosae_pass(ctx: ScoringContext, stream: bool) -> np.ndarray:
     layer = ctx.need("layer", "nosae_cosine")
     sides = ctx.token_sides
     s_all, side_all = sides["sample"], sides["side"]
-    n, block = ctx.n, store.chunk_tokens * 8
+    n, block = ctx.n, store_block_tokens(store)
 
     def cosine(sums: torch.Tensor) -> np.ndarray:
         text, image = sums[0].numpy(), sums[1].numpy()
@@ -149,9 +151,13 @@ def nosae_pass(ctx: ScoringContext, stream: bool) -> np.ndarray:
             if carry is not None:
                 sums[:, np.searchsorted(keys, carry[0])] = carry[1]
         if m.any():
-            local = np.searchsorted(keys, s[m]) if stream else s[m]
-            flat = torch.from_numpy(side[m].astype(np.int64) * len(keys) + local)
-            sums.view(2 * len(keys), -1).index_add_(0, flat, torch.from_numpy(x[m]).double())
+            rows = np.flatnonzero(m)
+            local = np.searchsorted(keys, s[rows]) if stream else s[rows]
+            flat = torch.from_numpy(side[rows].astype(np.int64) * len(keys) + local)
+            # in row order, NOSAE_ROWS at a time: no float64 copy of the whole block
+            for a in range(0, len(rows), NOSAE_ROWS):
+                piece = torch.from_numpy(np.ascontiguousarray(x[rows[a : a + NOSAE_ROWS]])).double()
+                sums.view(2 * len(keys), -1).index_add_(0, flat[a : a + NOSAE_ROWS], piece)
         if stream:
             last = int(s_all[start + len(x) - 1]) if len(x) else -1
             open_ = keys == last  # the sample the block ends in may go on in the next one

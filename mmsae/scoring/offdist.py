@@ -17,6 +17,21 @@ if TYPE_CHECKING:
 SAE_MAX_ROWS, SAE_MIN_ROWS, SAE_CODE_ELEMENTS = 4096, 64, 1 << 24
 
 
+# score's passes over the store (offdist, nosae_cosine) read it 8 chunks (one shard file) at a time, fewer
+# when that block would pass this many bytes as float32: at d_model 4,096 and chunk 8,192 a block of 8 chunks
+# is 1 GiB of float32, and with its masked copy and float64 sums score's peak rose by 4.3 GB (perf/README.md: the flat regime)
+STORE_BLOCK_CHUNKS, STORE_BLOCK_BYTES = 8, 1 << 28
+
+
+def store_block_tokens(store) -> int:
+    """Rows per block of score's store passes: whole chunks, at most STORE_BLOCK_CHUNKS and about
+    STORE_BLOCK_BYTES of float32 (at least one chunk). A function of the store only, so sharded and
+    unsharded scoring cut every block the same way."""
+    chunk = int(store.chunk_tokens)
+    fit = STORE_BLOCK_BYTES // max(1, chunk * int(store.d_model) * 4)
+    return chunk * max(1, min(STORE_BLOCK_CHUNKS, fit))
+
+
 def sae_rows(d_sae: int) -> int:
     """Tokens per SAE call in offdist's pass: a function of the SAE only, so sharded and unsharded
     scoring cut every store block the same way."""
@@ -35,7 +50,7 @@ def image_stats(ctx: ScoringContext) -> dict[str, np.ndarray]:
     unit = torch.zeros(n, store.d_model, dtype=torch.float64)
     error = np.zeros(n) if ctx.sae is not None else None
     sub = sae_rows(int(ctx.sae.cfg.d_sae)) if ctx.sae is not None else SAE_MAX_ROWS
-    for start, x in store.iter_blocks(layer, store.chunk_tokens * 8):
+    for start, x in store.iter_blocks(layer, store_block_tokens(store)):
         s, side = ti["sample"][start : start + len(x)], ti["side"][start : start + len(x)]
         m = (s >= 0) & (side == 1)
         if not m.any():
