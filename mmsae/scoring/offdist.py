@@ -99,13 +99,29 @@ def offdist_z(ctx: ScoringContext) -> np.ndarray:
     count = st["count"]
     has = count > 0
     c = np.maximum(count, 1.0)
-    mean_unit = st["unit_sum"] / c[:, None]
-    centre = np.median(mean_unit[has], axis=0) if has.any() else np.zeros(mean_unit.shape[1])
-    stats = [ctx.code_stats["image_l0"] / c, np.linalg.norm(mean_unit - centre, axis=1)]
+    stats = [ctx.code_stats["image_l0"] / c, centre_distance(st["unit_sum"], c, has)]
     if "error" in st:
         stats.append(st["error"] / c)
     z = np.max(np.abs(np.stack([robust_z(x, has) for x in stats])), axis=0)
     return np.where(has, z, 0.0)
+
+
+# columns per block of centre_distance: [samples, 256] float64 is 80 MB at a 40K-sample pool, where the
+# whole [samples, d_model] mean array and the copies a median takes would be ~5 GB at d_model 4,096
+CENTRE_COLUMNS = 256
+
+
+def centre_distance(unit_sum: np.ndarray, count: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """Per sample ||mean_unit - centre||, mean_unit = unit_sum / count and centre its per-dimension
+    median over the samples in `has`; computed a block of columns at a time (the same numbers: a median
+    and a squared distance are per column)."""
+    n, d = unit_sum.shape
+    sq = np.zeros(n)
+    for a in range(0, d, CENTRE_COLUMNS):
+        block = unit_sum[:, a : a + CENTRE_COLUMNS] / count[:, None]
+        centre = np.median(block[has], axis=0) if has.any() else 0.0
+        sq += ((block - centre) ** 2).sum(axis=1)
+    return np.sqrt(sq)
 
 
 def robust_z(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
