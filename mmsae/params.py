@@ -396,6 +396,10 @@ class ScoreConsistencyParams(StageParams):
     #: consistency_gated: robust |z| of the image statistics (offdist) above which a sample ranks below
     #: all others
     gate_z: float
+    #: sae_loss_gate: samples whose consistency is below this quantile of the pool's (or whose image is
+    #: off-distribution, gate_z) rank below all others, each group by model_loss; 0 = the image gate only.
+    #: Not tuned
+    loss_gate_quantile: float
     #: consistency_binding: a text token is a concept token when one concept feature reaches this
     #: (normalised) activation on it
     bind_min_text: float

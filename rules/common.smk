@@ -10,6 +10,7 @@ sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not p
 from mmsae.artifacts import stage_dirname
 from mmsae.config import config_error, result_keys, section_defaults
 from mmsae.models.shape import planned_shape, shape_problems
+from mmsae.scoring.methods import with_parts
 
 # A bad config stops here with one line naming the field and its value; Snakemake's own validation
 # (which fills the defaults) would bury the field under its traceback.
@@ -45,7 +46,7 @@ PARENTS = {
     "features": ["extract", "encode"],
     "premise": ["sample", "extract", "encode", "toy_model"],
     "score": ["sample", "extract", "train_sae", "encode", "features"]
-    + (["model_loss"] if "model_loss" in config["score"]["methods"] else []),
+    + (["model_loss"] if "model_loss" in with_parts(config["score"]["methods"]) else []),
     "baseline_scores": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "evaluate_sae": ["sample", "train_sae"] + (["toy_model"] if TOY_MODEL else []),
     "browser": ["sample", "extract", "encode", "features"] + (["toy_model"] if TOY_MODEL else []),
