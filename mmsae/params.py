@@ -477,7 +477,9 @@ class CurveParams(StageParams):
     #: part of the default target and the report; false = only `snakemake curve` builds it
     enabled: bool
     #: selection methods: score.methods entries, 'ifd' (baseline_scores' IFD selection) or 'oracle' (toy
-    #: world: clean samples first, the ceiling); random subsets come from random_seeds
+    #: world: clean samples first, the ceiling at each fraction) or 'clean' (toy world: one arm on every
+    #: clean sample of the pool, the clean-pool ceiling; not one per fraction); random subsets come from
+    #: random_seeds
     methods: list[str]
     #: one random-subset arm per seed and fraction (the spread of chance selection); [] = none
     random_seeds: list[int]
@@ -642,6 +644,26 @@ class CompareParams(StageParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyParams(StageParams):
+    #: opt-in target `snakemake study` (rules/study.smk, `make study`): the filtering curve over runs
+    #: (e.g. toy-world seeds) with mean and sd, the 2-sd decisions against random and the whole pool, the
+    #: bad kinds each method keeps, and findings generated from the numbers, into results/study/
+    STAGE: ClassVar[str] = "study"
+    #: run names whose results/{run}/report/report.json (its filtering curve and AUROCs) are aggregated
+    #: (each run built first, with curve.enabled); [] = nothing to aggregate
+    runs: list[str]
+    #: runs fine-tuned with finetune.method dpo, aggregated as a block of their own (e.g. one seed:
+    #: measured once)
+    dpo_runs: list[str]
+    #: benchmark metrics to decide on (higher = better); null = every overall metric the runs' curves
+    #: carry (exact_match, answer_logprob, llava_bench.overall, ...; no per-task columns)
+    metrics: list[str] | None
+    #: the question the study answers: does the best SAE-based selection at this kept fraction or less
+    #: beat the whole pool, random, model_loss and IFD?
+    max_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
 class AttributeParams(StageParams):
     #: opt-in target `snakemake attribute` (mmsae/attribution.py): activation x gradient attribution of
     #: logit(A) - logit(B) to (token, SAE feature)
@@ -690,5 +712,6 @@ BY_STAGE: dict[str, type[StageParams]] = {
     "baseline_scores": BaselineScoresParams,
     "steer": SteerParams,
     "compare": CompareParams,
+    "study": StudyParams,
     "attribute": AttributeParams,
 }

@@ -73,15 +73,15 @@ PARENTS = {
 def _check_curve():
     """Curve arms must name subsets the score stage writes."""
     cfg, score = config["curve"], config["score"]
-    extra = ("ifd", "oracle")  # selections that are not score methods
+    extra = ("ifd", "oracle", "clean")  # selections that are not score methods
     for m in cfg["methods"]:
         if m in ("random", "all"):
             raise ValueError(f"config curve.methods: {m!r} is always an arm: random subsets come from curve.random_seeds, "
                              "the whole sample is always fine-tuned on")
         if m not in score["methods"] and m not in extra:
             raise ValueError(f"config curve.methods: {m!r} is not in score.methods (nor one of {extra})")
-        if m == "oracle" and not TOY_DATA:
-            raise ValueError("config curve.methods: 'oracle' needs the toy world's ground truth")
+        if m in ("oracle", "clean") and not TOY_DATA:
+            raise ValueError(f"config curve.methods: {m!r} needs the toy world's ground truth")
     for f in cfg["fractions"] if any(m not in extra for m in cfg["methods"]) else []:
         if not any(abs(f - g) < 1e-9 for g in score["fractions"]):
             raise ValueError(f"config curve.fractions: {f} is not in score.fractions {score['fractions']}")
