@@ -213,3 +213,21 @@ def test_keep_top_clean_keeps_only_the_clean_samples():
     assert keep_top(df, 0.5, "clean")["sample_id"].tolist() == ["b", "c"]  # ceil(0.5 x 3 clean), by id
     with pytest.raises(InputError, match="corruption"):
         keep_top(df.drop(columns="corruption"), 1.0, "clean")
+
+
+def test_costly_kind_is_the_share_that_goes_with_the_lowest_scores():
+    rows = [{"run": "r", "method": f"m{i}", "fraction": 0.5, "em": em, "bad_share.a": a, "bad_share.b": b}
+            for i, (em, a, b) in enumerate(((0.9, 0.0, 0.3), (0.7, 0.2, 0.1), (0.5, 0.4, 0.2), (0.3, 0.6, 0.0)))]
+    kind, r = study.costly_kind(pd.DataFrame(rows), ["a", "b"], "em")
+    assert kind == "a" and r == pytest.approx(-1.0)
+    # a share that goes with HIGHER scores is never called costly
+    flipped = pd.DataFrame(rows).assign(em=lambda f: 1 - f["em"])
+    assert study.costly_kind(flipped, ["a"], "em") is None
+
+
+def test_a_tie_for_the_best_is_no_disagreement():
+    rows = [{"fraction": 0.5, "metric": "a", "best": "m1", "tied": ["m1", "m2"]},
+            {"fraction": 0.5, "metric": "b", "best": "m2", "tied": ["m2"]}]
+    assert study.disagreements(rows) == []
+    rows[0]["tied"] = ["m1"]
+    assert study.disagreements(rows) == [{"fraction": 0.5, "best": {"a": "m1", "b": "m2"}}]

@@ -201,17 +201,19 @@ def best_table(runs: pd.DataFrame, study: pd.DataFrame, metrics: Sequence[str]) 
             best = max(sorted(means), key=lambda m: means[m])
             mean, sd, n = mean_of(study, best, f, metric)
             out.append({"fraction": f, "metric": metric, "best": best, "mean": mean, "sd": sd, "n_runs": n,
+                        "tied": sorted(m for m, v in means.items() if v == means[best]),
                         "vs": {ref: compare(runs, best, ref, f, metric) for ref in ("random", "all")}})
     return out
 
 
 def disagreements(best: Sequence[Mapping]) -> list[dict]:
-    """Fractions where the metrics name different best methods: {fraction, best: {metric: method}}."""
+    """Fractions where the metrics name different best methods: {fraction, best: {metric: method}}. A
+    metric on which several methods tie for the best agrees with any of them."""
     out = []
     for f in sorted({b["fraction"] for b in best}):
-        by_metric = {b["metric"]: b["best"] for b in best if b["fraction"] == f}
-        if len(set(by_metric.values())) > 1:
-            out.append({"fraction": f, "best": by_metric})
+        rows = [b for b in best if b["fraction"] == f]
+        if not set.intersection(*(set(b.get("tied") or [b["best"]]) for b in rows)):
+            out.append({"fraction": f, "best": {b["metric"]: b["best"] for b in rows}})
     return out
 
 
@@ -238,7 +240,8 @@ def auroc_means(reports: Mapping[str, Mapping]) -> dict[tuple[str, str], float]:
 
 def costly_kind(runs: pd.DataFrame, kinds: Sequence[str], metric: str) -> tuple[str, float] | None:
     """The corruption kind whose share in a subset goes with the largest fall of `metric` over every arm
-    of every run (the most negative Pearson r; selective and reference arms alike), or None."""
+    of every run (the most negative Pearson r; selective and reference arms alike), or None when no
+    kind's share goes with a lower metric (r < 0)."""
     arms = runs[~runs["method"].isin(["start"])]
     best = None
     for k in kinds:
@@ -250,7 +253,7 @@ def costly_kind(runs: pd.DataFrame, kinds: Sequence[str], metric: str) -> tuple[
         if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
             continue
         r = float(np.corrcoef(x[ok], y[ok])[0, 1])
-        if best is None or r < best[1]:
+        if r < 0 and (best is None or r < best[1]):
             best = (k, r)
     return best
 
@@ -279,7 +282,10 @@ def why_not(runs: pd.DataFrame, study: pd.DataFrame, verdict: Mapping, kinds: Se
     methods' AUROC on them, and the kind whose share costs the metric most."""
     f, metric, method = verdict["fraction"], verdict["metric"], verdict["method"]
     means = {m: mean_of(study, m, f, metric)[0] for m in contenders(runs)}
-    winner = max(sorted(m for m in means if np.isfinite(means[m])), key=lambda m: means[m])
+    finite = {m: v for m, v in means.items() if np.isfinite(v)}
+    top = max(finite.values())
+    # a tie with the leader is no lead: the SAE selection itself is then the best contender
+    winner = method if finite.get(method) == top else min(m for m, v in finite.items() if v == top)
     share = {(m, k): mean_of(study, m, f, f"bad_share.{k}")[0] for m in (method, winner) for k in kinds}
     kept = []
     for k in kinds:
