@@ -88,6 +88,11 @@ class Files:
     # compare
     AUROC_SPREAD = "auroc_spread.parquet"
     AUROC_SPREAD_HTML = "auroc_spread.html"
+    # study (the filtering curve over runs)
+    STUDY = "study.parquet"
+    STUDY_JSON = "study.json"
+    STUDY_HTML = "study.html"
+    STUDY_PLOT = "study.png"
     # report, browser
     REPORT = "report.json"
     INDEX_HTML = "index.html"

@@ -420,6 +420,10 @@ class ScoreConsistencyParams(StageParams):
     #: consistency_gated: robust |z| of the image statistics (offdist) above which a sample ranks below
     #: all others
     gate_z: float
+    #: sae_loss_gate: samples whose consistency is below this quantile of the pool's (or whose image is
+    #: off-distribution, gate_z) rank below all others, each group by model_loss; 0 = the image gate only.
+    #: Not tuned
+    loss_gate_quantile: float
     #: consistency_binding: a text token is a concept token when one concept feature reaches this
     #: (normalised) activation on it
     bind_min_text: float
@@ -497,7 +501,9 @@ class CurveParams(StageParams):
     #: part of the default target and the report; false = only `snakemake curve` builds it
     enabled: bool
     #: selection methods: score.methods entries, 'ifd' (baseline_scores' IFD selection) or 'oracle' (toy
-    #: world: clean samples first, the ceiling); random subsets come from random_seeds
+    #: world: clean samples first, the ceiling at each fraction) or 'clean' (toy world: one arm on every
+    #: clean sample of the pool, the clean-pool ceiling; not one per fraction); random subsets come from
+    #: random_seeds
     methods: list[str]
     #: one random-subset arm per seed and fraction (the spread of chance selection); [] = none
     random_seeds: list[int]
@@ -662,6 +668,26 @@ class CompareParams(StageParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyParams(StageParams):
+    #: opt-in target `snakemake study` (rules/study.smk, `make study`): the filtering curve over runs
+    #: (e.g. toy-world seeds) with mean and sd, the 2-sd decisions against random and the whole pool, the
+    #: bad kinds each method keeps, and findings generated from the numbers, into results/study/
+    STAGE: ClassVar[str] = "study"
+    #: run names whose results/{run}/report/report.json (its filtering curve and AUROCs) are aggregated
+    #: (each run built first, with curve.enabled); [] = nothing to aggregate
+    runs: list[str]
+    #: runs fine-tuned with finetune.method dpo, aggregated as a block of their own (e.g. one seed:
+    #: measured once)
+    dpo_runs: list[str]
+    #: benchmark metrics to decide on (higher = better); null = every overall metric the runs' curves
+    #: carry (exact_match, answer_logprob, llava_bench.overall, ...; no per-task columns)
+    metrics: list[str] | None
+    #: the question the study answers: does the best SAE-based selection at this kept fraction or less
+    #: beat the whole pool, random, model_loss and IFD?
+    max_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
 class AttributeParams(StageParams):
     #: opt-in target `snakemake attribute` (mmsae/attribution.py): activation x gradient attribution of
     #: logit(A) - logit(B) to (token, SAE feature)
@@ -710,5 +736,6 @@ BY_STAGE: dict[str, type[StageParams]] = {
     "baseline_scores": BaselineScoresParams,
     "steer": SteerParams,
     "compare": CompareParams,
+    "study": StudyParams,
     "attribute": AttributeParams,
 }

@@ -43,8 +43,14 @@ def keep_top(frame: pd.DataFrame, fraction: float, by: str, source: str = "--kee
     """The best ceil(fraction * N) rows of a record frame, best first. `by` is 'random:SEED' (seeded
     uniform scores over the sorted sample ids: the `random` method's subset for that seed),
     'PATH:COLUMN' (a parquet with sample_id and a score column, higher = kept first, e.g. IFD's
-    ifd.parquet:ifd_score) or 'oracle' (clean samples first, from the `corruption` ground truth).
-    Ties go by sample_id, as in `rank`."""
+    ifd.parquet:ifd_score), 'oracle' (clean samples first, from the `corruption` ground truth) or
+    'clean' (the clean samples only: the best ceil(fraction * N_clean) of them in sample-id order; at 1
+    every clean sample, the clean-pool ceiling). Ties go by sample_id, as in `rank`."""
+    if by == "clean":
+        if "corruption" not in frame.columns:
+            raise InputError(source, "clean", "the data have no 'corruption' ground-truth column")
+        frame = frame[frame["corruption"].isna()]
+        by = "oracle"  # every row left is clean: sample-id order
     ids = frame["sample_id"].astype(str).to_numpy()
     order = np.argsort(ids, kind="stable")  # the frame's rows in sorted-id order
     if by == "oracle":  # the ground truth as a selection: clean first (the curve's ceiling on the toy world)
