@@ -256,9 +256,9 @@ def test_toy_benchmark_hand_checkable():
     frame, summary = bm.toy_benchmark(AlwaysRed(tok.convert_tokens_to_ids("red"), tok.eos_token_id), processor, df)
     assert frame["answer"].tolist() == ["red"] * 4
     assert frame["correct"].tolist() == [True, False, True, False]
-    assert summary == {"exact_match": 0.5, "exact_match_by_task": {"caption": 0.0, "color_of_shape": 1.0,
-                                                                   "color_on_side": 0.5},
-                       "n_eval": 4, "n_not_clean_skipped": 1}
+    by_task = {"caption": 0.0, "color_of_shape": 1.0, "color_on_side": 0.5}
+    assert summary == {"exact_match": 0.5, "exact_match_by_task": by_task, "answer_match": 0.5,
+                       "answer_match_by_task": by_task, "n_eval": 4, "n_not_clean_skipped": 1}
 
 
 def test_toy_answer_logprob_is_minus_the_response_loss_of_each_question(tmp_path):
