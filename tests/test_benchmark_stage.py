@@ -203,7 +203,8 @@ def test_benchmark_script_toy_and_llava_bench(tmp_path):
     per_q = pd.read_parquet(out / "llava_bench.parquet")
     assert per_q["judge_ok"].tolist() == [True, False, True] and per_q["answer"].map(type).eq(str).all()
     toy = pd.read_parquet(out / "toy.parquet")
-    assert list(toy.columns) == ["sample_id", "task", "question", "answer", "reference", "correct", "answer_logprob"]
+    assert list(toy.columns) == ["sample_id", "task", "question", "answer", "reference", "correct", "answer_match",
+                                 "answer_logprob"]
     assert results["toy"]["answer_logprob"] == pytest.approx(toy["answer_logprob"].mean(), abs=1e-6)
     assert (toy["answer_logprob"] < 0).all()
     assert json.loads((out / "manifest.json").read_text())["counts"]["llava_bench_judge_failures"] == 1
