@@ -63,8 +63,8 @@ def model_loss_auroc(model_dir: Path, pool: pd.DataFrame, threads: int) -> dict[
     out["any"] = round(auroc(score, clean), 3)
     # within the clean samples: does a low loss mean a short answer? (rank correlation of loss and length)
     n_tok = loss["n_tokens"].to_numpy()
-    out["clean_loss_vs_length_spearman"] = round(float(pd.Series(loss["loss"].to_numpy()[clean]).corr(
-        pd.Series(n_tok[clean]), method="spearman")), 3)
+    ranks = [pd.Series(x[clean]).rank() for x in (loss["loss"].to_numpy(), n_tok)]  # Spearman = Pearson of ranks
+    out["clean_loss_vs_length_spearman"] = round(float(ranks[0].corr(ranks[1])), 3)
     return out
 
 
@@ -77,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--toyworld", default="{}", help="JSON overrides of the toyworld slice")
     ap.add_argument("--toy-model", default="{}", help="JSON overrides of the toy_model slice")
     ap.add_argument("--finetune", default="{}", help="JSON overrides of the finetune slice")
+    ap.add_argument("--model-only", action="store_true", help="stop after the toy model (to train seeds ahead)")
     a = ap.parse_args(argv)
     root = a.out / f"seed{a.seed}"
     root.mkdir(parents=True, exist_ok=True)
-    tw_params = ToyworldParams.load({"seed": a.seed, "setting": a.setting, **json.loads(a.toyworld)})
+    # every corruption kind by default (the schema's default leaves `unhelpful` out of the recognition demo)
+    tw_params = ToyworldParams.load({"seed": a.seed, "setting": a.setting,
+                                     "corruption_kinds": list(toyworld.CORRUPTION_KINDS), **json.loads(a.toyworld)})
     tm_params = ToyModelParams.load({"seed": a.seed, "num_threads": a.threads, **json.loads(a.toy_model)})
     ft_params = FinetuneParams.load({"num_threads": a.threads, **json.loads(a.finetune)})
     ft_tag = "ft" if a.finetune == "{}" else "ft-" + "-".join(f"{k}{v}" for k, v in json.loads(a.finetune).items())
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["toyworld"] = _stage(root / "toyworld", toyworld.run, toyworld.Inputs(), tw_params)
     timings["toy_model"] = _stage(root / "toy_model", toy_model.run, toy_model.Inputs(toyworld=root / "toyworld"),
                                   tm_params)
+    if a.model_only:
+        return 0
     pool = read_frame(root / "toyworld" / Files.POOL)
     clean_path = root / "pool_clean.parquet"
     if not clean_path.exists():
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                             ft_params)
         models_[arm] = folder / Files.MODEL_DIR
     results = {}
-    for arm, model in models_.items():
+    for arm, model in models_.items():  # (benchmarks after all fine-tunes: one model in memory at a time)
         folder = root / f"bench-{arm}" if arm == "start" else root / f"bench-{ft_tag}-{arm}"
         timings[f"benchmark_{arm}"] = _stage(
             folder, benchmarks.run,

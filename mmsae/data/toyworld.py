@@ -55,22 +55,27 @@ QA_TASKS = ("color_of_shape", "shape_on_side", "color_on_side")
 # the text-only task keeps the concept words meaningful without an image.
 TRAIN_MIX = {"caption": 0.40, "color_of_shape": 0.15, "shape_on_side": 0.15, "color_on_side": 0.15, "text_only": 0.15}
 POOL_MIX = {"caption": 0.40, "color_of_shape": 0.20, "shape_on_side": 0.20, "color_on_side": 0.20}
-# The alignment setting's pool and heldout: four question types the train split never asks.
-ALIGN_TASKS = ("side_of", "object_of_colour", "describe_side", "next_to")
-ALIGN_MIX = dict.fromkeys(ALIGN_TASKS, 0.25)
+# The alignment setting's pool and heldout: question types the train split never asks. side_of and
+# next_to are defined (answer_for, answer_match know them) but left out of the mix: the toy model did not
+# learn them from the clean pool (seed 0, 600 steps at lr 1e-3: answer match 0.52 / 0.57 held out and
+# 0.60 / 0.82 on the samples it trained on), so they would cap the clean-pool ceiling, not measure data.
+ALIGN_MIX = {"object_of_colour": 1 / 3, "describe_side": 1 / 3, "describe_shape": 1 / 3}
+ALIGN_TASKS = tuple(ALIGN_MIX)
 # Per task: the question and four phrasings of the answer, shortest first. {a} is the answer's core
-# (a side, a shape, or "colour shape"); the other fields name the object asked about. The long forms
+# (a side, a shape, a colour or "colour shape"); the other fields name the object asked about. The long forms
 # repeat the question's words, so a long answer is not harder per token than a short one.
 ALIGN_QUESTIONS = {
     "side_of": "which side is the {colour} {shape} on ?",
     "object_of_colour": "what is the {colour} object ?",
     "describe_side": "describe the {side} object ?",
+    "describe_shape": "describe the {shape} ?",
     "next_to": "what is next to the {shape} ?",
 }
 ALIGN_PHRASINGS = {
     "side_of": ("{a}", "on the {a}", "it is on the {a}", "the {colour} {shape} is on the {a}"),
     "object_of_colour": ("{a}", "a {a}", "it is a {a}", "the {colour} object is a {a}"),
     "describe_side": ("{a}", "a {a}", "it is a {a}", "the {side} object is a {a}"),
+    "describe_shape": ("{a} {shape}", "a {a} {shape}", "it is a {a} {shape}", "the {shape} is {a}"),
     "next_to": ("{a}", "a {a}", "it is a {a}", "the {a} is next to the {shape}"),
 }
 
@@ -179,7 +184,7 @@ def _align_core(task: str, scene: Scene, o: dict) -> str:
     """The core of the right answer to an alignment question about object `o` of `scene`."""
     other = scene.objects[1 - scene.objects.index(o)]
     return {"side_of": o["side"], "object_of_colour": o["shape"], "describe_side": f"{o['colour']} {o['shape']}",
-            "next_to": f"{other['colour']} {other['shape']}"}[task]
+            "describe_shape": o["colour"], "next_to": f"{other['colour']} {other['shape']}"}[task]
 
 
 def _wrong_core(task: str, core: str, rng: np.random.Generator) -> str:
