@@ -73,6 +73,11 @@ class SaeDataParams(StageParams):
 class ToyworldParams(StageParams):
     STAGE: ClassVar[str] = "toyworld"
     seed: int
+    #: recognition: pool and heldout ask the train split's own questions (one-word answers; the starting
+    #: model already knows them). alignment: they teach and test new question types with multi-word
+    #: answers in varied phrasings and a [good, poor] preference pair on new images (the starting model
+    #: has headroom; see docs/toyworld-alignment.md)
+    setting: Literal["recognition", "alignment"]
     #: size of the pool that is scored
     n_samples: int
     corruption_rate: float

@@ -203,7 +203,8 @@ def test_benchmark_script_toy_and_llava_bench(tmp_path):
     per_q = pd.read_parquet(out / "llava_bench.parquet")
     assert per_q["judge_ok"].tolist() == [True, False, True] and per_q["answer"].map(type).eq(str).all()
     toy = pd.read_parquet(out / "toy.parquet")
-    assert list(toy.columns) == ["sample_id", "task", "question", "answer", "reference", "correct", "answer_logprob"]
+    assert list(toy.columns) == ["sample_id", "task", "question", "answer", "reference", "correct", "answer_match",
+                                 "answer_logprob"]
     assert results["toy"]["answer_logprob"] == pytest.approx(toy["answer_logprob"].mean(), abs=1e-6)
     assert (toy["answer_logprob"] < 0).all()
     assert json.loads((out / "manifest.json").read_text())["counts"]["llava_bench_judge_failures"] == 1
@@ -256,9 +257,9 @@ def test_toy_benchmark_hand_checkable():
     frame, summary = bm.toy_benchmark(AlwaysRed(tok.convert_tokens_to_ids("red"), tok.eos_token_id), processor, df)
     assert frame["answer"].tolist() == ["red"] * 4
     assert frame["correct"].tolist() == [True, False, True, False]
-    assert summary == {"exact_match": 0.5, "exact_match_by_task": {"caption": 0.0, "color_of_shape": 1.0,
-                                                                   "color_on_side": 0.5},
-                       "n_eval": 4, "n_not_clean_skipped": 1}
+    by_task = {"caption": 0.0, "color_of_shape": 1.0, "color_on_side": 0.5}
+    assert summary == {"exact_match": 0.5, "exact_match_by_task": by_task, "answer_match": 0.5,
+                       "answer_match_by_task": by_task, "n_eval": 4, "n_not_clean_skipped": 1}
 
 
 def test_toy_answer_logprob_is_minus_the_response_loss_of_each_question(tmp_path):

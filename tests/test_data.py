@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from mmsae.data import read_records, sample_frame
+from mmsae.data.toyvocab import UNHELPFUL
 from mmsae.data.toyworld import CORRUPTION_KINDS, Scene, answer_for, generate, patch_concepts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def test_toyworld_is_deterministic_and_has_every_corruption_kind(world):
                      n_train=50, n_heldout=20)
     pd.testing.assert_frame_equal(world["pool"], again["pool"])
     counts = world["pool"]["corruption"].value_counts()
-    assert {k: counts[k] for k in CORRUPTION_KINDS} == dict.fromkeys(CORRUPTION_KINDS, 20)
+    assert {k: counts[k] for k in CORRUPTION_KINDS} == dict.fromkeys(CORRUPTION_KINDS, 80 // len(CORRUPTION_KINDS))
     assert world["train"]["corruption"].isna().all() and world["heldout"]["corruption"].isna().all()
     assert not set(world["train"].sample_id) & set(world["pool"].sample_id)
 
@@ -47,6 +48,8 @@ def test_toyworld_ground_truth_is_consistent(world):
             assert preferred != truth  # the text was written for another image
         elif row.corruption == "text_only":
             assert row.task == "text_only" and truth is None
+        elif row.corruption == "unhelpful":  # a generic response is preferred over the right one
+            assert preferred in UNHELPFUL and truth in row.responses
 
 
 def test_patch_concepts_follow_the_boxes():

@@ -10,9 +10,24 @@ from __future__ import annotations
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "circle", "triangle")
 SIDES = ("left", "right")
+CONCEPTS = frozenset(COLOURS) | frozenset(SHAPES) | frozenset(SIDES)
+# Fluent responses that do not help (the `unhelpful` corruption, and the poor response of a preference
+# pair): generic refusals, vague non-answers. None names a colour, shape or side.
+UNHELPFUL = (
+    "i can not tell",
+    "it is hard to say",
+    "it is an object",
+    "it is a shape",
+    "there are two objects",
+    "it is a shape with a color",
+)
+# The alignment setting's questions and multi-word answers (mmsae.data.toyworld.ALIGN_PHRASINGS)
+ALIGN_WORDS = {"which", "side", "object", "next", "to", "describe", "it", "a", "is", "the", "on"}
 VOCAB_WORDS = sorted(
-    set(COLOURS) | set(SHAPES) | set(SIDES)
+    CONCEPTS
     | {"what", "color", "shape", "is", "the", "on", "describe", "?", "a", "or"}
+    | ALIGN_WORDS
+    | {w for phrase in UNHELPFUL for w in phrase.split()}
 )
 
-__all__ = ["COLOURS", "SHAPES", "SIDES", "VOCAB_WORDS"]
+__all__ = ["ALIGN_WORDS", "COLOURS", "CONCEPTS", "SHAPES", "SIDES", "UNHELPFUL", "VOCAB_WORDS"]

@@ -8,6 +8,16 @@ sample carries its ground truth: the objects with their boxes (for patch-level c
 - pool:    the data set the pipeline scores and filters, with `corruption_rate` bad samples;
 - heldout: clean questions for exact-match evaluation of a model.
 
+Two settings (`setting`), with the same train split (so the same starting model):
+
+- recognition: pool and heldout ask the train split's own questions (captions, colour / shape Q/A,
+  one-word answers). A model trained on the train split already knows them.
+- alignment:   pool and heldout teach and test skills the train split never shows, on new images:
+  question types the starting model has never seen (ALIGN_TASKS), answers of several words in four
+  phrasings of different lengths ("left", "on the left", "it is on the left", "the red square is on the
+  left"), and a preference pair [good, poor] whose poor response is wrong or unhelpful. The starting
+  model has learnt vision-language alignment (colours, shapes, where they are) but not these skills.
+
 Stage toyworld (`run`): writes the synthetic data set with ground truth. Outputs (in --out):
 train.parquet (clean, for the toy model), pool.parquet (the data set that is scored, with known-bad
 samples), heldout.parquet (clean benchmark), manifest.json.
@@ -26,7 +36,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from mmsae.artifacts import Timer, atomic_dir, write_manifest
-from mmsae.data.toyvocab import COLOURS, SHAPES, SIDES
+from mmsae.data.toyvocab import COLOURS, CONCEPTS, SHAPES, SIDES, UNHELPFUL
 from mmsae.params import ToyworldParams
 
 # how each colour word (toyvocab.COLOURS) is drawn
@@ -37,13 +47,37 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 40),
 }
 IMAGE_SIZE = 32
-CORRUPTION_KINDS = ("mismatch", "wrong_answer", "noise_image", "text_only")
+# unhelpful: a fluent response that does not help (toyvocab.UNHELPFUL) is preferred over the right one
+CORRUPTION_KINDS = ("mismatch", "wrong_answer", "noise_image", "text_only", "unhelpful")
+SETTINGS = ("recognition", "alignment")
 QA_TASKS = ("color_of_shape", "shape_on_side", "color_on_side")
 # The toy model's training mix: captions teach word<->patch grounding, Q/A teaches reading the image,
 # the text-only task keeps the concept words meaningful without an image.
 TRAIN_MIX = {"caption": 0.40, "color_of_shape": 0.15, "shape_on_side": 0.15, "color_on_side": 0.15, "text_only": 0.15}
 POOL_MIX = {"caption": 0.40, "color_of_shape": 0.20, "shape_on_side": 0.20, "color_on_side": 0.20}
-
+# The alignment setting's pool and heldout: question types the train split never asks. side_of and
+# next_to are defined (answer_for, answer_match know them) but left out of the mix: the toy model did not
+# learn them from the clean pool (seed 0, 600 steps at lr 1e-3: answer match 0.52 / 0.57 held out and
+# 0.60 / 0.82 on the samples it trained on), so they would cap the clean-pool ceiling, not measure data.
+ALIGN_MIX = {"object_of_colour": 1 / 3, "describe_side": 1 / 3, "describe_shape": 1 / 3}
+ALIGN_TASKS = tuple(ALIGN_MIX)
+# Per task: the question and four phrasings of the answer, shortest first. {a} is the answer's core
+# (a side, a shape, a colour or "colour shape"); the other fields name the object asked about. The long forms
+# repeat the question's words, so a long answer is not harder per token than a short one.
+ALIGN_QUESTIONS = {
+    "side_of": "which side is the {colour} {shape} on ?",
+    "object_of_colour": "what is the {colour} object ?",
+    "describe_side": "describe the {side} object ?",
+    "describe_shape": "describe the {shape} ?",
+    "next_to": "what is next to the {shape} ?",
+}
+ALIGN_PHRASINGS = {
+    "side_of": ("{a}", "on the {a}", "it is on the {a}", "the {colour} {shape} is on the {a}"),
+    "object_of_colour": ("{a}", "a {a}", "it is a {a}", "the {colour} object is a {a}"),
+    "describe_side": ("{a}", "a {a}", "it is a {a}", "the {side} object is a {a}"),
+    "describe_shape": ("{a} {shape}", "a {a} {shape}", "it is a {a} {shape}", "the {shape} is {a}"),
+    "next_to": ("{a}", "a {a}", "it is a {a}", "the {a} is next to the {shape}"),
+}
 
 @dataclass
 class Scene:
@@ -146,9 +180,52 @@ def make_text(task: str, scene: Scene, rng: np.random.Generator) -> tuple[str, s
     raise ValueError(f"unknown task {task!r}")
 
 
+def _align_core(task: str, scene: Scene, o: dict) -> str:
+    """The core of the right answer to an alignment question about object `o` of `scene`."""
+    other = scene.objects[1 - scene.objects.index(o)]
+    return {"side_of": o["side"], "object_of_colour": o["shape"], "describe_side": f"{o['colour']} {o['shape']}",
+            "describe_shape": o["colour"], "next_to": f"{other['colour']} {other['shape']}"}[task]
+
+
+def _wrong_core(task: str, core: str, rng: np.random.Generator) -> str:
+    """A plausible wrong core: another side, or one concept word of the core swapped for another."""
+    if task == "side_of":
+        return _other(rng, SIDES, core)
+    words = core.split()
+    j = int(rng.integers(len(words)))
+    words[j] = _other(rng, list(COLOURS) if words[j] in COLOURS else SHAPES, words[j])
+    return " ".join(words)
+
+
+def make_align_text(task: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str, str, str]:
+    """(question, right answer, wrong answer, unhelpful answer) for an alignment task about `scene`.
+    The right and wrong answers share one phrasing, drawn uniformly from the task's four."""
+    o = scene.objects[int(rng.integers(2))]
+    fields = {"colour": o["colour"], "shape": o["shape"], "side": o["side"]}
+    question = ALIGN_QUESTIONS[task].format(**fields)
+    phrasing = ALIGN_PHRASINGS[task][int(rng.integers(len(ALIGN_PHRASINGS[task])))]
+    core = _align_core(task, scene, o)
+    right = phrasing.format(a=core, **fields)
+    wrong = phrasing.format(a=_wrong_core(task, core, rng), **fields)
+    return question, right, wrong, str(rng.choice(UNHELPFUL))
+
+
+def _concepts_of(text: str) -> list[str]:
+    return [w for w in text.split() if w in CONCEPTS]
+
+
 def answer_for(question: str, scene: Scene) -> str | None:
-    """The correct answer to `question` about `scene`, or None if the question does not apply."""
+    """The correct answer to `question` about `scene`, or None if the question does not apply (for an
+    alignment question: the answer's core, e.g. "left", "square" or "red square")."""
     words = question.split()
+    for task, template in ALIGN_QUESTIONS.items():
+        head = template.split("{")[0].split()
+        if words[: len(head)] == head and len(words) == len(template.split()):
+            asked = _concepts_of(question)
+            for o in scene.objects:
+                if asked and all(w in (o["colour"], o["shape"], o["side"]) for w in asked):
+                    return _align_core(task, scene, o)
+            return None
     if question == "describe ?":
         return scene.caption()
     if words[:3] == ["what", "color", "is"] and words[3] == "the":
@@ -167,22 +244,40 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _texts(task: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str, str, str, str]:
+    """(question, right, poor, unhelpful, the right answer as answer_for gives it) for a task about
+    `scene`. Recognition tasks: poor = the wrong answer and no other draw (the pool stays as it was);
+    alignment tasks: poor = the wrong or the unhelpful answer, one each half of the time."""
+    if task in ALIGN_MIX:
+        question, right, wrong, unhelpful = make_align_text(task, scene, rng)
+        core = answer_for(question, scene)
+        poor = wrong if rng.random() < 0.5 else unhelpful
+        return question, right, poor, unhelpful, str(core)
+    question, right, wrong = make_text(task, scene, rng)
+    return question, right, wrong, "", right
+
+
 def make_sample(rng: np.random.Generator, task: str, corruption: str | None, sample_id: str) -> dict:
     scene = random_scene(rng)
     image = render(scene, rng)
     if corruption == "text_only":
         task = "text_only"
-    question, right, wrong = make_text(task, scene, rng)
+    question, right, poor, unhelpful, core = _texts(task, scene, rng)
     if corruption == "mismatch":
         # Text written for another scene, re-drawn until it is actually wrong for this image.
         while True:
-            question, right, wrong = make_text(task, random_scene(rng), rng)
-            if answer_for(question, scene) != right:
+            question, right, poor, unhelpful, core = _texts(task, random_scene(rng), rng)
+            if answer_for(question, scene) != core:
                 break
     elif corruption == "noise_image":
         image = unrelated_image(rng)
-    responses = [right, wrong]
-    preferred = 0 if corruption != "wrong_answer" else 1  # wrong answer: the wrong response is preferred
+    elif corruption == "wrong_answer" and task in ALIGN_MIX:
+        poor = make_align_wrong(question, right, core, task, rng)
+    elif corruption == "unhelpful":
+        poor = unhelpful or str(rng.choice(UNHELPFUL))
+    responses = [right, poor]
+    # wrong answer / unhelpful: the poor response is preferred
+    preferred = 1 if corruption in ("wrong_answer", "unhelpful") else 0
     if rng.random() < 0.5:  # preferred response is not always first
         responses.reverse()
         preferred = 1 - preferred
@@ -196,6 +291,15 @@ def make_sample(rng: np.random.Generator, task: str, corruption: str | None, sam
         "task": task,
         "objects": json.dumps(scene.objects),
     }
+
+
+def make_align_wrong(question: str, right: str, core: str, task: str, rng: np.random.Generator) -> str:
+    """The right answer with its core swapped for a wrong one (same phrasing): the preferred response of
+    a `wrong_answer` sample in the alignment setting (its poor response may have been the unhelpful one)."""
+    words, core_words = right.split(), core.split()
+    n = len(core_words)
+    start = next(i for i in range(len(words) - n + 1) if words[i : i + n] == core_words)
+    return " ".join(words[:start] + _wrong_core(task, core, rng).split() + words[start + n :])
 
 
 def _split(seed: int, split: int, n: int, mix: dict[str, float], corruption_rate: float,
@@ -215,14 +319,19 @@ def _split(seed: int, split: int, n: int, mix: dict[str, float], corruption_rate
 
 
 def generate(seed: int, n_samples: int, corruption_rate: float, corruption_kinds: list[str],
-             n_train: int, n_heldout: int) -> dict[str, pd.DataFrame]:
+             n_train: int, n_heldout: int, setting: str = "recognition") -> dict[str, pd.DataFrame]:
+    """The three splits. The train split does not depend on `setting`: both settings start from the
+    same model; pool and heldout ask the train split's questions (recognition) or new ones (alignment)."""
     unknown = set(corruption_kinds) - set(CORRUPTION_KINDS)
     if unknown:
         raise ValueError(f"unknown corruption kinds {sorted(unknown)}; known: {CORRUPTION_KINDS}")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown toy world setting {setting!r}; known: {SETTINGS}")
+    mix = ALIGN_MIX if setting == "alignment" else POOL_MIX
     return {
         "train": _split(seed, 0, n_train, TRAIN_MIX, 0.0, (), "train-"),
-        "pool": _split(seed, 1, n_samples, POOL_MIX, corruption_rate, tuple(corruption_kinds), "pool-"),
-        "heldout": _split(seed, 2, n_heldout, POOL_MIX, 0.0, (), "heldout-"),
+        "pool": _split(seed, 1, n_samples, mix, corruption_rate, tuple(corruption_kinds), "pool-"),
+        "heldout": _split(seed, 2, n_heldout, mix, 0.0, (), "heldout-"),
     }
 
 
@@ -262,7 +371,7 @@ def run(inputs: Inputs, params: ToyworldParams, out: Path) -> None:
     with atomic_dir(out) as tmp:
         with timer("generate"):
             splits = generate(params.seed, params.n_samples, params.corruption_rate, params.corruption_kinds,
-                              params.n_train, params.n_heldout)
+                              params.n_train, params.n_heldout, params.setting)
         for name, df in splits.items():  # train.parquet, pool.parquet, heldout.parquet
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         pool = splits["pool"]

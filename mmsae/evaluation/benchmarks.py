@@ -1,8 +1,10 @@
 """Stage benchmark: evaluate a model on the toy-world held-out questions and/or LLaVA-Bench (In-the-Wild).
 The toy benchmark is here; the LLaVA-Bench benchmark is in `mmsae.evaluation.llava_bench`.
 
---toy-heldout PARQUET   the toyworld stage's heldout.parquet (clean questions): greedy exact match,
-                        overall and per question type (`task`), through
+--toy-heldout PARQUET   the toyworld stage's heldout.parquet (clean questions): greedy exact match and
+                        answer match (the answer names the reference's colours, shapes and sides, in
+                        order, in any phrasing, and refuses nothing: the metric for the alignment
+                        setting's multi-word answers), overall and per question type (`task`), through
                         `mmsae.models.toy.exact_match_frame` (the same evaluation the toy_model stage
                         reports), plus the mean log-prob per token of the reference answer
 --llava-bench DIR       questions.jsonl, context.jsonl, answers_gpt4.jsonl, images/: greedy answers,
@@ -14,7 +16,7 @@ The toy benchmark is here; the LLaVA-Bench benchmark is in `mmsae.evaluation.lla
 Writes, atomically:
   OUT/results.json          {"toy": {...}, "llava_bench": {... "judge": <setup>, "scores": {...}}}
   OUT/toy.parquet           per question: sample_id, task, question, answer, reference, correct,
-                            answer_logprob (mean log-prob per token of the reference answer)
+                            answer_match, answer_logprob (mean log-prob per token of the reference answer)
   OUT/llava_bench.parquet   per question: ids, category, question, reference, answer, scores, judge reply/error
   OUT/manifest.json
 
@@ -50,7 +52,7 @@ log = logging.getLogger("mmsae.benchmark")
 
 def toy_benchmark(model: Any, processor: Any, heldout: pd.DataFrame, max_samples: int | None = None,
                   batch_size: int = 128) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """(per-question frame, summary) of greedy exact match on the clean held-out questions."""
+    """(per-question frame, summary) of greedy exact match and answer match on the clean held-out questions."""
     from mmsae.models.toy import exact_match_frame, summarize_exact_match
 
     df = heldout
@@ -146,8 +148,8 @@ def _run_toy(adapter: ModelAdapter, heldout_path: Path, params: BenchmarkParams,
         summary.update(logprob)
     acc.frames["toy"], acc.results["toy"] = frame, summary
     acc.counts["toy_questions"] = summary["n_eval"]
-    log.info("toy benchmark: exact match %.4f %s, answer log-prob %.4f", summary["exact_match"],
-             summary["exact_match_by_task"], summary["answer_logprob"])
+    log.info("toy benchmark: answer match %.4f %s, exact match %.4f, answer log-prob %.4f", summary["answer_match"],
+             summary["answer_match_by_task"], summary["exact_match"], summary["answer_logprob"])
 
 
 def _run_llava_bench(adapter: ModelAdapter, folder: str | Path, params: BenchmarkParams, timer: Timer,

@@ -12,7 +12,7 @@ PATCH_SIZE = 8
 IMAGE_SIZE = toyworld.IMAGE_SIZE
 GRID = IMAGE_SIZE // PATCH_SIZE
 N_IMAGE_TOKENS = GRID * GRID  # CLS is dropped ("default" feature select strategy)
-MAX_NEW_TOKENS = 6  # longest answer: four caption words + EOS
+MAX_NEW_TOKENS = 10  # longest answer: "the red square is next to the circle" (alignment setting) + EOS
 
 # User turn: "<s> <image> what color is the circle ?"; generation prompt " answer :"; an assistant
 # turn is " answer : {text} </s>". Text-only user turns have no "<image>". Content may be a string or

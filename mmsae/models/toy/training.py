@@ -261,7 +261,7 @@ def train_toy_model(train_df: pd.DataFrame, heldout_df: pd.DataFrame, params: To
                     out_dir: str | Path) -> dict[str, Any]:
     """Train the staged toy model, save it to out_dir/model, reload it, evaluate the reloaded copy.
 
-    Returns metrics: heldout exact match (overall, per task) of the model loaded back through
+    Returns metrics: heldout exact match and answer match (overall, per task) of the model loaded back through
     AutoModelForImageTextToText / AutoProcessor, final losses per stage, timings.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -291,6 +291,7 @@ def train_toy_model(train_df: pd.DataFrame, heldout_df: pd.DataFrame, params: To
     metrics.update(em)
     metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     metrics["wall_s"] = round(time.perf_counter() - t0, 2)
-    log.info("toy_model: heldout exact match %.3f %s", em["exact_match"], em["exact_match_by_task"])
+    log.info("toy_model: heldout exact match %.3f %s, answer match %.3f", em["exact_match"], em["exact_match_by_task"],
+             em["answer_match"])
     return metrics
 
