@@ -7,7 +7,7 @@ descriptions live in the schema; `XParams.load(raw)` fills and validates a slice
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from mmsae.config import StageParams
 
@@ -192,6 +192,13 @@ class TrainSaeParams(StageParams):
     #: 'all' = SAE-V (image + text tokens), 'text' = SAE
     scope: Literal["all", "text"]
     include_special: bool
+    #: the modality make-up of every training batch. natural = the store's own (an SAE-V then sees mostly
+    #: image tokens); balanced = equal numbers of each trained modality (image, text; special with
+    #: include_special); or explicit shares, e.g. {image: 0.7, text: 0.3} (normalised to sum 1). A
+    #: modality that is short is drawn again (its own epochs cycle faster). scope must be 'all'. Under a
+    #: non-natural mix, scale_inputs is estimated on the mixed batches (each modality weighted by its
+    #: share, not by its token count); the eval split reports FVU per modality whatever the mix
+    modality_mix: str | dict[str, Any]
     expansion: float
     #: lambda of the decoder-norm-weighted L1 term; relu only (ignored by topk). Its effect scales with
     #: the input norm (sqrt(d) under normalize: token)

@@ -178,6 +178,9 @@ def hashed_params(stage, source=None, **variant):
     params = result_keys(stage, config.get(stage, {}))
     if stage == "train_sae":
         params.update(variant)
+        if params.get("modality_mix", "natural") == "natural":
+            # the store's own mix (the default): the SAE of before this key, in the folder it had
+            params.pop("modality_mix", None)
     if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
                  "steer", "attribute"):
         params["model"] = result_keys("model", config["model"])
