@@ -53,6 +53,7 @@ class Files:
     SAE_CFG = "cfg.json"
     SAE_WEIGHTS = "sae_weights.safetensors"
     SAE_SPARSITY = "sparsity.safetensors"
+    MODEL_CARD = "README.md"  # Hugging Face model card (mmsae.sae.card)
     TRAIN_STATE = "state.json"
     TRAIN_STATE_TENSORS = "state.safetensors"
     # evaluate_sae
