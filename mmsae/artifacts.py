@@ -89,6 +89,12 @@ class Files:
     # compare
     AUROC_SPREAD = "auroc_spread.parquet"
     AUROC_SPREAD_HTML = "auroc_spread.html"
+    # sae_compare (mmsae.report.sae_compare; also INDEX_HTML)
+    COMPARE_RUNS = "runs.parquet"
+    COMPARE_SUMMARY = "summary.parquet"
+    COMPARE_AUROC = "auroc.parquet"
+    COMPARE_PARETO = "pareto.png"
+    COMPARE_FINDINGS = "findings.json"
     # report, browser
     REPORT = "report.json"
     INDEX_HTML = "index.html"

@@ -645,6 +645,32 @@ class CompareParams(StageParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class SaeCompareParams(StageParams):
+    #: opt-in target `snakemake sae_compare` (rules/sae_compare.smk): every architecture x modality_mix x
+    #: sparsity setting x seed, each SAE trained with the train_sae recipe plus these overrides and
+    #: carried through its own train_sae / encode / features / score / premise / evaluate_sae folders (toy
+    #: world), then aggregated into results/{run}/sae_compare-<hash>/ (FVU per modality against L0, dead
+    #: fraction, CE/KL, premise AUROC, the consistency scores' mismatch and noise AUROC; mean +- sd over
+    #: seeds; findings first)
+    STAGE: ClassVar[str] = "sae_compare"
+    #: architectures compared; null = every value of train_sae.architecture's enum
+    architectures: list[str] | None
+    #: train_sae.modality_mix values compared
+    mixes: list[Any]
+    #: per architecture, the train_sae key that sets its sparsity and >= 3 values of it (one Pareto point
+    #: each): l1 coefficient for relu, k for the topk family, l0 coefficient for jumprelu
+    sparsity: dict[str, Any]
+    #: train_sae.seed values; the tables give mean +- sd over them
+    seeds: list[int]
+    #: train_sae keys set for every compared SAE (e.g. {steps: 500} for a quick run); checked against the
+    #: train_sae schema
+    train: dict[str, Any]
+    #: the score whose mismatch and noise-image AUROC the headline table gives (every consistency* score
+    #: is in auroc.parquet)
+    score_method: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AttributeParams(StageParams):
     #: opt-in target `snakemake attribute` (mmsae/attribution.py): activation x gradient attribution of
     #: logit(A) - logit(B) to (token, SAE feature)
@@ -693,5 +719,6 @@ BY_STAGE: dict[str, type[StageParams]] = {
     "baseline_scores": BaselineScoresParams,
     "steer": SteerParams,
     "compare": CompareParams,
+    "sae_compare": SaeCompareParams,
     "attribute": AttributeParams,
 }
