@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -109,3 +110,26 @@ def test_plan_loops_over_the_schema_architectures():
     with pytest.raises(InputError, match="train_sae"):  # a compared SAE the train_sae schema rejects
         sc.plan(SaeCompareParams.load({"architectures": ["topk"], "sparsity": {"topk": {"k": [0, 1, 2]}}}), {})
     assert sc.mix_label({"text": 0.3, "image": 0.7}) == "image=0.7,text=0.3"
+
+
+def test_dry_run_gives_every_compared_sae_its_own_folders(tmp_path):
+    from test_workflow import REPO, planned_jobs, smk
+
+    cfg = {"architectures": ["relu", "topk"], "mixes": ["natural", {"image": 0.7, "text": 0.3}], "seeds": [0, 1],
+           "train": {"steps": 40}}
+    extra = tmp_path / "compare.yaml"
+    extra.write_text(json.dumps({"sae_compare": cfg}))  # JSON is YAML; --config would read 0.7 as a string
+    r = smk("-n", "-p", "sae_compare", "--directory", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+            str(extra))
+    jobs = planned_jobs(r)
+    text = r.stdout + r.stderr
+    n = 2 * 2 * 3 * 2  # architectures x mixes x settings x seeds
+    for stage in ("train_sae", "encode", "features", "score", "premise", "evaluate_sae"):
+        assert stage in jobs and re.search(rf"^{stage}\s+{n}$", text, re.M), stage
+    assert re.search(r"^sae_compare_aggregate\s+1$", text, re.M)
+    # a compared SAE's evaluate_sae: that SAE alone, no base LLM
+    evals = re.findall(r"evaluate_sae\.py [^\n]*", text)
+    assert len(evals) == n and all(e.count("--sae ") == 1 and "--base-model" not in e for e in evals)
+    agg = re.search(r"sae_compare\.py [^\n]*", text).group(0)
+    assert agg.count("--sae ") == n and '"mix": "image=0.7,text=0.3"' in agg
+    assert len(set(re.findall(r"train_sae-[0-9a-f]{8}", agg))) == n  # each its own SAE

@@ -35,7 +35,7 @@ import pandas as pd
 
 from mmsae import cli
 from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
-from mmsae.config import load_schema, stage_params
+from mmsae.config import load_schema, validate
 from mmsae.errors import InputError
 from mmsae.evaluation.auroc import DIRECTION, auroc_table
 from mmsae.params import SaeCompareParams
@@ -81,13 +81,14 @@ def plan(params: SaeCompareParams, train_sae: dict[str, Any]) -> list[dict[str, 
     """One entry per compared SAE: its labels and `variant` (the train_sae keys it overrides). Each variant is
     checked against the train_sae schema now, so a bad key stops the workflow before any job runs."""
     out = []
+    schema = {"type": "object", "properties": {"train_sae": load_schema()["properties"]["train_sae"]}}  # read once
     for arch in architectures(params):
         (key, values), = params.sparsity[arch].items()
         for mix, value, seed in itertools.product(params.mixes, values, params.seeds):
             value = int(value) if key == "k" else value
             variant = {**params.train, "architecture": arch, key: value, "modality_mix": mix, "seed": seed}
             try:
-                stage_params("train_sae", {**train_sae, **variant}, "config")
+                validate({"train_sae": {**train_sae, **variant}}, "config", schema)
             except InputError as exc:
                 raise InputError("config", f"sae_compare ({arch}, {key}={value}): train_sae.{exc.field}",
                                  exc.message) from exc
