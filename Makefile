@@ -12,7 +12,7 @@ CORES ?= 2
 TORCH ?= $(shell cat envs/torch.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) envs/torch.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-latest lock lint params dryrun clean chromium perf plan
+.PHONY: setup demo test test-latest lock lint params dryrun clean chromium perf plan saelens-venv study study-runs study-dpo
 
 # Lock first (exact versions, hashes checked, no resolution), then torch (its dependencies are already
 # there at the locked versions, so pip adds only a CUDA build's own packages), then mmsae itself without
@@ -51,6 +51,33 @@ demo: setup
 	@$(PY) -m mmsae.report.timings results/demo || true
 	@echo "report: results/demo/report/index.html"
 
+# The filtering study (README "The filtering study"; hours of CPU): one run per toy-world seed in STUDY_SEEDS
+# (results/study-sN: its own toy world, toy model, SAE and fine-tunes; config/study.yaml over the demo config),
+# one DPO run measured once (results/study-dpo), then the aggregate results/study/study.html (`snakemake study`).
+# Each run builds only its report (with the curve), not the browser or the patch filter.
+STUDY_SEEDS ?= 0 1 2
+STUDY_CONFIG := --configfile config/config.yaml config/study.yaml
+STUDY_RUNS = $(shell echo $(addprefix study-s,$(STUDY_SEEDS)) | sed 's/ /, /g')
+# A seed's config is a file: snakemake's --config parses nested values as strings, and the seeds are integers.
+study-runs: setup
+	mkdir -p build/study
+	for s in $(STUDY_SEEDS); do \
+	  printf 'run: study-s%s\ntoyworld: {seed: %s}\ntoy_model: {seed: %s}\ntrain_sae: {seed: %s}\nfinetune: {seed: %s}\n' \
+	    $$s $$s $$s $$s $$s \
+	    > build/study/seed$$s.yaml && \
+	  PATH=$(BIN):$$PATH snakemake --cores $(CORES) results/study-s$$s/report/report.json $(STUDY_CONFIG) \
+	    build/study/seed$$s.yaml || exit 1; \
+	done
+
+study-dpo: setup
+	PATH=$(BIN):$$PATH snakemake --cores $(CORES) results/study-dpo/report/report.json $(STUDY_CONFIG) \
+	  --config run=study-dpo "finetune={method: dpo}"
+
+study: study-runs study-dpo
+	PATH=$(BIN):$$PATH snakemake --cores $(CORES) study $(STUDY_CONFIG) \
+	  --config "study={runs: [$(STUDY_RUNS)], dpo_runs: [study-dpo]}"
+	@echo "study: results/study/study.html"
+
 # Headless Chromium for tests/test_browser.py (the feature browser, opened from file://): installed
 # through apt-get when missing and we are root; otherwise stop with a message (the test never skips).
 chromium:
@@ -62,8 +89,9 @@ chromium:
 	    exit 1; \
 	  fi; }
 
-# MMSAE_LOCK: tests/test_lock.py checks the installed versions against it.
-test: setup chromium
+# MMSAE_LOCK: tests/test_lock.py checks the installed versions against it. saelens-venv: SAELens for
+# tests/test_saelens_load.py (built once; when it cannot be, the reason is printed and that test skips).
+test: setup chromium saelens-venv
 	PATH=$(BIN):$$PATH MMSAE_LOCK=$(abspath $(LOCK)) python -m pytest -q --durations=15 tests
 
 # Drift check: a throwaway venv with the newest versions pyproject.toml admits (torch stays at its pin),
@@ -90,6 +118,12 @@ $(SAELENS_STAMP):
 	$(SAELENS_VENV)/bin/python -m pip install -q $(SAELENS)
 	rm -f $(SAELENS_VENV)/.installed-*
 	touch $@
+
+# Tolerant build of the SAELens venv for `make test`: pip's own error, then one line saying what it costs.
+saelens-venv:
+	@$(MAKE) --no-print-directory $(SAELENS_STAMP) || \
+	  echo "warning: could not build $(SAELENS_VENV) with $(SAELENS) (pip's error above; no package index?):" \
+	       "tests/test_saelens_load.py will skip" >&2
 
 perf: setup $(SAELENS_STAMP)
 	$(PY) perf/sae_train.py $(PERF_ARGS)

@@ -28,6 +28,7 @@ include: "rules/explain.smk"
 include: "rules/steer.smk"
 include: "rules/compare.smk"
 include: "rules/sae_compare.smk"
+include: "rules/study.smk"
 include: "rules/plan.smk"
 
 

@@ -95,6 +95,11 @@ class Files:
     COMPARE_AUROC = "auroc.parquet"
     COMPARE_PARETO = "pareto.png"
     COMPARE_FINDINGS = "findings.json"
+    # study (the filtering curve over runs)
+    STUDY = "study.parquet"
+    STUDY_JSON = "study.json"
+    STUDY_HTML = "study.html"
+    STUDY_PLOT = "study.png"
     # report, browser
     REPORT = "report.json"
     INDEX_HTML = "index.html"

@@ -82,6 +82,7 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 Codes = str | os.PathLike | pd.DataFrame
+COSINE_ROWS = 1024  # states normalised (float64) and added to the cosine sums at a time: 32 MB at d 4,096
 
 
 def encode_info(encode: str | os.PathLike) -> tuple[int, int]:
@@ -194,12 +195,26 @@ def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows:
                                for m in members for s, side in enumerate((text_rows, image_rows))] or [np.zeros(0, np.int64)])
         rows = np.concatenate([side[m] for m in members for side in (text_rows, image_rows)] or [np.zeros(0, np.int64)])
         sums = torch.zeros((2 * len(members), int(store.d_model)), dtype=torch.float64)
-        reader = store.iter_rows(layer, rows) if hasattr(store, "iter_rows") else [(np.arange(len(rows)), store.read_rows(layer, rows))]
+        # Each state is read and normalised once, however many features ask for it: a store chunk holds the
+        # top tokens of many features (up to 2 x K x group requests), so one [requests, d_model] float64
+        # block per chunk grew with the features (0.9 GB at 1,730 of them, d 4,096; perf/README.md: the flat regime).
+        urows, inv = np.unique(rows, return_inverse=True)
+        by_row = np.argsort(inv, kind="stable")  # the requests grouped by row, each row's in their order
+        req0 = np.searchsorted(inv[by_row], np.arange(len(urows) + 1))
+        reader = store.iter_rows(layer, urows) if hasattr(store, "iter_rows") else [(np.arange(len(urows)), store.read_rows(layer, urows))]
         for where, states in reader:
-            states = states.astype(np.float64)
-            norms = np.linalg.norm(states, axis=1, keepdims=True)
-            unit = np.divide(states, norms, out=np.zeros_like(states), where=norms > 0)
-            sums.index_add_(0, torch.from_numpy(slot[where]), torch.from_numpy(unit))
+            for p0 in range(0, len(where), COSINE_ROWS):
+                w = where[p0 : p0 + COSINE_ROWS]
+                x = states[p0 : p0 + COSINE_ROWS].astype(np.float64)
+                norms = np.linalg.norm(x, axis=1, keepdims=True)
+                unit = torch.from_numpy(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+                n_req = req0[w + 1] - req0[w]
+                local = np.repeat(np.arange(len(w)), n_req)
+                req = by_row[np.repeat(req0[w], n_req) + np.arange(len(local)) - np.repeat(np.cumsum(n_req) - n_req, n_req)]
+                # rows in store order, each row's requests in their order: every sum adds in the order it did
+                for q0 in range(0, len(req), COSINE_ROWS):
+                    q = slice(q0, q0 + COSINE_ROWS)
+                    sums.index_add_(0, torch.from_numpy(slot[req[q]]), unit[torch.from_numpy(local[q])])
         count = np.bincount(slot, minlength=2 * len(members)).reshape(-1, 2)
         both = (count[:, 0] > 0) & (count[:, 1] > 0)
         # <sum_t / n_t, sum_i / n_i> per feature, row by row: no [features x d_model] temporaries

@@ -171,15 +171,39 @@ class ModelLossParams(StageParams):
 class TrainSaeParams(StageParams):
     STAGE: ClassVar[str] = "train_sae"
     #: relu = ReLU + decoder-norm-weighted L1 (SAE-V); topk = TopK + AuxK (Gao et al. 2024), unit-norm
-    #: decoder, FVU loss
-    architecture: Literal["relu", "topk"]
-    #: topk only: active latents per token (must be <= d_sae)
+    #: decoder, FVU loss; batchtopk = the k x batch largest codes of each batch in training, one threshold
+    #: at inference (Bussmann et al. 2024), otherwise as topk; jumprelu = a trained threshold per latent,
+    #: straight-through gradients, L0 penalty (Rajamanoharan et al. 2024); matryoshka_batchtopk =
+    #: batchtopk with a reconstruction loss at every nested prefix of the dictionary (Bussmann et al.
+    #: 2025). The SAELens names; batchtopk, jumprelu and matryoshka_batchtopk are saved as SAELens
+    #: 'jumprelu' (as SAELens saves them)
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
+    #: topk: active latents per token; batchtopk, matryoshka_batchtopk: their mean over the batch (must be
+    #: <= d_sae)
     k: int
-    #: topk only: dead latents used by the AuxK loss; null = d_in // 2 (Gao et al., sparsify, SAELens),
-    #: capped at d_sae
+    #: topk, batchtopk, matryoshka_batchtopk: dead latents used by the AuxK loss; null = d_in // 2 (Gao et
+    #: al., sparsify, SAELens), capped at d_sae
     aux_k: int | None
-    #: topk only: weight of the AuxK loss (Gao et al.: 1/32)
+    #: topk, batchtopk, matryoshka_batchtopk: weight of the AuxK loss (Gao et al.: 1/32)
     aux_coefficient: float
+    #: batchtopk, matryoshka_batchtopk: the inference threshold follows the smallest kept code of each
+    #: training batch, threshold <- (1 - lr) threshold + lr min (SAELens topk_threshold_lr)
+    topk_threshold_lr: float
+    #: matryoshka_batchtopk: the nested prefix widths in latents, strictly increasing, d_sae appended when
+    #: missing (SAELens matryoshka_widths); null = d_sae / 16, / 8, / 4, / 2, d_sae
+    matryoshka_widths: list[int] | None
+    #: jumprelu: weight of the sparsity penalty (SAELens l0_coefficient), warmed up over l1_warmup_steps
+    l0_coefficient: float
+    #: jumprelu: every latent's threshold at init (SAELens jumprelu_init_threshold; SAE input space)
+    jumprelu_init_threshold: float
+    #: jumprelu: width of the rectangle kernel of the straight-through threshold gradients (SAELens
+    #: jumprelu_bandwidth)
+    jumprelu_bandwidth: float
+    #: jumprelu: step = mean number of active latents (DeepMind's L0); tanh = sum of
+    #: tanh(jumprelu_tanh_scale * f * ||W_dec row||) (Anthropic's); SAELens jumprelu_sparsity_loss_mode
+    jumprelu_sparsity_loss_mode: Literal["step", "tanh"]
+    #: jumprelu, tanh mode only: the scale inside the tanh (SAELens jumprelu_tanh_scale)
+    jumprelu_tanh_scale: float
     #: relu only: a training step whose batch has at most this share of active (token, latent) codes runs
     #: on the active ones only (gathered decoder, sparse encoder gradient; same loss and gradients up to
     #: float rounding). 0 = always dense. Break-even measured on the CPU: ~0.16 (perf/README.md)
@@ -212,8 +236,8 @@ class TrainSaeParams(StageParams):
     grad_clip: float
     #: 'token' rescales every token to norm sqrt(d)
     normalize: Literal["none", "token"]
-    #: encode x - b_dec (SAELens option); null = the architecture's default: false for relu (the SAE-V
-    #: release), true for topk (OpenAI, sparsify)
+    #: encode x - b_dec (SAELens option); null = the architecture's default: false for relu and jumprelu
+    #: (the SAE-V release, Gemma Scope), true for topk, batchtopk, matryoshka_batchtopk (OpenAI, sparsify)
     apply_b_dec_to_input: bool | None
     #: scale inputs to mean norm sqrt(d); folded into the weights on save
     scale_inputs: bool
@@ -403,6 +427,10 @@ class ScoreConsistencyParams(StageParams):
     #: consistency_gated: robust |z| of the image statistics (offdist) above which a sample ranks below
     #: all others
     gate_z: float
+    #: sae_loss_gate: samples whose consistency is below this quantile of the pool's (or whose image is
+    #: off-distribution, gate_z) rank below all others, each group by model_loss; 0 = the image gate only.
+    #: Not tuned
+    loss_gate_quantile: float
     #: consistency_binding: a text token is a concept token when one concept feature reaches this
     #: (normalised) activation on it
     bind_min_text: float
@@ -480,7 +508,9 @@ class CurveParams(StageParams):
     #: part of the default target and the report; false = only `snakemake curve` builds it
     enabled: bool
     #: selection methods: score.methods entries, 'ifd' (baseline_scores' IFD selection) or 'oracle' (toy
-    #: world: clean samples first, the ceiling); random subsets come from random_seeds
+    #: world: clean samples first, the ceiling at each fraction) or 'clean' (toy world: one arm on every
+    #: clean sample of the pool, the clean-pool ceiling; not one per fraction); random subsets come from
+    #: random_seeds
     methods: list[str]
     #: one random-subset arm per seed and fraction (the spread of chance selection); [] = none
     random_seeds: list[int]
@@ -671,6 +701,26 @@ class SaeCompareParams(StageParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyParams(StageParams):
+    #: opt-in target `snakemake study` (rules/study.smk, `make study`): the filtering curve over runs
+    #: (e.g. toy-world seeds) with mean and sd, the 2-sd decisions against random and the whole pool, the
+    #: bad kinds each method keeps, and findings generated from the numbers, into results/study/
+    STAGE: ClassVar[str] = "study"
+    #: run names whose results/{run}/report/report.json (its filtering curve and AUROCs) are aggregated
+    #: (each run built first, with curve.enabled); [] = nothing to aggregate
+    runs: list[str]
+    #: runs fine-tuned with finetune.method dpo, aggregated as a block of their own (e.g. one seed:
+    #: measured once)
+    dpo_runs: list[str]
+    #: benchmark metrics to decide on (higher = better); null = every overall metric the runs' curves
+    #: carry (exact_match, answer_logprob, llava_bench.overall, ...; no per-task columns)
+    metrics: list[str] | None
+    #: the question the study answers: does the best SAE-based selection at this kept fraction or less
+    #: beat the whole pool, random, model_loss and IFD?
+    max_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
 class AttributeParams(StageParams):
     #: opt-in target `snakemake attribute` (mmsae/attribution.py): activation x gradient attribution of
     #: logit(A) - logit(B) to (token, SAE feature)
@@ -720,5 +770,6 @@ BY_STAGE: dict[str, type[StageParams]] = {
     "steer": SteerParams,
     "compare": CompareParams,
     "sae_compare": SaeCompareParams,
+    "study": StudyParams,
     "attribute": AttributeParams,
 }

@@ -419,9 +419,11 @@ def _source_tokens(n: int, tc: TokenCounts, scope: str = "all", include_special:
 
 
 def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCounts],
-               corpus: tuple[int, TokenCounts] | None, tp: Throughput, relu_l0: int = RELU_L0) -> list[StagePlan]:
+               corpus: tuple[int, TokenCounts] | None, tp: Throughput, relu_l0: int = RELU_L0,
+               resources: dict[str, dict[str, Any]] | None = None) -> list[StagePlan]:
     """Per-stage estimates; `corpus` None = the SAE learns from the pool (no `sae_data`); `relu_l0`: the
-    codes per token of a relu SAE (a topk SAE has k)."""
+    codes per token of a relu SAE (a topk SAE has k); `resources`: the profile's (profile_resources), which
+    say where a job has no GPU."""
     ex, sae_cfg, enc, sc = config["extract"], config["train_sae"], config["encode"], config["score"]
     d, layers = info.d_model, len(ex["layers"])
     d_sae = dictionary_size(sae_cfg["expansion"], d)
@@ -481,7 +483,8 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     plans.append(t)
 
     # encode: one per score layer; rows = tokens x active latents
-    l0 = sae_cfg["k"] if sae_cfg["architecture"] == "topk" else min(relu_l0, d_sae)
+    k_arch = sae_cfg["architecture"] in ("topk", "batchtopk", "matryoshka_batchtopk")  # k per token (or its mean)
+    l0 = sae_cfg["k"] if k_arch else min(relu_l0, d_sae)
     l0 = min(l0, int(enc["max_codes_per_token"] or l0))  # encode's cap per token (0: none)
     pool_sae_tokens = _source_tokens(n_pool, tc_pool, sae_cfg["scope"], sae_cfg["include_special"])
     e = StagePlan("encode", jobs=len(score_layers), tokens={"encoded": pool_sae_tokens, "codes_rows": pool_sae_tokens * l0})
@@ -491,7 +494,7 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     e.gpu_peak = 4 * P + dense * 2 + bt * d * 4
     e.host_peak = BASE_RSS + 4 * P + dense * 2 + bt * d * 4 + enc["part_tokens"] * l0 * CODES_BYTES_PER_ROW
     e.gpu_hours = len(score_layers) * tp.hours(2 * d * d_sae * pool_sae_tokens, "tf32", sae=True)
-    e.notes.append(f"L0 {l0} ({'k' if sae_cfg['architecture'] == 'topk' else 'relu SAE-V, the paper'}); "
+    e.notes.append(f"L0 {l0} ({'k' if k_arch else 'relu SAE-V, the paper'}); "
                    "host/GPU: the SAE, one byte-bounded slice of dense codes x2, one codes part's rows")
     plans.append(e)
 
@@ -509,9 +512,11 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
               "subsets (id lists)": n_methods * sum(sc["fractions"]) * n_pool * 24}
     img_tokens = n_pool * tc_pool.image
     s.host_peak = BASE_RSS + 4 * P + n_pool * (n_methods * 8 + 200) + sae_rows(d_sae) * d_sae * 4
-    gpu = sc["device"] != "cpu"
-    if gpu:
-        s.gpu_peak = 4 * P + sae_rows(d_sae) * d_sae * 4
+    # the SAE and one dense block: on the GPU, or on the host of a CPU job (plan() moves it there; on a CPU
+    # the loaded SAE is held beside the host copy counted above: perf/real_width.py measured 4.1 GB, 0.62x
+    # of the host peak without it)
+    s.gpu_peak = 4 * P + sae_rows(d_sae) * d_sae * 4
+    if not on_cpu(config, "score", resources):
         s.gpu_hours = len(score_layers) * tp.hours(4 * d * d_sae * img_tokens, "tf32", sae=True)
     else:
         s.cpu_hours = len(score_layers) * 4 * d * d_sae * img_tokens / (tp.cpu_gflops * 1e9) / 3600
@@ -617,6 +622,20 @@ def stage_device(config: dict[str, Any], stage: str) -> str:
     return "cpu" if key == "cpu" else "auto"
 
 
+# the SAE stages, whose device key may be auto: on a job without a GPU they run on the CPU, holding on the
+# host what they would hold on the device (the model stages then only flag: a model forward needs a GPU)
+SAE_STAGES = ("train_sae", "encode", "score")
+
+
+def on_cpu(config: dict[str, Any], stage: str, resources: dict[str, dict[str, Any]] | None) -> bool:
+    """Whether the stage's job runs on the CPU: the config pins it there, or (an SAE stage with device auto)
+    the profile gives its rule no GPU. Without a profile, auto counts as a GPU."""
+    if stage_device(config, stage) == "cpu":
+        return True
+    r = (resources or {}).get(stage)
+    return stage in SAE_STAGES and r is not None and not r["gpu"]
+
+
 def plan(config: dict[str, Any], model_config: str | None = None, sample_rows: int = 64,
          tp: Throughput | None = None, profile: str | Path | None = None,
          pool_override: tuple[int, TokenCounts] | None = None,
@@ -638,13 +657,14 @@ def plan(config: dict[str, Any], model_config: str | None = None, sample_rows: i
     if corpus is None and corpus_cfg is not None:
         data = {**config["data"], **corpus_cfg}
         corpus = source(data, corpus_cfg.get("n"), int(corpus_cfg.get("seed", 0)) + 1, ex["include_response"])
-    plans = build_plan(config, info, pool, corpus, tp, relu_l0)
-    for p in plans:  # a stage set to run on the CPU holds its device memory on the host
-        if p.gpu_peak and stage_device(config, p.stage) == "cpu":
+    resources = profile_resources(profile) if profile else None
+    plans = build_plan(config, info, pool, corpus, tp, relu_l0, resources)
+    for p in plans:  # a stage on the CPU (config or a job without a GPU) holds its device memory on the host
+        if p.gpu_peak and on_cpu(config, p.stage, resources):
             p.host_peak += p.gpu_peak
             p.gpu_peak = 0.0
             p.notes.append("on the CPU: device memory counted on the host")
-    flags = check_profile(plans, profile_resources(profile), tp) if profile else []
+    flags = check_profile(plans, resources, tp) if resources else []
     d_sae = dictionary_size(config["train_sae"]["expansion"], info.d_model)
 
     def src(name: str, s: tuple[int, TokenCounts] | None) -> dict[str, Any] | None:

@@ -15,7 +15,9 @@ fresh Adam state), where codes are sparse as in most of a real run and mmsae's r
 Same d_in, d_sae, batch size, number of steps, fp32, Adam, lr; relu = ReLU + decoder-norm-weighted L1
 (SAELens "standard"), topk = TopK + AuxK (SAELens "topk", its default dense decoder; `--saelens-sparse`
 adds its sparse-activation variant, which fails on the CPU in SAELens 6.54.12 and is then reported as
-an error). On CUDA, `--precision` picks strict fp32 on both sides (default) or bf16 autocast on both
+an error), batchtopk = BatchTopK + AuxK (SAELens "batchtopk"), jumprelu = JumpReLU + step L0 penalty
+(SAELens "jumprelu", same l0_coefficient, bandwidth, initial threshold), matryoshka_batchtopk = BatchTopK
+with a loss per nested prefix (SAELens "matryoshka_batchtopk", the same widths). On CUDA, `--precision` picks strict fp32 on both sides (default) or bf16 autocast on both
 (mmsae's train_sae default there). No input normalisation on either side. Each run is a fresh
 subprocess with the same thread count. Both loops are clocked the same way (perf/_common.StepClock):
 a mark each time the loop takes its next batch, step 0 left out, so the checkpoint mmsae writes after its
@@ -78,6 +80,9 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
         "architecture": args.arch, "k": args.k, "layer": 0, "expansion": args.d_sae / store.d_model,
         "steps": args.steps, "batch_size": args.batch, "lr": args.lr, "lr_warmup_steps": 0, "lr_decay_steps": 0,
         "l1_coefficient": args.l1, "l1_warmup_steps": 0, "normalize": "none", "scale_inputs": False,
+        "l0_coefficient": args.l0, "jumprelu_bandwidth": args.jumprelu_bandwidth,
+        "jumprelu_init_threshold": args.jumprelu_init_threshold,
+        "matryoshka_widths": matryoshka(args),
         "eval_fraction": args.eval_fraction, "checkpoint_every": args.steps, "seed": args.seed, "device": str(dev),
         "precision": args.precision,
     }))
@@ -88,6 +93,14 @@ def mmsae_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"impl": "mmsae", "arch": args.arch, "d_in": m["d_in"], "d_sae": m["d_sae"], "batch": args.batch,
             "steps": m["steps"], **clock.summary(args.batch), "trainer_train_s": m["timings_s"]["train"],
             "final_loss": m["final_loss"], "l0_eval": m["l0"]}
+
+
+def matryoshka(args: argparse.Namespace) -> list[int]:
+    """The matryoshka levels of both trainers: --matryoshka-widths, or d_sae / 16, / 8, / 4, / 2, d_sae."""
+    from mmsae.sae.model import matryoshka_widths
+
+    given = [int(w) for w in args.matryoshka_widths.split(",") if w] or None
+    return matryoshka_widths(given, args.d_sae)
 
 
 def run_json(cmd: list[str], optional: bool = False) -> dict[str, Any]:
@@ -114,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=32, help="topk: active latents per token")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--l1", type=float, default=0.3, help="relu: L1 coefficient")
-    p.add_argument("--archs", default="relu,topk")
+    p.add_argument("--l0", type=float, default=1.0, help="jumprelu: l0_coefficient (both trainers)")
+    p.add_argument("--jumprelu-bandwidth", type=float, default=0.05)
+    p.add_argument("--jumprelu-init-threshold", type=float, default=0.01)
+    p.add_argument("--matryoshka-widths", default="",
+                   help="matryoshka_batchtopk: comma-separated prefix widths (default d_sae / 16 ... d_sae)")
+    p.add_argument("--archs", default="relu,topk,batchtopk,jumprelu,matryoshka_batchtopk",
+                   help="SAELens 6 trains each of these: one ratio per architecture, in one run")
     p.add_argument("--relu-init-steps", type=int, default=1000,
                    help="relu: also time both trainers starting from an SAE mmsae trained for this many steps "
                         "(untimed; L0 << d_sae, the regime of most of a real run, where mmsae's sparse path runs); "
@@ -150,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         np.save(npy, store.read(0))
         common = ["--d-sae", str(args.d_sae), "--batch", str(args.batch), "--steps", str(args.steps),
                   "--k", str(args.k), "--lr", str(args.lr), "--l1", str(args.l1), "--device", args.device,
-                  "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision]
+                  "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision,
+                  "--l0", str(args.l0), "--jumprelu-bandwidth", str(args.jumprelu_bandwidth),
+                  "--jumprelu-init-threshold", str(args.jumprelu_init_threshold),
+                  "--matryoshka-widths", ",".join(map(str, matryoshka(args)))]
         # (name, architecture, initial weights): relu also from a trained SAE (--relu-init-steps)
         variants: list[tuple[str, str, str | None]] = [(a, a, None) for a in archs]
         init_run: dict[str, Any] | None = None

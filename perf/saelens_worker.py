@@ -33,13 +33,17 @@ def batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--npy", required=True)
-    p.add_argument("--arch", choices=("relu", "topk"), required=True)
+    p.add_argument("--arch", choices=("relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"), required=True)
     p.add_argument("--d-sae", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--l1", type=float, default=0.3)
+    p.add_argument("--l0", type=float, default=1.0, help="jumprelu: l0_coefficient")
+    p.add_argument("--jumprelu-bandwidth", type=float, default=0.05)
+    p.add_argument("--jumprelu-init-threshold", type=float, default=0.01)
+    p.add_argument("--matryoshka-widths", default="", help="matryoshka_batchtopk: comma-separated prefix widths")
     p.add_argument("--aux-coefficient", type=float, default=1 / 32)
     p.add_argument("--sparse", action="store_true", help="topk: use_sparse_activations (sparse decoder)")
     p.add_argument("--device", default="cpu")
@@ -53,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import sae_lens
     from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
         TopKTrainingSAE,
@@ -70,11 +80,25 @@ def main(argv: list[str] | None = None) -> int:
                                         apply_b_dec_to_input=False, normalize_activations="none",
                                         decoder_init_norm=0.1)
         sae = StandardTrainingSAE(cfg)
+    elif args.arch == "jumprelu":
+        # as mmsae's jumprelu: no b_dec on the input (Gemma Scope), decoder rows of norm 0.1, step L0 penalty
+        cfg = JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, l0_coefficient=args.l0, device=str(dev),
+                                        apply_b_dec_to_input=False, normalize_activations="none",
+                                        decoder_init_norm=0.1, jumprelu_bandwidth=args.jumprelu_bandwidth,
+                                        jumprelu_init_threshold=args.jumprelu_init_threshold)
+        sae = JumpReLUTrainingSAE(cfg)
     else:
-        cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, device=str(dev),
-                                    apply_b_dec_to_input=True, normalize_activations="none",
-                                    aux_loss_coefficient=args.aux_coefficient, use_sparse_activations=args.sparse)
-        sae = TopKTrainingSAE(cfg)
+        # topk, batchtopk, matryoshka_batchtopk: SAELens' TopK family (its default dense decoder unless --sparse)
+        kw = dict(d_in=d_in, d_sae=args.d_sae, k=args.k, device=str(dev), apply_b_dec_to_input=True,
+                  normalize_activations="none", aux_loss_coefficient=args.aux_coefficient,
+                  use_sparse_activations=args.sparse)
+        if args.arch == "topk":
+            sae = TopKTrainingSAE(TopKTrainingSAEConfig(**kw))
+        elif args.arch == "batchtopk":
+            sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**kw))
+        else:
+            widths = [int(w) for w in args.matryoshka_widths.split(",") if w]
+            sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**kw, matryoshka_widths=widths))
     if args.init_weights:  # the same starting weights as mmsae's run (W_enc, b_enc, W_dec, b_dec: same names)
         from safetensors.torch import load_file
 

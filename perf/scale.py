@@ -38,12 +38,24 @@ H100: --device cuda --d-in 4096 --d-sae 65536 --k 64 --samples 2000 --factor 10 
 machine (the SAE's 2 x 4096 x 65,536 GEMMs in encode and in score's reconstruction error dominate).
 The SAE itself is 2 GB (fp32 W_enc + W_dec), in the baseline of encode and score; the peak *increase*
 is what must stay flat.
+
+--synthetic-codes (perf/_codes.py): the real features and score stages (`mmsae.features.run`,
+`mmsae.scoring.stage.run`, as the pipeline's scripts call them, schema defaults for the rest) on a drawn
+pool: a store, codes.parquet written with the encode stage's CodesWriter (Zipf latents, ~k per token),
+the token index and samples.parquet; sizes `--factors` x `--samples` samples of 1,024 tokens (98% image,
+3 images per sample). Encode is not run in this mode (it needs the SAE over real activations: the mode
+above). Score runs without the SAE (sae=None: offdist / consistency_gated without the reconstruction
+error, which is ~12 ms per image token on a CPU: hours at these sizes), with every other method but
+model_loss. The flat regime at d 4096 x 65,536 (perf/README.md, section 4's last part; ~35 minutes, 6 GB of disk):
+  MALLOC_MMAP_THRESHOLD_=65536 python perf/scale.py --synthetic-codes --widths 7b --samples 64 --factors 1,3,10
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmsae.artifacts import Files
+from mmsae.artifacts import MANIFEST, Files, read_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -86,6 +98,102 @@ def prepare(work: Path, samples: int, args: argparse.Namespace) -> None:
     cfg = SAEConfig(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k, apply_b_dec_to_input=True,
                     metadata={"hook_layer": 0, "hook_name": "blocks.0.hook_resid_post"})
     save_sae(build_sae(cfg, seed=args.seed), work / "sae")
+
+
+def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the real features or score stage on work/ (perf/_codes.py's pool); its time and memory."""
+    setup(args.threads, "cpu")
+    from mmsae import features as features_stage
+    from mmsae.artifacts import read_manifest
+    from mmsae.params import FeaturesParams, ScoreParams
+    from mmsae.scoring import stage as score_stage
+
+    n_tokens = read_manifest(work / "encode")["counts"]["n_tokens"]
+    base = current_rss_mb()
+    reset = reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if stage == "features":
+        out = work / "features"
+        features_stage.run(features_stage.Inputs(encode=work / "encode", extract=work / "extract"),
+                           FeaturesParams.load({}), out)
+    else:
+        out = work / "score"
+        params = ScoreParams.load({"methods": list(METHODS), "consistency": json.loads(args.consistency)})
+        score_stage.run(score_stage.Inputs(samples=work / "sample", extract=work / "extract", encode=work / "encode",
+                                           features=work / "features"), params, out)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    counts = read_manifest(out)["counts"]
+    extra: dict[str, Any] = {}
+    if stage == "features":  # the d_sae-bounded structures that fill as tokens grow (perf/README.md: the flat regime)
+        xm = counts["classes"]["cross-modal"]
+        group = (1 << 30) // (2 * args.d_in * 8)  # mean_pair_cosine's features per 1 GiB group
+        extra = {"cross_modal": xm, "cosine_sums_mb": min(xm, group) * 2 * args.d_in * 8 / 2**20}
+    else:
+        extra = {"n_concept_features": counts.get("n_concept_features"), "n_samples": counts["n_samples"]}
+    return {"stage": stage, "n_tokens": n_tokens, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n_tokens / wall,
+            "tokens_per_cpu_s": n_tokens / cpu, "rss_before_mb": base, "peak_rss_mb": peak_rss_mb(),
+            "peak_increase_mb": peak_rss_mb() - base, "peak_reset": reset, **extra}
+
+
+def synthetic_pool(work: Path, samples: int, args: argparse.Namespace, keep: bool) -> dict[str, Any]:
+    """perf/_codes.py's pool in work/ (its counts and write time); with `keep`, one written there before for
+    the same sizes is reused (its stage outputs removed)."""
+    from _codes import write_pool
+
+    if keep and (work / "encode" / MANIFEST).exists():
+        counts = read_manifest(work / "encode")["counts"]
+        want = {"n_samples": samples, "d_sae": args.d_sae, "n_tokens": samples * args.tokens_per_sample}
+        if any(counts.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"error: the kept pool in {work} is not this size ({want}); remove it")
+        for out in ("features", "score"):
+            shutil.rmtree(work / out, ignore_errors=True)
+        return {**counts, "write_s": 0.0}
+    t0 = time.perf_counter()
+    counts = write_pool(work, samples, args.d_in, args.d_sae, args.k, seed=args.seed,
+                        tokens_per_sample=args.tokens_per_sample, images=args.images, image_tokens=args.image_tokens,
+                        zipf=args.zipf, chunk_tokens=args.chunk_tokens, part_tokens=args.part_tokens)
+    return {**counts, "write_s": time.perf_counter() - t0}
+
+
+def synthetic_main(args: argparse.Namespace) -> int:
+    """--synthetic-codes: features and score at each of --factors x --samples samples (see the docstring)."""
+    stages = [s for s in args.stages.split(",") if s and s != "encode"]
+    factors = [int(f) for f in args.factors.split(",")]
+    runs: dict[str, dict[str, Any]] = {}
+    passthrough = ["--synthetic-codes", "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k),
+                   "--threads", str(args.threads), "--consistency", args.consistency]
+    keep = args.keep and args.work
+    with contextlib.nullcontext(args.work) if keep else tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for f in factors:
+            label, work = f"{f}x", Path(tmp) / f"{f}x"
+            runs[label] = {"pool": synthetic_pool(work, args.samples * f, args, bool(keep))}
+            for stage in stages:
+                if args.inline:
+                    runs[label][stage] = synthetic_worker(stage, work, args)
+                    continue
+                cmd = [sys.executable, __file__, "--worker", stage, "--dir", str(work), *passthrough]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"error: {stage} at {label} failed:\n{proc.stderr[-3000:]}")
+                runs[label][stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{label}: " + json.dumps(runs[label]), file=sys.stderr, flush=True)
+    small, big = runs[f"{factors[0]}x"], runs[f"{factors[-1]}x"]
+    ratios = {s: {"peak_rss": big[s]["peak_rss_mb"] / small[s]["peak_rss_mb"],
+                  "peak_increase": big[s]["peak_increase_mb"] / max(small[s]["peak_increase_mb"], 1.0)} for s in stages}
+    parts = [f"{s} peak RSS " + " -> ".join(f"{runs[k][s]['peak_rss_mb']:,.0f}" for k in runs) + " MB (increase "
+             + " -> ".join(f"{runs[k][s]['peak_increase_mb']:,.0f}" for k in runs) + " MB)" for s in stages]
+    tokens = " -> ".join(f"{runs[k]['pool']['n_tokens']:,}" for k in runs)
+    line = (f"scale synthetic codes ({tokens} tokens, d {args.d_in}, d_sae {args.d_sae}, k {args.k}): "
+            + "; ".join(parts) + " (goal: memory flat)")
+    report("scale", line, {"mode": "synthetic_codes", "ratios_big_over_small": ratios, "runs": runs,
+                           "sizes": {"samples": {f"{f}x": args.samples * f for f in factors},
+                                     "tokens_per_sample": args.tokens_per_sample, "images": args.images,
+                                     "image_tokens": args.image_tokens, "d_in": args.d_in, "d_sae": args.d_sae,
+                                     "k": args.k, "zipf": args.zipf, "chunk_tokens": args.chunk_tokens,
+                                     "part_tokens": args.part_tokens},
+                           "score_methods": list(METHODS), "score_consistency": json.loads(args.consistency),
+                           "machine": machine(setup(args.threads, "cpu"), args.threads)}, args.json)
+    return 0
 
 
 def worker(stage: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -149,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-tokens", type=int, default=8192, help="encode.batch_tokens")
     p.add_argument("--batch-rows", type=int, default=1 << 18,
                    help="codes rows per streamed batch in features and score (the pipeline's default: 1048576)")
-    p.add_argument("--chunk-tokens", type=int, default=2048,
-                   help="store chunk (extract.chunk_tokens; the pipeline's default: 8192); score reads 8 chunks at a time")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="store chunk (extract.chunk_tokens; default 2048, with --synthetic-codes the pipeline's 8192); "
+                        "score reads 8 chunks at a time")
     p.add_argument("--consistency", default=json.dumps(CONSISTENCY),
                    help="score.consistency for score, JSON (default: a loose XMc, see above; '{}' = the schema's)")
     p.add_argument("--stages", default=",".join(STAGES))
@@ -160,15 +269,30 @@ def main(argv: list[str] | None = None) -> int:
                         "(JSON runs.<size>.score.steps)")
     p.add_argument("--inline", action="store_true",
                    help="run the stages in this process (quick checks only: the peak memory is then cumulative)")
+    p.add_argument("--synthetic-codes", action="store_true",
+                   help="features and score (the real stages) on drawn codes, no encode: see the docstring")
+    p.add_argument("--factors", default="1,3,10", help="--synthetic-codes: sizes, as multiples of --samples")
+    p.add_argument("--tokens-per-sample", type=int, default=1024, help="--synthetic-codes: tokens per sample")
+    p.add_argument("--images", type=int, default=3, help="--synthetic-codes: images per sample")
+    p.add_argument("--image-tokens", type=int, default=334, help="--synthetic-codes: tokens per image")
+    p.add_argument("--zipf", type=float, default=1.0, help="--synthetic-codes: Zipf exponent of latent frequency")
+    p.add_argument("--part-tokens", type=int, default=1 << 20, help="--synthetic-codes: encode.part_tokens")
+    p.add_argument("--keep", action="store_true",
+                   help="--synthetic-codes with --work: keep the pools in WORK/<f>x and reuse them on the next run")
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     add_common_args(p, "scale")
     args = p.parse_args(argv)
     if args.widths == "7b":
         args.d_in, args.d_sae, args.k = 4096, 65536, 64
+    if args.chunk_tokens is None:
+        args.chunk_tokens = 8192 if args.synthetic_codes else 2048
     if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.dir), args)))
+        run = synthetic_worker if args.synthetic_codes else worker
+        print(json.dumps(run(args.worker, Path(args.dir), args)))
         return 0
+    if args.synthetic_codes:
+        return synthetic_main(args)
 
     dev = setup(args.threads, args.device)
     stages = [s for s in args.stages.split(",") if s]

@@ -13,6 +13,7 @@ from mmsae.config import config_error, result_keys, section_defaults
 from mmsae.models.shape import planned_shape, shape_problems
 from mmsae.params import SaeCompareParams
 from mmsae.report.sae_compare import plan as sae_compare_plan
+from mmsae.scoring.methods import with_parts
 
 # A bad config stops here with one line naming the field and its value; Snakemake's own validation
 # (which fills the defaults) would bury the field under its traceback.
@@ -48,7 +49,7 @@ PARENTS = {
     "features": ["extract", "encode"],
     "premise": ["sample", "extract", "encode", "toy_model"],
     "score": ["sample", "extract", "train_sae", "encode", "features"]
-    + (["model_loss"] if "model_loss" in config["score"]["methods"] else []),
+    + (["model_loss"] if "model_loss" in with_parts(config["score"]["methods"]) else []),
     "baseline_scores": ["sample"] + (["toy_model"] if TOY_MODEL else []),
     "evaluate_sae": ["sample", "train_sae"] + (["toy_model"] if TOY_MODEL else []),
     "browser": ["sample", "extract", "encode", "features"] + (["toy_model"] if TOY_MODEL else []),
@@ -77,15 +78,15 @@ PARENTS = {
 def _check_curve():
     """Curve arms must name subsets the score stage writes."""
     cfg, score = config["curve"], config["score"]
-    extra = ("ifd", "oracle")  # selections that are not score methods
+    extra = ("ifd", "oracle", "clean")  # selections that are not score methods
     for m in cfg["methods"]:
         if m in ("random", "all"):
             raise ValueError(f"config curve.methods: {m!r} is always an arm: random subsets come from curve.random_seeds, "
                              "the whole sample is always fine-tuned on")
         if m not in score["methods"] and m not in extra:
             raise ValueError(f"config curve.methods: {m!r} is not in score.methods (nor one of {extra})")
-        if m == "oracle" and not TOY_DATA:
-            raise ValueError("config curve.methods: 'oracle' needs the toy world's ground truth")
+        if m in ("oracle", "clean") and not TOY_DATA:
+            raise ValueError(f"config curve.methods: {m!r} needs the toy world's ground truth")
     for f in cfg["fractions"] if any(m not in extra for m in cfg["methods"]) else []:
         if not any(abs(f - g) < 1e-9 for g in score["fractions"]):
             raise ValueError(f"config curve.fractions: {f} is not in score.fractions {score['fractions']}")

@@ -3,6 +3,9 @@
 # included; the curve stage gathers them. One hashed folder per arm.
 
 
+SINGLE_ARMS = ("clean",)  # reference arms with one fine-tune, not one per kept fraction
+
+
 def _arm_data(method, fraction, seed):
     """(data parquet, extra finetune.py args) of one arm."""
     samples = f"{stage_dir('sample')}/samples.parquet"
@@ -10,8 +13,8 @@ def _arm_data(method, fraction, seed):
         return samples, ""
     if method == "random":
         return samples, f"--keep-fraction {fraction} --keep-by random:{seed}"
-    if method == "oracle":
-        return samples, f"--keep-fraction {fraction} --keep-by oracle"
+    if method in ("oracle", "clean"):  # clean: every clean sample at fraction 1 (the clean-pool ceiling)
+        return samples, f"--keep-fraction {fraction} --keep-by {method}"
     if method == "ifd":
         return samples, f"--keep-fraction {fraction} --keep-by {stage_dir('baseline_scores')}/ifd.parquet:ifd_score"
     # a score subset is an id list (sample_id, best first): the records, images included, stay in samples.parquet
@@ -21,7 +24,8 @@ def _arm_data(method, fraction, seed):
 def _arms():
     """{finetune folder name: (method, fraction, seed or None)}."""
     cfg = config["curve"]
-    specs = [(m, f, None) for m in cfg["methods"] for f in cfg["fractions"]]
+    specs = [(m, f, None) for m in cfg["methods"] if m not in SINGLE_ARMS for f in cfg["fractions"]]
+    specs += [(m, 1.0, None) for m in cfg["methods"] if m in SINGLE_ARMS]
     specs += [("random", f, s) for s in cfg["random_seeds"] for f in cfg["fractions"]]
     specs.append(("all", 1.0, None))
     return {
@@ -33,7 +37,7 @@ def _arms():
 
 def _arm_parents(method):
     """The stages an arm reads, and no more: a new SAE does not redo the random arms."""
-    reads = {"all": [], "random": [], "oracle": [], "ifd": ["baseline_scores"]}.get(method, ["score"])
+    reads = {"all": [], "random": [], "oracle": [], "clean": [], "ifd": ["baseline_scores"]}.get(method, ["score"])
     return ["sample", *reads] + (["toy_model"] if TOY_MODEL else [])
 
 

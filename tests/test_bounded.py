@@ -105,6 +105,27 @@ def test_cosine_groups_and_chunks_equal_brute_force(store):
     np.testing.assert_allclose(mean_pair_cosine(store, 0, text, image), want, rtol=1e-12, atol=1e-12)
 
 
+def test_cosine_reads_each_shared_row_once_in_pieces(store, monkeypatch):
+    """Rows asked for by many features (a chunk holding many features' top tokens) are read and normalised
+    once, in pieces of COSINE_ROWS; the sums are those of brute force."""
+    import mmsae.features as F
+
+    rng = np.random.default_rng(2)
+    hot = rng.choice(store.n_tokens, 5, replace=False)  # every feature's top tokens include these
+    text = [np.r_[hot[:3], rng.choice(store.n_tokens, 3, replace=False)] for _ in range(12)]
+    image = [np.r_[hot[3:], rng.choice(store.n_tokens, 2, replace=False)] for _ in range(12)]
+    x = store.read(0).astype(np.float64)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    want = [float(unit[t].mean(0) @ unit[i].mean(0)) for t, i in zip(text, image, strict=True)]
+    asked: list[int] = []
+    iter_rows = store.iter_rows
+    monkeypatch.setattr(store, "iter_rows", lambda layer, rows: (asked.extend(rows.tolist()), iter_rows(layer, rows))[1])
+    monkeypatch.setattr(F, "COSINE_ROWS", 3)
+    got = mean_pair_cosine(store, 0, text, image)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert len(asked) == len(set(asked)) == len(np.unique(np.concatenate(text + image)))
+
+
 def test_features_from_parts_equal_features_from_one_file(store, tmp_path):
     sae = random_sae(d_in=D, d_sae=24, seed=4)
     encode_store(sae, store, 0, 0.0, 64, tmp_path / "parts", progress=False, part_tokens=40, row_group=50)
@@ -200,3 +221,19 @@ def test_features_of_a_sample_subset_read_only_its_codes(store, tmp_path):
     want = feature_table(whole[whole["sample_id"].isin(subset)], store, 0, 24, top_k=4, min_per_modality=1)
     assert_frame_equal(got, want)
     assert_frame_equal(feature_table(whole, store, 0, 24, top_k=4, min_per_modality=1, row_ranges=ranges), want)
+
+
+def test_offdist_centre_distance_by_column_blocks_equals_the_whole_array(monkeypatch):
+    """offdist's distance to the pool's median mean-unit vector, a block of columns at a time (a 40K x 4,096
+    float64 array and its median copies were ~5 GB), equals the formula on the whole array."""
+    from mmsae.scoring import offdist
+
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(50, 23))
+    count = rng.integers(0, 4, 50).astype(float)
+    has = count > 0
+    c = np.maximum(count, 1.0)
+    mean = unit / c[:, None]
+    want = np.linalg.norm(mean - np.median(mean[has], axis=0), axis=1)
+    monkeypatch.setattr(offdist, "CENTRE_COLUMNS", 5)  # 5 blocks, the last one short
+    np.testing.assert_allclose(offdist.centre_distance(unit, c, has), want, rtol=1e-12)

@@ -98,6 +98,18 @@ class TopKTrainingSAEConfig(_Cfg):
     pass
 
 
+class BatchTopKTrainingSAEConfig(_Cfg):
+    pass
+
+
+class JumpReLUTrainingSAEConfig(_Cfg):
+    pass
+
+
+class MatryoshkaBatchTopKTrainingSAEConfig(_Cfg):
+    pass
+
+
 class _SAE:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -110,6 +122,18 @@ class StandardTrainingSAE(_SAE):
 
 
 class TopKTrainingSAE(_SAE):
+    pass
+
+
+class BatchTopKTrainingSAE(_SAE):
+    pass
+
+
+class JumpReLUTrainingSAE(_SAE):
+    pass
+
+
+class MatryoshkaBatchTopKTrainingSAE(_SAE):
     pass
 '''
 FAKE_TRAINER = '''
@@ -156,6 +180,19 @@ def test_sae_train_bench_prints_ratio(tmp_path, capsys, monkeypatch):
     assert ours["d_sae"] == 64 and ours["l0_eval"] == pytest.approx(4.0)  # mmsae's own trainer: k = 4 latents
     assert res["ratio_mmsae_over_saelens"]["topk"]["wall"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
     assert res["sizes"]["store_tokens"] == 6 * 64
+
+
+def test_sae_train_bench_gives_a_ratio_per_new_architecture(tmp_path, capsys, monkeypatch):
+    archs = ["batchtopk", "jumprelu", "matryoshka_batchtopk"]
+    line, res = run_sae_train(tmp_path, capsys, monkeypatch, ["--steps", "4", "--k", "4", "--archs", ",".join(archs),
+                                                              "--l0", "0.01"])
+    for arch in archs:
+        assert re.search(rf"{arch} mmsae [\d,]+ tok/s vs [\d,]+ = \d+\.\d\dx", line), line
+        assert res["runs"][f"mmsae_{arch}"]["steps"] == res["runs"][f"saelens_{arch}"]["steps"] == 4
+    assert set(res["ratio_mmsae_over_saelens"]) == set(archs)
+    # mmsae's own trainer ran each: the inference L0 of a BatchTopK SAE after 4 steps is above k (the
+    # threshold starts at 0 and moves 1% per step), a JumpReLU's below d_sae
+    assert res["runs"]["mmsae_batchtopk"]["l0_eval"] > 4 and res["runs"]["mmsae_jumprelu"]["l0_eval"] < 64
 
 
 def test_sae_train_bench_times_relu_also_from_a_trained_sae(tmp_path, capsys, monkeypatch):
@@ -250,3 +287,61 @@ def test_store_read_bench_prints_ratio(tmp_path, capsys):
     # every row served once in the epoch: tokens/s x seconds = the store's rows
     assert res["shuffled_tokens_per_s"] * res["shuffled_s"] == pytest.approx(1024)
     assert res["store_bytes"] > 0 and res["raw_bytes"] == 1024 * 32 * 2
+
+
+def test_synthetic_pool_has_the_papers_layout(tmp_path):
+    """perf/_codes.py: a store, a token index with several images per sample, samples.parquet and codes in
+    parts of whole samples, ~k latents per token (Zipf: some latents far more frequent than others)."""
+    from mmsae.activations import ActivationStore
+    from mmsae.codes import CodesReader
+
+    codes_mod = load("_codes")
+    one = codes_mod.layout(1024, 3, 334)  # the bench's default sample
+    assert (one["modality"] == "image").mean() == pytest.approx(0.98, abs=0.005)
+    assert sorted(one["image_index"].unique()) == [-1, 0, 1, 2]
+    counts = codes_mod.write_pool(tmp_path, 6, 16, 128, 8, tokens_per_sample=64, images=2, image_tokens=20,
+                                  chunk_tokens=32, part_tokens=128, samples_per_block=1)
+    store = ActivationStore(tmp_path / "extract")
+    assert store.n_tokens == counts["n_tokens"] == 6 * 64 and store.d_model == 16
+    tok = store.tokens
+    assert (tok["modality"] == "image").sum() == counts["image_tokens"] == 6 * 40
+    reader = CodesReader(tmp_path / "encode" / "codes.parquet")
+    assert len(reader.parts) == counts["n_parts"] == 3  # 128 tokens = 2 samples per part
+    assert [p["sample0"] for p in reader.parts] == [0, 2, 4]
+    b = next(reader.iter_codes(["row", "sample_id", "modality", "feature"], batch_rows=10**6))
+    assert len(b["row"]) == counts["n_codes"] and np.all(np.diff(b["row"]) >= 0)
+    l0 = np.bincount(b["row"], minlength=store.n_tokens)
+    assert l0.max() <= 8 and l0.mean() > 4
+    # each code's sample and modality are its token's
+    np.testing.assert_array_equal(b["sample_id"], tok["sample_id"].to_numpy()[b["row"]])
+    np.testing.assert_array_equal(b["modality"], tok["modality"].to_numpy()[b["row"]])
+    freq = np.sort(np.bincount(b["feature"], minlength=128))[::-1]
+    assert freq[0] > 10 * max(freq[64], 1)
+
+
+def test_scale_bench_on_synthetic_codes(tmp_path, capsys):
+    """--synthetic-codes: the real features and score stages at 1x / 2x, each size's tokens and peak memory."""
+    torch.set_num_threads(1)
+    line, res = run_script("scale", ["--synthetic-codes", "--inline", "--samples", "2", "--factors", "1,2",
+                                     "--d-in", "16", "--d-sae", "64", "--k", "4", "--tokens-per-sample", "64",
+                                     "--images", "2", "--image-tokens", "20", "--chunk-tokens", "32",
+                                     "--work", str(tmp_path)], capsys, tmp_path / "r.json")
+    assert re.search(r"features peak RSS [\d,]+ -> [\d,]+ MB \(increase -?[\d,]+ -> -?[\d,]+ MB\); score", line), line
+    assert res["mode"] == "synthetic_codes" and "encode" not in res["runs"]["1x"]
+    for label, samples in (("1x", 2), ("2x", 4)):
+        run = res["runs"][label]
+        assert run["pool"]["n_tokens"] == run["features"]["n_tokens"] == samples * 64
+        assert run["score"]["n_samples"] == samples and run["features"]["cross_modal"] > 0
+        assert run["score"]["peak_rss_mb"] > 0 and run["features"]["peak_rss_mb"] > 0
+
+
+def test_scale_bench_keeps_and_reuses_its_synthetic_pools(tmp_path, capsys):
+    argv = ["--synthetic-codes", "--inline", "--samples", "1", "--factors", "1,2", "--d-in", "8", "--d-sae", "32",
+            "--k", "4", "--tokens-per-sample", "64", "--images", "1", "--image-tokens", "40", "--chunk-tokens", "32",
+            "--work", str(tmp_path), "--keep"]
+    _, first = run_script("scale", argv, capsys, tmp_path / "a.json")
+    assert (tmp_path / "2x" / "score").is_dir() and first["runs"]["2x"]["pool"]["write_s"] > 0
+    _, again = run_script("scale", argv, capsys, tmp_path / "b.json")  # the same pools, the stages rerun
+    assert again["runs"]["2x"]["pool"]["write_s"] == 0 and again["runs"]["2x"]["score"]["n_samples"] == 2
+    with pytest.raises(SystemExit, match="not this size"):
+        load("scale").main([*argv[:3], "2", *argv[4:], "--json", str(tmp_path / "c.json")])  # --samples 2

@@ -180,3 +180,22 @@ def test_cli_writes_plan_md_and_json(tmp_path, capsys):
     layers = len(plan.load_plan_config(None)["extract"]["layers"])
     assert p["stages"]["extract"]["disk"]["acts.zarr"] == 5000 * layers * d * 2 * plan.STORE_COMPRESSION["bfloat16"]
     assert (out / "plan.md").read_text() == capsys.readouterr().out
+
+
+def test_score_on_a_cpu_job_holds_its_sae_on_the_host(tmp_path):
+    """Score's SAE (and its dense block) is counted on the GPU when its job has one, and on the host when the
+    profile gives score no GPU or the config pins score.device to cpu (issue #15: measured 0.62x before)."""
+    config = plan.load_plan_config(None, {"toyworld": {"n_samples": 100}})
+    gpu, cpu = tmp_path / "gpu.yaml", tmp_path / "cpu.yaml"
+    gpu.write_text("set-resources: {score: {gpu: 1, mem_mb: 64000}}\n")
+    cpu.write_text("set-resources: {score: {gpu: 0, mem_mb: 64000}}\n")
+    on_gpu = plan.plan(config, sample_rows=8, profile=gpu)["stages"]["score"]
+    on_cpu = plan.plan(config, sample_rows=8, profile=cpu)["stages"]["score"]
+    pinned = plan.plan({**config, "score": {**config["score"], "device": "cpu"}}, sample_rows=8)["stages"]["score"]
+    no_profile = plan.plan(config, sample_rows=8)["stages"]["score"]
+    assert on_gpu["gpu_peak"] > 0 and on_gpu["gpu_hours"] > 0 and on_gpu["cpu_hours"] == 0
+    assert no_profile["gpu_peak"] == on_gpu["gpu_peak"] and no_profile["host_peak"] == on_gpu["host_peak"]
+    for p in (on_cpu, pinned):
+        assert p["gpu_peak"] == 0 and p["gpu_hours"] == 0 and p["cpu_hours"] > 0
+        assert p["host_peak"] == on_gpu["host_peak"] + on_gpu["gpu_peak"]
+    assert not any(f.startswith("score: needs a GPU") for f in plan.plan(config, sample_rows=8, profile=cpu)["flags"])

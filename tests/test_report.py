@@ -102,6 +102,9 @@ def test_report_shows_the_filtering_curve_and_ifd(tmp_path):
     assert {r["method"] for r in report["curve"]["summary"]} == {"cosine", "random", "all"}
     page = (out / "index.html").read_text()
     assert "Filtering curve" in page and "0.5: cosine" in page
+    # the share of each corruption kind (named by the data) kept by each arm
+    kinds = sorted(samples["corruption"].dropna().unique())
+    assert "Bad samples kept, per corruption kind" in page and kinds and all(f"<th>{k}</th>" in page for k in kinds)
     assert page.count("data:image/png;base64,") == 5  # + the curve plot
 
 

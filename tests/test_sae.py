@@ -268,7 +268,7 @@ def test_load_refuses_pickles_and_bad_cfg(tmp_path):
     (folder / "cfg.json").write_text(json.dumps({"d_sae": 8}))
     with pytest.raises(InputError, match="d_in"):
         load_sae(folder)
-    (folder / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "jumprelu"}))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "gated"}))
     with pytest.raises(InputError, match="architecture"):
         load_sae(folder)
     (folder / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "topk"}))  # no k

@@ -632,3 +632,29 @@ def test_offdist_error_equals_the_sae_forward(architecture, norm):
         recon, _ = sae(x)
     expected = ((recon - x).pow(2).sum(1) / norms.pow(2).clamp_min(1e-12)).double().numpy()
     assert np.array_equal(relative_error(sae, x, norms), expected)
+
+
+def test_store_passes_cap_their_block_in_bytes_with_the_same_result(tmp_path, monkeypatch):
+    """offdist and nosae_cosine read the store 8 chunks at a time, fewer when that passes STORE_BLOCK_BYTES of
+    float32 (1 GiB at d 4,096: score's peak was 4.3 GB); cut into 1-chunk blocks (samples straddle them),
+    the scores and image statistics are the same."""
+    import mmsae.scoring.methods as M
+    import mmsae.scoring.offdist as S
+
+    class Wide:
+        chunk_tokens, d_model = 8192, 4096
+
+    assert S.store_block_tokens(Wide()) == 2 * 8192  # 2 chunks of 128 MiB fit 256 MiB
+    Wide.d_model = 128
+    assert S.store_block_tokens(Wide()) == 8 * 8192  # a narrow store keeps 8 chunks (one shard file)
+    Wide.d_model = 1 << 20
+    assert S.store_block_tokens(Wide()) == 8192  # at least one chunk
+    whole = cctx(tmp_path / "a")
+    assert S.store_block_tokens(whole.store) == 8 * whole.store.chunk_tokens >= len(CTOKENS)
+    monkeypatch.setattr(S, "STORE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(M, "NOSAE_ROWS", 3)
+    cut = cctx(tmp_path / "b")
+    assert S.store_block_tokens(cut.store) == cut.store.chunk_tokens < 5  # a sample's 5 tokens span 2 blocks
+    for key in ("count", "unit_sum"):
+        np.testing.assert_allclose(cut.image_stats[key], whole.image_stats[key], rtol=1e-12, err_msg=key)
+    np.testing.assert_allclose(M.METHODS["nosae_cosine"](cut), M.METHODS["nosae_cosine"](whole), rtol=1e-12)

@@ -69,7 +69,8 @@ def test_bf16_autocast_step_works_for_every_architecture(arch):
     extra = {"sparse_max_density": 1.0} if arch == "relu_sparse" else {}
     arch = arch.removesuffix("_sparse")
     for mode in ("fp32", "bf16"):
-        sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4 if arch == "topk" else None), seed=0)
+        sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4 if ARCHITECTURES[arch].uses_k else None),
+                        seed=0)
         sae.configure_training(tiny_params(architecture=arch, k=4, **extra))
         sae.init_from_batch(x)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)

@@ -4,7 +4,7 @@
 - `ParquetRecords`: the records of a samples.parquet, the image bytes streamed from the file batch by
   batch as the records are sliced in order (model_loss, baseline_scores): the text columns are held, the
   images (encoded or decoded) of one batch only.
-- `read_meta`: samples.parquet without its image bytes; `read_rows`: its records for a list of ids only
+- `read_meta` / `read_meta_table`: samples.parquet without its image bytes (pandas / arrow); `read_rows`: its records for a list of ids only
   (finetune on a kept subset), streamed, so the other rows' images are never held.
 """
 
@@ -51,15 +51,22 @@ def _open(path: Path) -> pq.ParquetFile:
         raise InputError(path, "file", f"not a readable parquet file ({exc.__class__.__name__})") from exc
 
 
-def read_meta(path: str | os.PathLike) -> pd.DataFrame:
-    """samples.parquet's columns but the image bytes, validated (ids, texts, responses); `image` is None."""
+def read_meta_table(path: str | os.PathLike) -> pa.Table:
+    """samples.parquet's columns but the image bytes, as arrow (the ids and texts of a 40K-sample pool;
+    its images are tens of GB), validated without decoding images."""
     path = Path(path)
     names = _open(path).schema_arrow.names
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise InputError(path, missing[0], "missing column")
-    df = pq.read_table(path, columns=[c for c in names if c not in IMAGE_COLUMNS]).to_pandas()
-    validate_frame(df.assign(image=None), path, check_images=False)
+    table = pq.read_table(path, columns=[c for c in names if c not in IMAGE_COLUMNS])
+    validate_frame(table.to_pandas().assign(image=None), path, check_images=False)
+    return table
+
+
+def read_meta(path: str | os.PathLike) -> pd.DataFrame:
+    """`read_meta_table` as a frame with string sample ids; `image` is absent."""
+    df = read_meta_table(path).to_pandas()
     df["sample_id"] = df["sample_id"].astype(str)
     return df
 

@@ -99,7 +99,8 @@ def curve_summary(curve: pd.DataFrame, metric: str = "exact_match") -> pd.DataFr
 # the stage
 
 STAGE = "curve"
-REFERENCES = ["all", "random", "oracle"]  # reference arms, not contenders for the best selective method
+# reference arms, not contenders for the best selective method (clean: every clean pool sample, one arm)
+REFERENCES = ["all", "random", "oracle", "clean"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -42,7 +42,7 @@ def shape_problems(config: dict[str, Any], shape: tuple[int, int], where: str) -
         out.append(f"config: train_sae.layer = {sae['layer']}: {where} has {n_layers} decoder layers "
                    f"(0..{n_layers - 1})")
     d_sae = dictionary_size(sae["expansion"], d_model)
-    if sae["architecture"] == "topk" and sae["k"] > d_sae:
+    if sae["architecture"] in ("topk", "batchtopk", "matryoshka_batchtopk") and sae["k"] > d_sae:
         out.append(f"config: train_sae.k = {sae['k']}: exceeds d_sae = {d_sae} "
                    f"(expansion {sae['expansion']:g} x d_model {d_model} of {where})")
     return out

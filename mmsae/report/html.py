@@ -173,7 +173,28 @@ def _curve(report: Mapping[str, Any], figures: Mapping[str, str | None]) -> list
              f"Best selective method per fraction: "
              + ", ".join(f"{f}: {m}" for f, m in curve["best_by_fraction"].items()) + ".", "note"),
         figure(figures.get("curve"), "filtering curve"),
-        table(["method", "kept fraction", "runs", f"{metric} mean", "sd", "bad share mean", "sd"], rows))]
+        table(["method", "kept fraction", "runs", f"{metric} mean", "sd", "bad share mean", "sd"], rows),
+        *_bad_kinds(curve["arms"]))]
+
+
+def _bad_kinds(arms: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per arm (random: mean over seeds): the share of each corruption kind in its training subset, the
+    kinds as the data name them (bad_share.<kind>)."""
+    kinds = sorted({k[len("bad_share."):] for r in arms for k in r if k.startswith("bad_share.")})
+    if not kinds:
+        return []
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for r in arms:
+        if r["method"] != "start":
+            groups.setdefault((r["method"], float(r["fraction"])), []).append(r)
+
+    def mean(rs: Sequence[Mapping[str, Any]], col: str) -> float | None:
+        vals = [float(r[col]) for r in rs if r.get(col) is not None and not math.isnan(float(r[col]))]
+        return sum(vals) / len(vals) if vals else None
+
+    rows = [(m, f, len(rs), *(mean(rs, f"bad_share.{k}") for k in kinds)) for (m, f), rs in sorted(groups.items())]
+    return [para("Bad samples kept, per corruption kind: share of the training subset (random: mean over seeds).",
+                 "note"), table(["method", "kept fraction", "runs", *kinds], rows)]
 
 
 def _subsets_and_examples(report: Mapping[str, Any]) -> list[str]:

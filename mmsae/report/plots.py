@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -149,15 +149,20 @@ def auroc_by_layer(table: pd.DataFrame) -> str | None:
     return to_png(fig)
 
 
+# arms drawn as horizontal reference lines (one fine-tune each, not one per kept fraction): style, label
+LINES = {"all": ("k-", "whole data set"), "clean": ("g-", "every clean sample")}
+
+
 def filtering_curve(curve: pd.DataFrame, metric: str = "exact_match") -> str | None:
     """The paper's Figure 7 shape: `metric` against kept fraction per method (random: mean +- std over
-    seeds), the whole data set and the starting model as reference lines; beside it, the share of
-    known-bad samples in each training subset when the data carry ground truth."""
+    seeds), the whole data set, every clean sample (where measured) and the starting model as reference
+    lines; beside it, the share of known-bad samples in each training subset when the data carry ground
+    truth."""
     if curve is None or curve.empty or metric not in curve.columns:
         return None
     panels = [metric] + (["bad_share"] if "bad_share" in curve.columns else [])
     fig, axes = _grid(len(panels), cols=len(panels), size=(4.6, 3.4))
-    arms = curve[~curve["method"].isin(["start", "all"])]
+    arms = curve[~curve["method"].isin(["start", *LINES])]
     for ax, col in zip(axes, panels, strict=False):
         for method in dict.fromkeys(arms["method"]):
             g = arms[arms["method"] == method].groupby("fraction")[col]
@@ -168,13 +173,52 @@ def filtering_curve(curve: pd.DataFrame, metric: str = "exact_match") -> str | N
                                capsize=3, label=label, ls="--" if method == "random" else "-")
             if n > 1:
                 ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line[0].get_color())
-        for ref, style in (("all", "k-"), ("start", "k:")):
+        for ref, (style, label) in {**LINES, "start": ("k:", "starting model")}.items():
             vals = curve.loc[curve["method"] == ref, col].dropna()
             if len(vals):
-                ax.axhline(float(vals.mean()), color="k", ls=style[1:], lw=1,
-                           label="whole data set" if ref == "all" else "starting model")
+                ax.axhline(float(vals.mean()), color=style[0], ls=style[1:], lw=1, label=label)
         ax.set_xlabel("kept fraction of the data set")
         ax.set_ylabel(col.replace("_", " "))
     axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def study_curves(study: pd.DataFrame, metrics: Mapping[str, Sequence[str]]) -> str | None:
+    """The study's curves: per block (a row) and metric (a panel), mean +- sd over runs against kept
+    fraction for each method; the single arms (whole pool, every clean sample, starting model) as lines
+    with a +- sd band."""
+    blocks = [b for b in metrics if metrics[b]]
+    if study is None or study.empty or not blocks:
+        return None
+    cols = max(len(metrics[b]) for b in blocks)
+    fig, axes = plt.subplots(len(blocks), cols, figsize=(4.6 * cols, 3.4 * len(blocks)), squeeze=False)
+    refs = {**LINES, "start": ("k:", "starting model")}
+    for i, block in enumerate(blocks):
+        rows = study[study["block"] == block]
+        for j in range(cols):
+            ax = axes[i][j]
+            if j >= len(metrics[block]):
+                ax.axis("off")
+                continue
+            metric = metrics[block][j]
+            sub = rows[rows["metric"] == metric]
+            for method in sorted(set(sub["method"]) - set(refs)):
+                g = sub[sub["method"] == method].sort_values("fraction")
+                sd = g["sd"].fillna(0.0).to_numpy()
+                ax.errorbar(g["fraction"], g["mean"], yerr=sd, marker="o", capsize=3, label=method,
+                            ls="--" if method == "random" else "-")
+            for ref, (style, label) in refs.items():
+                g = sub[sub["method"] == ref]
+                if len(g):
+                    mean, sd = float(g["mean"].iloc[0]), float(np.nan_to_num(g["sd"].iloc[0]))
+                    ax.axhline(mean, color=style[0], ls=style[1:], lw=1, label=label)
+                    if sd:
+                        ax.axhspan(mean - sd, mean + sd, color=style[0], alpha=0.08)
+            n = int(sub["n_runs"].max()) if len(sub) else 0
+            ax.set_title(f"{block}: {metric} (mean ± sd, {n} run{'' if n == 1 else 's'})", fontsize=9)
+            ax.set_xlabel("kept fraction of the pool")
+            ax.set_ylabel(metric.replace("_", " "))
+        axes[i][0].legend(fontsize=6)
     fig.tight_layout()
     return to_png(fig)

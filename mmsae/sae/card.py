@@ -20,7 +20,7 @@ import yaml
 from mmsae.artifacts import Files
 
 TAGS = ["sae_lens", "mmsae", "sparse-autoencoder", "sae-v", "multimodal"]
-SPARSITY_KEYS = ("k", "l1_coefficient", "l0_coefficient")  # whichever the SAE's cfg / metrics carry
+SPARSITY_KEY = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient"}  # the topk family: k
 
 
 def _metric(evals: dict[str, Any], modality: str, key: str) -> float | None:
@@ -33,7 +33,13 @@ def card_metadata(cfg: dict[str, Any], metrics: dict[str, Any], training_data: d
     training tokens came from."""
     meta = cfg.get("metadata", {})
     evals = metrics.get("eval", {})
-    sparsity = {k: meta.get(k, cfg.get(k)) for k in SPARSITY_KEYS if meta.get(k, cfg.get(k)) is not None}
+    arch = meta.get("mmsae_architecture", metrics.get("architecture"))
+    train = meta.get("train_params", {})
+    # the architecture's own sparsity setting, from the params it was trained with (cfg.json may hold it
+    # elsewhere: SAELens saves batchtopk / jumprelu for inference with their options in metadata)
+    key = SPARSITY_KEY.get(arch, "k")
+    value = train.get(key, meta.get(key, cfg.get(key)))
+    sparsity = {key: value} if value is not None else {}
     return {
         "library_name": "saelens",
         "tags": TAGS,
@@ -41,7 +47,7 @@ def card_metadata(cfg: dict[str, Any], metrics: dict[str, Any], training_data: d
         "hook_name": meta.get("hook_name"),
         "hook_layer": meta.get("hook_layer"),
         "architecture": cfg.get("architecture"),  # SAELens' name (relu = "standard")
-        "mmsae_architecture": meta.get("mmsae_architecture", metrics.get("architecture")),
+        "mmsae_architecture": arch,
         "d_in": cfg.get("d_in"),
         "d_sae": cfg.get("d_sae"),
         **sparsity,

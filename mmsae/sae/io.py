@@ -5,7 +5,12 @@
     sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
     sparsity.safetensors      key "sparsity": log10 firing frequency per latent (optional)
 
-Our `relu` architecture is SAELens' "standard"; cfg.json says "standard" so SAELens loads it. Our `topk`
+Our `relu` architecture is SAELens' "standard"; cfg.json says "standard" so SAELens loads it. `jumprelu`,
+`batchtopk` and `matryoshka_batchtopk` are written as SAELens 6 writes them for inference: architecture
+"jumprelu" plus a `threshold` tensor [d_sae] in sae_weights.safetensors (BatchTopK's one threshold repeated
+per latent), the training architecture and its options in metadata.training_architecture(_details);
+`metadata.mmsae_architecture` brings ours back as the class it was trained as (a SAELens-published
+BatchTopK loads as our jumprelu: the same inference). Our `topk`
 is SAELens' "topk": cfg.json has `k` at the top level (SAELens 6 TopKSAEConfig.k) and
 `rescale_acts_by_decoder_norm: false`, plus `activation_fn_str: "topk"` / `activation_fn_kwargs: {k}` for
 readers of the pre-6 layout. Loading also accepts a SAELens TopK with `rescale_acts_by_decoder_norm: true`
@@ -33,9 +38,13 @@ from mmsae.artifacts import Files, require_finished, write_json
 from mmsae.errors import InputError
 from mmsae.sae.model import SAE, SAEConfig, build_sae
 
-# our architecture name <-> SAELens' name
-TO_SAELENS = {"relu": "standard", "topk": "topk"}
-FROM_SAELENS = {"standard": "relu", "relu": "relu", "topk": "topk"}
+# our architecture name <-> SAELens' name (of the saved, inference SAE: SAELens saves BatchTopK and
+# Matryoshka BatchTopK as JumpReLU with one threshold; metadata.training_architecture keeps the training name)
+TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+              "matryoshka_batchtopk": "jumprelu"}
+FROM_SAELENS = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
+                "matryoshka_batchtopk": "matryoshka_batchtopk"}
+THRESHOLD_ARCHS = ("jumprelu", "batchtopk", "matryoshka_batchtopk")  # a `threshold` tensor [d_sae] in the file
 # LLM fields SAELens < 6 keeps at the top level of cfg.json (SAELens 6 moved them into metadata)
 LEGACY_TOP_LEVEL = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
                     "dataset_path", "dataset_trust_remote_code", "model_from_pretrained_kwargs",
@@ -80,6 +89,8 @@ def save_sae(sae: SAE, folder: str | os.PathLike, sparsity: torch.Tensor | None 
         "finetuning_scaling_factor": False,
         "metadata": meta,
     }
+    if cfg.architecture in ("batchtopk", "matryoshka_batchtopk"):
+        doc["k"] = cfg.k  # ignored by SAELens' JumpReLU config; read back by load_sae
     if cfg.architecture == "topk":
         # folding the input scale leaves the pre-activations (hence the top k) unchanged; the saved W_dec
         # rows have norm 1 / input_scale, so the selection must not be rescaled by decoder norms
@@ -132,11 +143,16 @@ def read_cfg(folder: str | os.PathLike) -> SAEConfig:
     if act not in (None, "relu", "topk"):
         raise InputError(cfg_path, "activation_fn", f"unsupported activation {act!r} for a {arch_raw} SAE")
     k = None
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
+        details = meta.get("training_architecture_details") or {}
+        k = raw.get("k", meta.get("k", details.get("k") if isinstance(details, dict) else None))
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
     if arch == "topk":
         kwargs = raw.get("activation_fn_kwargs") or {}
         k = raw.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InputError(cfg_path, "k", "missing or not a positive integer (a topk SAE needs k)")
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk") and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise InputError(cfg_path, "k", f"missing or not a positive integer (a {arch} SAE needs k)")
     for key in ("d_in",):
         if not isinstance(raw.get(key), int):
             raise InputError(cfg_path, key, "missing or not an integer")
@@ -182,6 +198,10 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     with safe_open(str(wpath), framework="pt", device="cpu") as fh:
         state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    if cfg.architecture in THRESHOLD_ARCHS:
+        if "threshold" not in state and "log_threshold" in state:  # SAELens < 6.x JumpReLU training checkpoints
+            state["threshold"] = state.pop("log_threshold").double().exp().float()
+        expected["threshold"] = (cfg.d_sae,)
     for key, shape in expected.items():
         if key not in state:
             raise InputError(wpath, key, "tensor missing")
@@ -199,8 +219,15 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
         state["W_dec"] = (state["W_dec"].double() / n[:, None]).to(state["W_dec"].dtype)
     sae = build_sae(cfg, seed=None)
     with torch.no_grad():
-        for key in expected:
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, key).copy_(state[key].to(getattr(torch, dtype)))
+        if cfg.architecture == "jumprelu":
+            sae.threshold.copy_(state["threshold"].to(getattr(torch, dtype)))
+        elif cfg.architecture in THRESHOLD_ARCHS:  # BatchTopK: one threshold for every latent
+            thr = state["threshold"].double()
+            if thr.numel() and not torch.equal(thr, thr[:1].expand_as(thr)):
+                raise InputError(wpath, "threshold", f"a {cfg.architecture} SAE has one threshold, found several")
+            sae.topk_threshold.fill_(float(thr[0]) if thr.numel() else 0.0)
     sae.source = folder
     return sae.to(device)
 

@@ -44,6 +44,20 @@ from features.parquet, the token ids and the codes (see `mmsae.scoring.concepts.
                       0 without pairs. Higher = clean.
 - `consistency_binding_gated` `consistency_binding` minus 2 where the offdist |z| exceeds `gate_z`.
 
+The SAE for what the loss cannot see (combined with `model_loss`, whose low loss on the toy world means a
+correct answer, but on real data also a short, generic or already-known one):
+
+- `sae_loss_rank`     rank aggregation: the mean of the rank-normalised `consistency_gated` and
+                      `model_loss` scores (`rank_unit`: average ranks mapped to [0, 1], 1 = best; tied
+                      scores share their mean rank, so neither part's ties favour a sample).
+- `sae_loss_gate`     a gate, then the loss: a sample FAILS the consistency gate when its image is off
+                      the pool's distribution (offdist |z| > `gate_z`, as in consistency_gated) or its
+                      `consistency` is below the `consistency.loss_gate_quantile` quantile of the pool's;
+                      every failing sample ranks below every passing one, each group by `model_loss`.
+
+`PARTS` names each combined method's parts: the score stage needs the model_loss artifact and the
+concept features whenever a method or one of its parts does (`with_parts`).
+
 "Text" is modality `text` (special tokens excluded) unless `text_modalities` says otherwise (the
 score stage passes ("text", "special") for features built with the release rule, whose "text" is
 every non-image token). "Per token" for l0 / l1 counts the sample's tokens at position > 0 of the
@@ -64,9 +78,11 @@ from mmsae.artifacts import Files
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.context import ScoringContext
+from mmsae.scoring.offdist import store_block_tokens
 from mmsae.scoring.streams import Unsorted, streamed
 
 METHODS: dict[str, Callable[[ScoringContext], np.ndarray]] = {}
+NOSAE_ROWS = 4096  # nosae_cosine adds a block's rows to its float64 sums this many at a time
 
 
 def register(name: str) -> Callable:
@@ -125,7 +141,7 @@ def nosae_pass(ctx: ScoringContext, stream: bool) -> np.ndarray:
     layer = ctx.need("layer", "nosae_cosine")
     sides = ctx.token_sides
     s_all, side_all = sides["sample"], sides["side"]
-    n, block = ctx.n, store.chunk_tokens * 8
+    n, block = ctx.n, store_block_tokens(store)
 
     def cosine(sums: torch.Tensor) -> np.ndarray:
         text, image = sums[0].numpy(), sums[1].numpy()
@@ -149,9 +165,13 @@ def nosae_pass(ctx: ScoringContext, stream: bool) -> np.ndarray:
             if carry is not None:
                 sums[:, np.searchsorted(keys, carry[0])] = carry[1]
         if m.any():
-            local = np.searchsorted(keys, s[m]) if stream else s[m]
-            flat = torch.from_numpy(side[m].astype(np.int64) * len(keys) + local)
-            sums.view(2 * len(keys), -1).index_add_(0, flat, torch.from_numpy(x[m]).double())
+            rows = np.flatnonzero(m)
+            local = np.searchsorted(keys, s[rows]) if stream else s[rows]
+            flat = torch.from_numpy(side[rows].astype(np.int64) * len(keys) + local)
+            # in row order, NOSAE_ROWS at a time: no float64 copy of the whole block
+            for a in range(0, len(rows), NOSAE_ROWS):
+                piece = torch.from_numpy(np.ascontiguousarray(x[rows[a : a + NOSAE_ROWS]])).double()
+                sums.view(2 * len(keys), -1).index_add_(0, flat[a : a + NOSAE_ROWS], piece)
         if stream:
             last = int(s_all[start + len(x) - 1]) if len(x) else -1
             open_ = keys == last  # the sample the block ends in may go on in the next one
@@ -221,6 +241,65 @@ def score_consistency_binding(ctx: ScoringContext) -> np.ndarray:
 @register("consistency_binding_gated")
 def score_consistency_binding_gated(ctx: ScoringContext) -> np.ndarray:
     return score_consistency_binding(ctx) - 2.0 * (ctx.offdist_z > float(ctx.consistency.gate_z))
+
+
+# Combined methods and the methods they are built from: what a method needs is what its parts need.
+PARTS: dict[str, tuple[str, ...]] = {
+    "sae_loss_rank": ("consistency_gated", "model_loss"),
+    "sae_loss_gate": ("consistency_gated", "model_loss"),
+}
+# Methods that read no SAE output (the references an SAE-based selection is measured against).
+NO_SAE = frozenset({"random", "nosae_cosine", "model_loss"})
+
+
+def with_parts(methods: Sequence[str]) -> set[str]:
+    """The methods and, for each combined one, its parts (what the score stage must provide for)."""
+    return {p for m in methods for p in (m, *PARTS.get(m, ()))}
+
+
+def uses_sae(method: str) -> bool:
+    """A registered score method that reads the SAE's codes or features (alone or combined with others)."""
+    return method in METHODS and method not in NO_SAE
+
+
+def rank_unit(scores: np.ndarray) -> np.ndarray:
+    """Scores as ranks in [0, 1] (1 = the highest score, 0 = the lowest; ties share their average rank;
+    0.5 for a single sample), so that scores on different scales can be averaged."""
+    scores = np.asarray(scores, np.float64)
+    if len(scores) < 2:
+        return np.full(len(scores), 0.5)
+    avg = pd.Series(scores).rank(method="average").to_numpy()
+    return (avg - 1.0) / (len(scores) - 1.0)
+
+
+def rank_mean(*parts: np.ndarray) -> np.ndarray:
+    """Rank aggregation: the mean of the parts' `rank_unit` ranks."""
+    return np.mean([rank_unit(p) for p in parts], axis=0)
+
+
+def gate_then(order_by: np.ndarray, fail: np.ndarray) -> np.ndarray:
+    """Every sample with `fail` below every other one; within each group by `order_by` (higher first)."""
+    return rank_unit(order_by) - 2.0 * np.asarray(fail, bool)
+
+
+def consistency_gate_fails(consistency: np.ndarray, offdist_z: np.ndarray, gate_z: float, quantile: float) -> np.ndarray:
+    """The samples failing sae_loss_gate's gate: an off-distribution image (|z| > gate_z) or a consistency
+    below the pool's `quantile` quantile (0 = none fail on consistency; the lowest quantile fail)."""
+    consistency = np.asarray(consistency, np.float64)
+    low = consistency < np.quantile(consistency, quantile) if quantile > 0 and len(consistency) else False
+    return (np.asarray(offdist_z, np.float64) > gate_z) | low
+
+
+@register("sae_loss_rank")
+def score_sae_loss_rank(ctx: ScoringContext) -> np.ndarray:
+    return rank_mean(score_consistency_gated(ctx), score_model_loss(ctx))
+
+
+@register("sae_loss_gate")
+def score_sae_loss_gate(ctx: ScoringContext) -> np.ndarray:
+    cfg = ctx.consistency
+    fail = consistency_gate_fails(score_consistency(ctx), ctx.offdist_z, float(cfg.gate_z), float(cfg.loss_gate_quantile))
+    return gate_then(score_model_loss(ctx), fail)
 
 
 def rank(scores: np.ndarray) -> np.ndarray:

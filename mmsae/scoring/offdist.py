@@ -17,6 +17,21 @@ if TYPE_CHECKING:
 SAE_MAX_ROWS, SAE_MIN_ROWS, SAE_CODE_ELEMENTS = 4096, 64, 1 << 24
 
 
+# score's passes over the store (offdist, nosae_cosine) read it 8 chunks (one shard file) at a time, fewer
+# when that block would pass this many bytes as float32: at d_model 4,096 and chunk 8,192 a block of 8 chunks
+# is 1 GiB of float32, and with its masked copy and float64 sums score's peak rose by 4.3 GB (perf/README.md: the flat regime)
+STORE_BLOCK_CHUNKS, STORE_BLOCK_BYTES = 8, 1 << 28
+
+
+def store_block_tokens(store) -> int:
+    """Rows per block of score's store passes: whole chunks, at most STORE_BLOCK_CHUNKS and about
+    STORE_BLOCK_BYTES of float32 (at least one chunk). A function of the store only, so sharded and
+    unsharded scoring cut every block the same way."""
+    chunk = int(store.chunk_tokens)
+    fit = STORE_BLOCK_BYTES // max(1, chunk * int(store.d_model) * 4)
+    return chunk * max(1, min(STORE_BLOCK_CHUNKS, fit))
+
+
 def sae_rows(d_sae: int) -> int:
     """Tokens per SAE call in offdist's pass: a function of the SAE only, so sharded and unsharded
     scoring cut every store block the same way."""
@@ -35,7 +50,7 @@ def image_stats(ctx: ScoringContext) -> dict[str, np.ndarray]:
     unit = torch.zeros(n, store.d_model, dtype=torch.float64)
     error = np.zeros(n) if ctx.sae is not None else None
     sub = sae_rows(int(ctx.sae.cfg.d_sae)) if ctx.sae is not None else SAE_MAX_ROWS
-    for start, x in store.iter_blocks(layer, store.chunk_tokens * 8):
+    for start, x in store.iter_blocks(layer, store_block_tokens(store)):
         s, side = ti["sample"][start : start + len(x)], ti["side"][start : start + len(x)]
         m = (s >= 0) & (side == 1)
         if not m.any():
@@ -84,13 +99,29 @@ def offdist_z(ctx: ScoringContext) -> np.ndarray:
     count = st["count"]
     has = count > 0
     c = np.maximum(count, 1.0)
-    mean_unit = st["unit_sum"] / c[:, None]
-    centre = np.median(mean_unit[has], axis=0) if has.any() else np.zeros(mean_unit.shape[1])
-    stats = [ctx.code_stats["image_l0"] / c, np.linalg.norm(mean_unit - centre, axis=1)]
+    stats = [ctx.code_stats["image_l0"] / c, centre_distance(st["unit_sum"], c, has)]
     if "error" in st:
         stats.append(st["error"] / c)
     z = np.max(np.abs(np.stack([robust_z(x, has) for x in stats])), axis=0)
     return np.where(has, z, 0.0)
+
+
+# columns per block of centre_distance: [samples, 256] float64 is 80 MB at a 40K-sample pool, where the
+# whole [samples, d_model] mean array and the copies a median takes would be ~5 GB at d_model 4,096
+CENTRE_COLUMNS = 256
+
+
+def centre_distance(unit_sum: np.ndarray, count: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """Per sample ||mean_unit - centre||, mean_unit = unit_sum / count and centre its per-dimension
+    median over the samples in `has`; computed a block of columns at a time (the same numbers: a median
+    and a squared distance are per column)."""
+    n, d = unit_sum.shape
+    sq = np.zeros(n)
+    for a in range(0, d, CENTRE_COLUMNS):
+        block = unit_sum[:, a : a + CENTRE_COLUMNS] / count[:, None]
+        centre = np.median(block[has], axis=0) if has.any() else 0.0
+        sq += ((block - centre) ** 2).sum(axis=1)
+    return np.sqrt(sq)
 
 
 def robust_z(x: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from mmsae.codes import CodesReader
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.context import ScoringContext
-from mmsae.scoring.methods import METHODS, rank, score_samples
+from mmsae.scoring.methods import METHODS, rank, score_samples, with_parts
 
 IMAGE_UNIT = "image_unit.npy"  # per sample (stats.parquet order): sum of unit-norm image hidden states
 CODE_METHODS = frozenset({"cosine", "l0", "l1", "cooc_l0", "offdist", "consistency_gated"})
@@ -115,6 +115,7 @@ def shard_statistics(store, codes: str | os.PathLike, layer: int, sample_ids: Se
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError("score.methods", "methods", f"unknown method {unknown[0]!r}; known: {sorted(METHODS)}")
+    needed = with_parts(methods)  # a combined method needs what its parts need
     tokens = store.tokens
     ids, row0, row1 = shard_samples(tokens, sample_ids, n_shards)[shard]
     # the tokens let code_stats look up each code's sample / modality / position by row
@@ -124,14 +125,14 @@ def shard_statistics(store, codes: str | os.PathLike, layer: int, sample_ids: Se
     out: dict = {"stats": stats, "cooc": pd.DataFrame({"sample_id": pd.Series([], dtype=str),
                                                        "feature": pd.Series([], dtype=np.int64)}),
                  "image_unit": None, "modalities": [], "rows": [row0, row1]}
-    if CODE_METHODS & set(methods):
+    if CODE_METHODS & needed:
         st = mine.code_stats
         for key in ("l0", "l1", "image_l0"):
             stats[key] = st[key]
         out["cooc"] = pd.DataFrame({"sample_id": mine.ids[st["cooc_sample"]].astype(str),
                                     "feature": st["cooc_feature"]})
         out["modalities"] = [str(m) for m in st["modalities"]]
-    store_methods = (IMAGE_METHODS | PER_SAMPLE_METHODS) & set(methods)
+    store_methods = (IMAGE_METHODS | PER_SAMPLE_METHODS) & needed
     if store_methods:
         # every sample id, so each block's rows (and the SAE batches) are exactly those of one job
         every = ScoringContext(sample_ids, store=StoreRows(store, row0, row1), layer=layer, tokens=tokens, sae=sae,
@@ -139,7 +140,7 @@ def shard_statistics(store, codes: str | os.PathLike, layer: int, sample_ids: Se
         pos = every.index.get_indexer(mine.ids)
         if "nosae_cosine" in methods:
             stats["nosae_cosine"] = METHODS["nosae_cosine"](every)[pos]
-        if IMAGE_METHODS & set(methods):
+        if IMAGE_METHODS & needed:
             im = every.image_stats
             stats["image_count"] = im["count"][pos]
             out["image_unit"] = np.ascontiguousarray(im["unit_sum"][pos])

@@ -32,7 +32,7 @@ from mmsae.features import encode_info, feature_rule, feature_weights, read_colu
 from mmsae.params import ScoreParams
 from mmsae.scoring.concepts import CONCEPT_COLUMNS
 from mmsae.scoring.context import ScoringContext
-from mmsae.scoring.methods import score_samples
+from mmsae.scoring.methods import score_samples, with_parts
 from mmsae.scoring.shards import gather_context, score_gathered, shard_folder, shard_statistics, write_shard
 from mmsae.scoring.subsets import SUBSETS, read_samples, write_subsets
 
@@ -41,7 +41,7 @@ Folder = str | os.PathLike
 
 def needs_concepts(methods: Sequence[str]) -> bool:
     """Whether a method reads the concept features (the consistency scores: features.parquet's top-K columns)."""
-    return any(m.startswith("consistency") for m in methods)
+    return any(m.startswith("consistency") for m in with_parts(methods))
 
 
 def load_layer_sae(path: Folder, store: ActivationStore, extract: Folder, layer: int, device: str = "auto"):
@@ -83,8 +83,9 @@ def run(inputs: Inputs, params: ScoreParams, out: Path) -> None:
         raise InputError("--shard", "gather", "--shard and --gather exclude each other")
     timer = Timer()
     methods = params.methods
-    if "model_loss" in methods and not inputs.model_loss:
-        raise InputError("score.methods", "model_loss", "method 'model_loss' needs --model-loss")
+    if "model_loss" in with_parts(methods) and not inputs.model_loss:
+        which = [m for m in methods if "model_loss" in with_parts([m])][0]
+        raise InputError("score.methods", which, f"method {which!r} needs --model-loss")
     table = read_samples(inputs.samples)
     layer, d_sae = encode_info(inputs.encode)
     concept = needs_concepts(methods)

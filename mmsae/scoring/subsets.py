@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmsae.artifacts import Files
-from mmsae.data.schema import IMAGE_COLUMNS, REQUIRED_COLUMNS, validate_frame
+from mmsae.data.lazy import read_meta_table
 from mmsae.errors import InputError
 from mmsae.features import require_columns
 from mmsae.scoring.methods import rank
@@ -26,16 +26,8 @@ SUBSET_COLUMNS = ("sample_id", "rank")  # a subset file: the kept ids, best firs
 
 
 def read_samples(folder: str | os.PathLike) -> pa.Table:
-    """{folder}/samples.parquet as an arrow table of every column but the image bytes (score needs the ids
-    only; the images of a 40K-sample pool are tens of GB), validated without decoding images."""
-    path = Path(folder) / Files.SAMPLES
-    if not path.exists():
-        raise InputError(path, "path", "file does not exist")
-    names = pq.read_schema(path).names
-    require_columns(path, names, REQUIRED_COLUMNS)
-    table = pq.read_table(path, columns=[c for c in names if c not in IMAGE_COLUMNS])
-    validate_frame(table.to_pandas().assign(image=None), path, check_images=False)
-    return table
+    """{folder}/samples.parquet without its image bytes (score needs the ids and texts only), validated."""
+    return read_meta_table(Path(folder) / Files.SAMPLES)
 
 
 def subset_size(fraction: float, n: int) -> int:
@@ -51,8 +43,14 @@ def keep_top(frame: pd.DataFrame, fraction: float, by: str, source: str = "--kee
     """The best ceil(fraction * N) rows of a record frame, best first. `by` is 'random:SEED' (seeded
     uniform scores over the sorted sample ids: the `random` method's subset for that seed),
     'PATH:COLUMN' (a parquet with sample_id and a score column, higher = kept first, e.g. IFD's
-    ifd.parquet:ifd_score) or 'oracle' (clean samples first, from the `corruption` ground truth).
-    Ties go by sample_id, as in `rank`."""
+    ifd.parquet:ifd_score), 'oracle' (clean samples first, from the `corruption` ground truth) or
+    'clean' (the clean samples only: the best ceil(fraction * N_clean) of them in sample-id order; at 1
+    every clean sample, the clean-pool ceiling). Ties go by sample_id, as in `rank`."""
+    if by == "clean":
+        if "corruption" not in frame.columns:
+            raise InputError(source, "clean", "the data have no 'corruption' ground-truth column")
+        frame = frame[frame["corruption"].isna()]
+        by = "oracle"  # every row left is clean: sample-id order
     ids = frame["sample_id"].astype(str).to_numpy()
     order = np.argsort(ids, kind="stable")  # the frame's rows in sorted-id order
     if by == "oracle":  # the ground truth as a selection: clean first (the curve's ceiling on the toy world)

@@ -20,6 +20,14 @@ Architectures:
   implemented by OpenAI's sparse_autoencoder and EleutherAI's sparsify: f = TopK_k(ReLU((x - b_dec) W_enc
   + b_enc)), unit-norm decoder rows, b_dec initialised to the geometric median of the first batch, FVU
   loss plus the AuxK loss on dead latents, sparse (gathered) decoder. No L1 term.
+- `batchtopk` (`BatchTopKSAE`, SAELens "batchtopk"): Bussmann et al. 2024: the k * n largest codes of a batch
+  of n tokens in training, one threshold (an EMA of the smallest kept code) at inference; TopK's recipe.
+- `jumprelu` (`JumpReLUSAE`, SAELens "jumprelu"): Rajamanoharan et al. 2024: a trained threshold per latent,
+  straight-through (rectangle kernel) gradients, an L0 (step) or tanh sparsity penalty.
+- `matryoshka_batchtopk` (`MatryoshkaBatchTopKSAE`, SAELens "matryoshka_batchtopk"): Bussmann et al. 2025:
+  BatchTopK with a reconstruction loss at each nested prefix of the dictionary (matryoshka_widths).
+
+The three are saved as SAELens saves them for inference: "jumprelu" with a `threshold` tensor (io.py).
 
 Training hooks (no-ops in the base class, so the ReLU path is unchanged): `configure_training(params)`,
 `init_from_batch(x)` (fresh runs, before step 0), `before_optimizer_step()` (after backward, before
@@ -35,8 +43,12 @@ from mmsae.sae.model.base import (
     build_sae,
     register_architecture,
 )
+from mmsae.sae.model.batchtopk import BatchTopKSAE
+from mmsae.sae.model.jumprelu import JumpReLUSAE
+from mmsae.sae.model.matryoshka import MatryoshkaBatchTopKSAE, matryoshka_widths
 from mmsae.sae.model.relu import ReLUSAE
-from mmsae.sae.model.topk import TopKSAE, geometric_median
+from mmsae.sae.model.topk import AuxKSAE, TopKSAE, geometric_median
 
-__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "SAE", "LossOutput", "ReLUSAE", "SAEConfig", "TopKSAE", "build_sae",
-           "geometric_median", "register_architecture"]
+__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "SAE", "AuxKSAE", "BatchTopKSAE", "JumpReLUSAE", "LossOutput",
+           "MatryoshkaBatchTopKSAE", "ReLUSAE", "SAEConfig", "TopKSAE", "build_sae", "geometric_median",
+           "matryoshka_widths", "register_architecture"]

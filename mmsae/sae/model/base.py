@@ -34,7 +34,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool = False  # the SAE-V release does not subtract b_dec from the input
     normalize_activations: str = "none"  # "none" | "constant_norm_rescale"
     metadata: dict[str, Any] = field(default_factory=dict)  # model_name, hook_name, hook_layer, ...
-    k: int | None = None  # topk only: active latents per token (SAELens TopKSAEConfig.k)
+    k: int | None = None  # topk: active latents per token (SAELens TopKSAEConfig.k); batchtopk, matryoshka: the mean
 
     def __post_init__(self) -> None:
         if self.normalize_activations not in NORMALIZATIONS:
@@ -91,7 +91,10 @@ class SAE(nn.Module):
     weight_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
     init_decoder_norm: ClassVar[float] = 0.1  # norm of the W_dec rows at init
     default_apply_b_dec_to_input: ClassVar[bool] = False  # train_sae.apply_b_dec_to_input: null -> this
-    uses_l1: ClassVar[bool] = True  # whether loss() uses l1_coefficient
+    # the train_sae key of the coefficient that the loop warms up (l1_warmup_steps) and passes to `loss` as
+    # l1_coefficient (relu: l1_coefficient; jumprelu: l0_coefficient); None: loss() takes no coefficient
+    sparsity_param: ClassVar[str | None] = "l1_coefficient"
+    uses_k: ClassVar[bool] = False  # cfg.k / train_sae.k: active latents per token (or their batch mean)
     loss_definition: ClassVar[str] = ""
 
     def __init__(self, cfg: SAEConfig, seed: int | None = 0) -> None:
@@ -213,6 +216,11 @@ class SAE(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Called after the optimizer step (constraints on the weights)."""
+
+    def training_details(self) -> dict[str, Any]:
+        """Training options in SAELens' cfg names, written to cfg.json metadata.training_architecture_details
+        (SAELens keeps there what its inference class does not need); empty: none."""
+        return {}
 
     def loss(self, x: torch.Tensor, l1_coefficient: float, dead_mask: torch.Tensor | None = None) -> LossOutput:
         """Paper Eq. 1-3: mean_t ||x_t - x_hat_t||^2 + lambda * mean_t sum_i f_ti ||W_dec,i||_2.

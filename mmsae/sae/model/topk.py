@@ -4,7 +4,7 @@ OpenAI's sparse_autoencoder and EleutherAI's sparsify (see TopKSAE)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -33,37 +33,19 @@ def geometric_median(x: torch.Tensor, max_iter: int = 200, tol: float = 1e-7) ->
     return y.to(x.dtype)
 
 
-@register_architecture("topk")
-class TopKSAE(SAE):
-    """TopK SAE (Gao et al. 2024; OpenAI sparse_autoencoder, EleutherAI sparsify; SAELens "topk").
-
-    Codes: f = TopK_k(ReLU((x_in - b_dec) W_enc + b_enc)): the k largest ReLU'd pre-activations per token
-    are kept, all others are 0 (fewer than k are > 0 when fewer than k pre-activations are positive).
-    b_dec is subtracted only if cfg.apply_b_dec_to_input (train_sae defaults it to true for topk; a
-    loaded SAELens file keeps its own setting). Decoding gathers the k selected rows of W_dec
-    (`decode_sparse`, F.embedding_bag) instead of multiplying by the dense [n, d_sae] codes, and the
-    encoder's backward touches only the k selected columns of W_enc (`selected`, SelectedPreGrad).
-
-    Training (train_sae): W_dec rows are unit norm at init and after every optimizer step, and the
-    gradient component parallel to each row is removed before the step (sparsify). b_dec starts at the
-    geometric median of the first batch (in the SAE input space). l1_coefficient is ignored: the sparsity
-    is the k of TopK. See `loss` for the objective and AuxK.
+class AuxKSAE(SAE):
+    """What the TopK family shares (topk, batchtopk, matryoshka_batchtopk): unit-norm decoder rows (at init
+    and after every optimizer step, the gradient component parallel to each row removed before it), b_dec
+    initialised to the geometric median of the first batch, the AuxK loss on dead latents, and the helpers
+    of the sparse paths (selected pairs, gathered decoder rows). Not an architecture by itself.
     """
 
     init_decoder_norm: ClassVar[float] = 1.0
     default_apply_b_dec_to_input: ClassVar[bool] = True
-    uses_l1: ClassVar[bool] = False
-    loss_definition: ClassVar[str] = (
-        "sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_batch(x)||^2 (batch FVU, SAE input space) + "
-        "aux_coefficient * min(n_dead / aux_k, 1) * sum_t ||e_t - e_hat_t||^2 / (same denominator), "
-        "e = x - x_hat (detached), e_hat = the reconstruction of e by the top min(aux_k, n_dead) dead latents "
-        "(no b_dec); no L1 term")
+    sparsity_param: ClassVar[str | None] = None
 
     def __init__(self, cfg: SAEConfig, seed: int | None = 0) -> None:
-        if cfg.k is None:
-            raise ValueError("a topk SAE needs cfg.k (active latents per token)")
         super().__init__(cfg, seed=seed)
-        self.k: int = int(cfg.k)
         self.aux_k: int = min(cfg.d_sae, max(1, cfg.d_in // 2))  # set by configure_training
         self.aux_coefficient: float = 1.0 / 32
 
@@ -74,6 +56,9 @@ class TopKSAE(SAE):
         aux_k = params.aux_k
         self.aux_k = min(self.cfg.d_sae, int(aux_k) if aux_k is not None else max(1, self.cfg.d_in // 2))
         self.aux_coefficient = float(params.aux_coefficient)
+
+    def training_details(self) -> dict[str, Any]:
+        return {"aux_k": self.aux_k, "aux_loss_coefficient": self.aux_coefficient, "rescale_acts_by_decoder_norm": False}
 
     @torch.no_grad()
     def init_from_batch(self, x: torch.Tensor) -> None:
@@ -93,19 +78,7 @@ class TopKSAE(SAE):
         """Renormalise every W_dec row to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
-    # ---- the architecture --------------------------------------------------------------------------
-    def encode_sparse(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values [..., k], indices [..., k], pre-activations [..., d_sae]) of SAE-space inputs.
-
-        TopK_k(ReLU(pre)) = ReLU(TopK_k(pre)) (ReLU is monotone; they differ only in which zero-valued
-        slots are listed), so ReLU runs on the k selected values, not on all d_sae pre-activations
-        (one [n, d_sae] pass less forward and backward). The pre-activations are returned raw.
-        """
-        pre = self.pre_activations(x_in)
-        with torch.no_grad():
-            values, indices = self._top(pre, self.k)
-        return torch.relu(self._selected_k(values, x_in, indices)), indices, pre
-
+    # ---- shared helpers of the sparse paths -------------------------------------------------------
     @staticmethod
     def _top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the k largest per row, indices ascending (the sparse decoder's CSR order)."""
@@ -131,25 +104,11 @@ class TopKSAE(SAE):
     def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
         return values.new_zeros(*values.shape[:-1], d_sae).scatter(-1, indices, values)
 
-    def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        return self._dense(torch.relu(values), indices, pre.shape[-1])
-
     def _gather_rows(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_j values[..., j] W_dec[indices[..., j]] -> [..., d_in], without b_dec."""
         tokens, latents = self._pairs(indices)
         out = self.gather_rows(values.reshape(-1), tokens, latents, indices[..., 0].numel())
         return out.reshape(*values.shape[:-1], self.cfg.d_in)
-
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """SAE-space reconstruction from (values, indices) [..., k]: equals decode_normalised(dense codes)."""
-        return self._gather_rows(values, indices) + self.b_dec
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction of x in raw space, dense codes); decodes through the sparse decoder."""
-        factor = self.input_factor(x)
-        values, indices, _ = self.encode_sparse(x * factor)
-        return self.decode_sparse(values, indices) / factor, self._dense(values, indices, self.cfg.d_sae)
 
     def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None,
                   total_variance: torch.Tensor, x_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,6 +139,64 @@ class TopKSAE(SAE):
             values = self._selected_k(values, x_in, indices)
         e_hat = self._gather_rows(torch.relu(values), indices)
         return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+
+
+@register_architecture("topk")
+class TopKSAE(AuxKSAE):
+    """TopK SAE (Gao et al. 2024; OpenAI sparse_autoencoder, EleutherAI sparsify; SAELens "topk").
+
+    Codes: f = TopK_k(ReLU((x_in - b_dec) W_enc + b_enc)): the k largest ReLU'd pre-activations per token
+    are kept, all others are 0 (fewer than k are > 0 when fewer than k pre-activations are positive).
+    b_dec is subtracted only if cfg.apply_b_dec_to_input (train_sae defaults it to true for topk; a
+    loaded SAELens file keeps its own setting). Decoding gathers the k selected rows of W_dec
+    (`decode_sparse`, F.embedding_bag) instead of multiplying by the dense [n, d_sae] codes, and the
+    encoder's backward touches only the k selected columns of W_enc (`selected`, SelectedPreGrad).
+
+    Training (train_sae): W_dec rows are unit norm at init and after every optimizer step, and the
+    gradient component parallel to each row is removed before the step (sparsify). b_dec starts at the
+    geometric median of the first batch (in the SAE input space). l1_coefficient is ignored: the sparsity
+    is the k of TopK. See `loss` for the objective and AuxK.
+    """
+
+    uses_k: ClassVar[bool] = True
+    loss_definition: ClassVar[str] = (
+        "sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_batch(x)||^2 (batch FVU, SAE input space) + "
+        "aux_coefficient * min(n_dead / aux_k, 1) * sum_t ||e_t - e_hat_t||^2 / (same denominator), "
+        "e = x - x_hat (detached), e_hat = the reconstruction of e by the top min(aux_k, n_dead) dead latents "
+        "(no b_dec); no L1 term")
+
+    def __init__(self, cfg: SAEConfig, seed: int | None = 0) -> None:
+        if cfg.k is None:
+            raise ValueError("a topk SAE needs cfg.k (active latents per token)")
+        super().__init__(cfg, seed=seed)
+        self.k: int = int(cfg.k)
+
+    # ---- the architecture --------------------------------------------------------------------------
+    def encode_sparse(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values [..., k], indices [..., k], pre-activations [..., d_sae]) of SAE-space inputs.
+
+        TopK_k(ReLU(pre)) = ReLU(TopK_k(pre)) (ReLU is monotone; they differ only in which zero-valued
+        slots are listed), so ReLU runs on the k selected values, not on all d_sae pre-activations
+        (one [n, d_sae] pass less forward and backward). The pre-activations are returned raw.
+        """
+        pre = self.pre_activations(x_in)
+        with torch.no_grad():
+            values, indices = self._top(pre, self.k)
+        return torch.relu(self._selected_k(values, x_in, indices)), indices, pre
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return self._dense(torch.relu(values), indices, pre.shape[-1])
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """SAE-space reconstruction from (values, indices) [..., k]: equals decode_normalised(dense codes)."""
+        return self._gather_rows(values, indices) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction of x in raw space, dense codes); decodes through the sparse decoder."""
+        factor = self.input_factor(x)
+        values, indices, _ = self.encode_sparse(x * factor)
+        return self.decode_sparse(values, indices) / factor, self._dense(values, indices, self.cfg.d_sae)
 
     def loss(self, x: torch.Tensor, l1_coefficient: float = 0.0, dead_mask: torch.Tensor | None = None) -> LossOutput:
         """FVU + aux_coefficient * AuxK, in the SAE input space (x_in = x * input_factor(x)), x [n, d_in].

@@ -24,9 +24,12 @@ with the same params and store resumes from the latest one; nothing is ever unpi
 Architectures come from the registry in mmsae.sae.model (`train_sae.architecture`). A step is
 `optimizer_step`: backward, the SAE's `before_optimizer_step` hook (topk: remove the decoder-gradient
 component parallel to the rows), gradient clipping, Adam, `after_optimizer_step` (topk: unit-norm decoder
-rows). A fresh run calls `init_from_batch` on the batch of step 0 (topk: b_dec = geometric median). The
-loss gets `dead_mask` = latents that have not fired for `dead_window` training tokens (topk: AuxK); the
-counters behind it are checkpointed, so a resumed run stays bit-identical.
+rows; batchtopk, matryoshka_batchtopk: also the threshold's EMA step; jumprelu: thresholds kept >= 0). A
+fresh run calls `init_from_batch` on the batch of step 0 (topk family: b_dec = geometric median). The loss
+gets `dead_mask` = latents that have not fired for `dead_window` training tokens (topk family: AuxK) and the
+warmed-up coefficient named by the SAE's `sparsity_param` (relu: l1_coefficient, jumprelu: l0_coefficient);
+the counters and the SAE's buffers (batchtopk's threshold) are checkpointed, so a resumed run stays
+bit-identical.
 
 Modules: tokens (the train / held-out split), batches (the batch stream), step (schedules, precision,
 one optimizer step), checkpoint, loop (`train_sae`), pretrained (`import_sae`). The stage train_sae

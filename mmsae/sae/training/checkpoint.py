@@ -1,5 +1,5 @@
-"""Checkpoints of SAE training: `checkpoint_dir/step-XXXXXXXX/` = state.safetensors (weights, Adam moments
-and step counts, dead-latent counters) + state.json (step, input scale, loss curve, compatibility key),
+"""Checkpoints of SAE training: `checkpoint_dir/step-XXXXXXXX/` = state.safetensors (weights, buffers such as
+batchtopk's threshold, Adam moments and step counts, dead-latent counters) + state.json (step, input scale, loss curve, compatibility key),
 written atomically; only the newest `train_sae.keep_checkpoints` are kept (each is about 3x the SAE: 6.4 GB at
 4096 x 65,536). A rerun with the same params and store resumes from it;
 nothing is ever unpickled."""
@@ -41,6 +41,8 @@ def save_checkpoint(checkpoint_dir: Path, step: int, sae: SAE, opt: torch.optim.
     names = [n for n, _ in sae.named_parameters()]
     for n, p in sae.named_parameters():
         tensors[f"sae.{n}"] = p.detach()
+    for n, b in sae.named_buffers():  # state that is not trained by Adam (batchtopk: topk_threshold)
+        tensors[f"buffer.{n}"] = b
     adam = opt.state_dict()["state"]
     for i, n in enumerate(names):
         for k, v in adam.get(i, {}).items():
@@ -89,6 +91,8 @@ def restore(sae: SAE, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"sae.{n}"])
+        for n, b in sae.named_buffers():
+            b.copy_(tensors[f"buffer.{n}"])
     sd = opt.state_dict()
     sd["state"] = {}
     for i, n in enumerate(names):

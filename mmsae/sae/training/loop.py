@@ -76,7 +76,7 @@ def estimate_input_scale(schedule: BatchSchedule | MixedSchedule, store: Activat
     return math.sqrt(d_in) / mean if mean > 0 else 1.0
 
 
-def sae_metadata(store: ActivationStore, params: TrainSaeParams, uses_l1: bool,
+def sae_metadata(store: ActivationStore, params: TrainSaeParams, sparsity_param: str | None,
                  metadata: dict[str, Any] | None) -> dict[str, Any]:
     """cfg.json metadata of the SAE trained on `store`: SAELens' LLM fields, then ours."""
     layer = int(params.layer)
@@ -93,7 +93,7 @@ def sae_metadata(store: ActivationStore, params: TrainSaeParams, uses_l1: bool,
         **(metadata or {}),
         "scope": params.scope,
         "include_special": params.include_special,
-        "l1_coefficient": params.l1_coefficient if uses_l1 else None,
+        "l1_coefficient": params.l1_coefficient if sparsity_param == "l1_coefficient" else None,
         "normalize": params.normalize,
         "scale_inputs": params.scale_inputs,
         "train_params": {k: v for k, v in params.as_dict().items() if k != "device"},
@@ -111,14 +111,14 @@ def new_sae(store: ActivationStore, params: TrainSaeParams, device: torch.device
         raise InputError("--params", "architecture", f"unknown SAE architecture {arch!r} (have {sorted(ARCHITECTURES)})")
     sae_cls = ARCHITECTURES[arch]
     k = None
-    if arch == "topk":
+    if sae_cls.uses_k:
         k = int(params.k)
         if k > d_sae:
             raise InputError("--params", "k", f"k={k} exceeds d_sae={d_sae} (expansion {params.expansion} x d_in {d_in})")
     apply_b_dec = params.apply_b_dec_to_input
     if apply_b_dec is None:
         apply_b_dec = sae_cls.default_apply_b_dec_to_input
-    meta = sae_metadata(store, params, sae_cls.uses_l1, metadata)
+    meta = sae_metadata(store, params, sae_cls.sparsity_param, metadata)
     cfg = SAEConfig(
         d_in=d_in, d_sae=d_sae, architecture=arch, device=str(device),
         apply_b_dec_to_input=bool(apply_b_dec),
@@ -126,9 +126,15 @@ def new_sae(store: ActivationStore, params: TrainSaeParams, device: torch.device
         metadata=meta, k=k,
     )
     sae = build_sae(cfg, seed=params.seed).to(device)
-    sae.configure_training(params)
-    if arch == "topk":
+    try:
+        sae.configure_training(params)
+    except ValueError as exc:  # e.g. matryoshka widths that do not fit d_sae
+        raise InputError("--params", "matryoshka_widths" if "matryoshka" in str(exc) else "architecture", str(exc)) from exc
+    if sae_cls.uses_k:
         meta.update(k=k, aux_k=sae.aux_k, aux_coefficient=sae.aux_coefficient)
+    details = sae.training_details()
+    if details:  # SAELens' place for what its inference class does not need
+        meta.update(training_architecture=arch, training_architecture_details=details)
     return sae
 
 
@@ -187,7 +193,8 @@ def run_steps(run: Trainee, schedule: BatchSchedule | MixedSchedule, store: Acti
     for step, x in schedule.iter_batches(store, int(params.layer), run.start, stop, device=device):
         if step == 0:  # a fresh run (a resumed one starts at a checkpointed step >= 1)
             sae.init_from_batch(x)
-        lr, l1 = lr_at(step, params), (l1_at(step, params) if sae.uses_l1 else 0.0)
+        key = sae.sparsity_param
+        lr, l1 = lr_at(step, params), (l1_at(step, params, key) if key else 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
         with precision:  # autocast on CUDA (bf16); the backward runs outside it, as autocast wants

@@ -40,11 +40,13 @@ def lr_at(step: int, params: TrainSaeParams) -> float:
     return params.lr * max(f, 0.0)
 
 
-def l1_at(step: int, params: TrainSaeParams) -> float:
-    """L1 coefficient, linearly warmed up over l1_warmup_steps."""
+def l1_at(step: int, params: TrainSaeParams, key: str = "l1_coefficient") -> float:
+    """The sparsity coefficient `key` (relu: l1_coefficient, jumprelu: l0_coefficient), linearly warmed up
+    over l1_warmup_steps."""
+    value = float(getattr(params, key))
     if params.l1_warmup_steps > 0:
-        return params.l1_coefficient * min(1.0, (step + 1) / params.l1_warmup_steps)
-    return params.l1_coefficient
+        return value * min(1.0, (step + 1) / params.l1_warmup_steps)
+    return value
 
 
 def optimizer_step(sae: SAE, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
