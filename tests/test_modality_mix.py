@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_sae import synthetic_store, tiny_params
 
 from mmsae.activations import ActivationStore
-from mmsae.config import config_error
+from mmsae.config import config_error, load_schema
 from mmsae.errors import InputError
 from mmsae.sae.training import BatchSchedule, select_tokens, train_sae
 from mmsae.sae.training.mix import MixedSchedule, batch_counts, make_schedule, mix_shares
@@ -129,3 +129,13 @@ def test_mixed_resume_equals_uninterrupted(tmp_path, normalize):
     other = train_sae(store, tiny_params(steps=20, checkpoint_every=10, normalize=normalize, modality_mix="balanced"),
                       tmp_path / "o", tmp_path / "ck_full", progress=False)
     assert other["resumed_from_step"] is None
+
+
+@pytest.mark.parametrize("arch", load_schema()["properties"]["train_sae"]["properties"]["architecture"]["enum"])
+def test_every_architecture_trains_on_a_balanced_mix(tmp_path, arch):
+    store = _store(tmp_path)
+    kw = {"k": 4} if arch != "relu" and arch != "jumprelu" else {}
+    m = train_sae(store, tiny_params(architecture=arch, modality_mix="balanced", **kw), tmp_path / "o", tmp_path / "ck",
+                  progress=False)
+    assert m["batch_modality_counts"] == {"image": 16, "text": 16}
+    assert all(np.isfinite(m["eval"][mod]["centred_fvu"]) for mod in ("image", "text"))
