@@ -27,6 +27,7 @@ include: "rules/patches.smk"
 include: "rules/explain.smk"
 include: "rules/steer.smk"
 include: "rules/compare.smk"
+include: "rules/sae_compare.smk"
 include: "rules/study.smk"
 include: "rules/plan.smk"
 

@@ -53,6 +53,7 @@ class Files:
     SAE_CFG = "cfg.json"
     SAE_WEIGHTS = "sae_weights.safetensors"
     SAE_SPARSITY = "sparsity.safetensors"
+    MODEL_CARD = "README.md"  # Hugging Face model card (mmsae.sae.card)
     TRAIN_STATE = "state.json"
     TRAIN_STATE_TENSORS = "state.safetensors"
     # evaluate_sae
@@ -88,6 +89,12 @@ class Files:
     # compare
     AUROC_SPREAD = "auroc_spread.parquet"
     AUROC_SPREAD_HTML = "auroc_spread.html"
+    # sae_compare (mmsae.report.sae_compare; also INDEX_HTML)
+    COMPARE_RUNS = "runs.parquet"
+    COMPARE_SUMMARY = "summary.parquet"
+    COMPARE_AUROC = "auroc.parquet"
+    COMPARE_PARETO = "pareto.png"
+    COMPARE_FINDINGS = "findings.json"
     # study (the filtering curve over runs)
     STUDY = "study.parquet"
     STUDY_JSON = "study.json"

@@ -7,7 +7,7 @@ descriptions live in the schema; `XParams.load(raw)` fills and validates a slice
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from mmsae.config import StageParams
 
@@ -221,6 +221,13 @@ class TrainSaeParams(StageParams):
     #: 'all' = SAE-V (image + text tokens), 'text' = SAE
     scope: Literal["all", "text"]
     include_special: bool
+    #: the modality make-up of every training batch. natural = the store's own (an SAE-V then sees mostly
+    #: image tokens); balanced = equal numbers of each trained modality (image, text; special with
+    #: include_special); or explicit shares, e.g. {image: 0.7, text: 0.3} (normalised to sum 1). A
+    #: modality that is short is drawn again (its own epochs cycle faster). scope must be 'all'. Under a
+    #: non-natural mix, scale_inputs is estimated on the mixed batches (each modality weighted by its
+    #: share, not by its token count); the eval split reports FVU per modality whatever the mix
+    modality_mix: str | dict[str, Any]
     expansion: float
     #: lambda of the decoder-norm-weighted L1 term; relu only (ignored by topk). Its effect scales with
     #: the input norm (sqrt(d) under normalize: token)
@@ -673,6 +680,32 @@ class CompareParams(StageParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class SaeCompareParams(StageParams):
+    #: opt-in target `snakemake sae_compare` (rules/sae_compare.smk): every architecture x modality_mix x
+    #: sparsity setting x seed, each SAE trained with the train_sae recipe plus these overrides and
+    #: carried through its own train_sae / encode / features / score / premise / evaluate_sae folders (toy
+    #: world), then aggregated into results/{run}/sae_compare-<hash>/ (FVU per modality against L0, dead
+    #: fraction, CE/KL, premise AUROC, the consistency scores' mismatch and noise AUROC; mean +- sd over
+    #: seeds; findings first)
+    STAGE: ClassVar[str] = "sae_compare"
+    #: architectures compared; null = every value of train_sae.architecture's enum
+    architectures: list[str] | None
+    #: train_sae.modality_mix values compared
+    mixes: list[Any]
+    #: per architecture, the train_sae key that sets its sparsity and >= 3 values of it (one Pareto point
+    #: each): l1 coefficient for relu, k for the topk family, l0 coefficient for jumprelu
+    sparsity: dict[str, Any]
+    #: train_sae.seed values; the tables give mean +- sd over them
+    seeds: list[int]
+    #: train_sae keys set for every compared SAE (e.g. {steps: 500} for a quick run); checked against the
+    #: train_sae schema
+    train: dict[str, Any]
+    #: the score whose mismatch and noise-image AUROC the headline table gives (every consistency* score
+    #: is in auroc.parquet)
+    score_method: str
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyParams(StageParams):
     #: opt-in target `snakemake study` (rules/study.smk, `make study`): the filtering curve over runs
     #: (e.g. toy-world seeds) with mean and sd, the 2-sd decisions against random and the whole pool, the
@@ -741,6 +774,7 @@ BY_STAGE: dict[str, type[StageParams]] = {
     "baseline_scores": BaselineScoresParams,
     "steer": SteerParams,
     "compare": CompareParams,
+    "sae_compare": SaeCompareParams,
     "study": StudyParams,
     "attribute": AttributeParams,
 }

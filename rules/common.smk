@@ -1,5 +1,6 @@
 # Helpers and config validation shared by all rule files.
 import json
+import shlex
 import sys
 from functools import cache
 from pathlib import Path
@@ -10,6 +11,8 @@ sys.path.insert(0, workflow.basedir)  # the mmsae package, also when it is not p
 from mmsae.artifacts import stage_dirname
 from mmsae.config import config_error, result_keys, section_defaults
 from mmsae.models.shape import planned_shape, shape_problems
+from mmsae.params import SaeCompareParams
+from mmsae.report.sae_compare import plan as sae_compare_plan
 from mmsae.scoring.methods import with_parts
 
 # A bad config stops here with one line naming the field and its value; Snakemake's own validation
@@ -67,6 +70,8 @@ PARENTS = {
     "steer": ["sample", "train_sae", "features"] + (["premise"] if STEER_CONCEPT else [])
     + (["toy_model"] if TOY_MODEL else []),
     "attribute": ["sample", "train_sae"] + (["toy_model"] if TOY_MODEL else []),
+    # opt-in target (rules/sae_compare.smk): its own hash also covers every compared SAE (hashed_params)
+    "sae_compare": ["sample"],
 }
 
 
@@ -95,15 +100,39 @@ _check_curve()
 # Variants: the SAE recipe with some train_sae keys overridden ({"scope": "text"} for the SAE that
 # evaluate_sae compares with the SAE-V, {"layer": L} for the per-layer AUROC table). A variant flows
 # through the stages in VARIED: their folders hash their parents' names, so each variant gets its own.
-VARIED = ("train_sae", "encode", "features", "score")
+VARIED = ("train_sae", "encode", "features", "score", "premise", "evaluate_sae")
 SAE_SCOPES = list(dict.fromkeys([config["train_sae"]["scope"], *config["evaluate_sae"]["scopes"]]))
 SCORE_LAYERS = config["score"]["layers"] if config["score"]["layers"] is not None else config["extract"]["layers"]
+# sae_compare (opt-in, toy world): every architecture x modality_mix x sparsity setting x seed is a variant of
+# train_sae and of each stage after it that the comparison reads
+SAE_COMPARE = (sae_compare_plan(SaeCompareParams.from_dict(config["sae_compare"]), config["train_sae"])
+               if TOY_DATA and TOY_MODEL else [])  # premise needs the toy world's words and masks
+COMPARED = [r["variant"] for r in SAE_COMPARE]
 VARIANTS = {
-    "train_sae": [{"scope": s} for s in SAE_SCOPES] + [{"layer": layer} for layer in SCORE_LAYERS],
-    "encode": [{"layer": layer} for layer in SCORE_LAYERS],
-    "features": [{"layer": layer} for layer in SCORE_LAYERS],
-    "score": [{"layer": layer} for layer in SCORE_LAYERS],
+    "train_sae": [{"scope": s} for s in SAE_SCOPES] + [{"layer": layer} for layer in SCORE_LAYERS] + COMPARED,
+    "encode": [{"layer": layer} for layer in SCORE_LAYERS] + COMPARED,
+    "features": [{"layer": layer} for layer in SCORE_LAYERS] + COMPARED,
+    "score": [{"layer": layer} for layer in SCORE_LAYERS] + COMPARED,
+    "premise": COMPARED,
+    "evaluate_sae": COMPARED,
 }
+
+
+def _freeze(v):
+    """A hashable stand-in for a variant value (a modality_mix of shares is a dict), undone by _thaw."""
+    if isinstance(v, dict):
+        return ("__dict__", tuple(sorted((k, _freeze(x)) for k, x in v.items())))
+    if isinstance(v, list):
+        return ("__list__", tuple(_freeze(x) for x in v))
+    return v
+
+
+def _thaw(v):
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "__dict__":
+        return {k: _thaw(x) for k, x in v[1]}
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "__list__":
+        return [_thaw(x) for x in v[1]]
+    return v
 
 
 # Data sources. The pool `data` (source None) is scored and feeds the curve, report and browser; the SAE
@@ -177,8 +206,18 @@ def hashed_params(stage, source=None, **variant):
     for stages that run it) without its execution keys (schema: `execution: true`); a variant overrides
     train_sae keys; sample hashes its source's data keys and sampling."""
     params = result_keys(stage, config.get(stage, {}))
+    if stage == "evaluate_sae" and variant:
+        # a compared SAE alone, in the model only (no base LLM, no text-only SAE): never the folder of the
+        # run's own evaluate_sae, even where the compared SAE is the run's SAE
+        params.update(saes="variant", base_model=None)
+    if stage == "sae_compare":
+        params["saes"] = [Path(stage_dir("train_sae", **v)).name for v in COMPARED]
+        params["stages"] = {s: result_keys(s, config[s]) for s in ("encode", "features", "score", "premise", "evaluate_sae")}
     if stage == "train_sae":
         params.update(variant)
+        if params.get("modality_mix", "natural") == "natural":
+            # the store's own mix (the default): the SAE of before this key, in the folder it had
+            params.pop("modality_mix", None)
     if stage in ("extract", "model_loss", "evaluate_sae", "baseline_scores", "browser", "patch_filter",
                  "steer", "attribute"):
         params["model"] = result_keys("model", config["model"])
@@ -195,9 +234,10 @@ def hashed_params(stage, source=None, **variant):
 
 
 @cache
-def _stage_dir(stage, variant):
+def _stage_dir(stage, frozen):
+    variant = {k: _thaw(v) for k, v in frozen}
     parents = [Path(d).name for d in parent_folders(stage, variant).values()]
-    return f"{RESULTS}/{stage_dirname(stage, hashed_params(stage, **dict(variant)), parents)}"
+    return f"{RESULTS}/{stage_dirname(stage, hashed_params(stage, **variant), parents)}"
 
 
 def stage_dir(stage, **variant):
@@ -205,7 +245,7 @@ def stage_dir(stage, **variant):
     `source` names the data source of a SOURCED stage (None: the pool `data`)."""
     keep = {k: v for k, v in variant.items()
             if (k != "source" and stage in VARIED) or (k == "source" and stage in SOURCED and v is not None)}
-    return _stage_dir(stage, tuple(sorted(keep.items())))
+    return _stage_dir(stage, tuple(sorted((k, _freeze(v)) for k, v in keep.items())))
 
 
 def variant_of(stage, folder):

@@ -1,22 +1,25 @@
 # The method's premise on the toy world: is there one feature for the word "blue" and blue patches?
+# One rule for the run's SAE and for each SAE of sae_compare (its own encode), told apart by folder name.
 rule premise:
     input:
-        **inputs("premise"),
+        unpack(variant_inputs("premise")),
     output:
-        manifest("premise"),
+        f"{RESULTS}/{{folder}}/manifest.json",
+    wildcard_constraints:
+        folder=r"premise-[0-9a-f]{8}",
     params:
         cfg=slice_json("premise"),
-        samples=stage_dir("sample"),
-        extract=stage_dir("extract"),
-        encode=stage_dir("encode"),
+        samples=variant_dir("premise", "sample"),
+        extract=variant_dir("premise", "extract"),
+        encode=variant_dir("premise", "encode"),
         model=model_path(),
-        out=stage_dir("premise"),
+        out=lambda wc: f"{RESULTS}/{wc.folder}",
     conda:
         ENV
     log:
-        log_file("premise"),
+        f"{RESULTS}/logs/{{folder}}.log",
     benchmark:
-        bench_file("premise")
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/premise.py --samples {params.samples} --extract {params.extract}"
         " --encode {params.encode} --model {params.model} --out {params.out} --params {params.cfg:q} > {log} 2>&1"

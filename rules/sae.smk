@@ -47,27 +47,42 @@ rule encode:
         " --params {params.cfg:q} > {log} 2>&1"
 
 
-# The SAEs spliced into the model (and into its base LLM): CE / KL scores, L0, FVU per modality.
+# The SAEs spliced into the model (and into its base LLM): CE / KL scores, L0, FVU per modality. The run's
+# own folder compares the SAE-V with the text-only SAE; an sae_compare variant's holds its SAE alone, in the
+# model only (hashed_params marks it, so the two never share a folder).
+def _evaluate_saes(wc):
+    variant = variant_of("evaluate_sae", wc.folder)
+    return sae_dirs() if not variant else {"all": parent_folders("evaluate_sae", variant)["train_sae"]}
+
+
+def _evaluate_inputs(wc):
+    variant = variant_of("evaluate_sae", wc.folder)
+    return {**{k: f"{d}/manifest.json" for k, d in parent_folders("evaluate_sae", variant).items()},
+            "saes": [f"{d}/manifest.json" for d in _evaluate_saes(wc).values()]}
+
+
 rule evaluate_sae:
     input:
-        **inputs("evaluate_sae"),
-        saes=[f"{d}/manifest.json" for d in sae_dirs().values()],
+        unpack(_evaluate_inputs),
     output:
-        manifest("evaluate_sae"),
+        f"{RESULTS}/{{folder}}/manifest.json",
+    wildcard_constraints:
+        folder=r"evaluate_sae-[0-9a-f]{8}",
     params:
-        cfg=slice_json("evaluate_sae"),
+        cfg=lambda wc: slice_json("evaluate_sae") if not variant_of("evaluate_sae", wc.folder)
+        else json.dumps({**config["evaluate_sae"], "base_model": None}, sort_keys=True),
         model_cfg=slice_json("model"),
         model=model_path(),
-        base_model=lambda wc: base_model_arg(),
-        saes=" ".join(f"--sae {scope}={d}" for scope, d in sae_dirs().items()),
+        base_model=lambda wc: base_model_arg() if not variant_of("evaluate_sae", wc.folder) else "",
+        saes=lambda wc: " ".join(f"--sae {scope}={d}" for scope, d in _evaluate_saes(wc).items()),
         samples=stage_dir("sample"),
-        out=stage_dir("evaluate_sae"),
+        out=lambda wc: f"{RESULTS}/{wc.folder}",
     conda:
         ENV
     log:
-        log_file("evaluate_sae"),
+        f"{RESULTS}/logs/{{folder}}.log",
     benchmark:
-        bench_file("evaluate_sae")
+        f"{RESULTS}/benchmarks/{{folder}}.tsv"
     shell:
         "python {SCRIPTS}/evaluate_sae.py --samples {params.samples} --model {params.model:q}"
         " --model-params {params.model_cfg:q} {params.base_model} {params.saes}"

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# rules that run no script: the default target, the "latest" links / compare's summary target, and `plan`
-# (python -m mmsae.plan: an estimate before any job, no stage)
-TARGETS = {"all", "latest_report", "latest_browser", "compare", "study", "plan"}
+# rules that run no script: the default target, the "latest" links / compare's, study's and sae_compare's
+# summary targets, and `plan` (python -m mmsae.plan: an estimate before any job, no stage)
+TARGETS = {"all", "latest_report", "latest_browser", "compare", "study", "sae_compare", "plan"}
 _RULE = re.compile(r"^\s*rule (\w+):(.*?)(?=^\s*rule |\Z)", re.S | re.M)  # rules may sit in if-blocks
 
 

@@ -2,7 +2,8 @@
 
 Writes, atomically, into --out:
 
-  sae/            SAELens layout: cfg.json, sae_weights.safetensors, sparsity.safetensors (log10 freq)
+  sae/            SAELens layout: cfg.json, sae_weights.safetensors, sparsity.safetensors (log10 freq),
+                  README.md (model card: YAML metadata + how to load; mmsae.sae.card)
   metrics.json    held-out L0, MSE, centred FVU, dead and dense fractions (overall and per modality),
                   loss curve at checkpoints, token counts
   manifest.json   params, inputs, counts (n_train_tokens, n_eval_tokens, d_in, d_sae, layer), timings
@@ -26,8 +27,9 @@ from pathlib import Path
 
 from mmsae import cli
 from mmsae.activations import ActivationStore
-from mmsae.artifacts import MANIFEST, Timer, atomic_dir, read_manifest, write_manifest
+from mmsae.artifacts import MANIFEST, Files, Timer, atomic_dir, read_manifest, write_manifest
 from mmsae.params import TrainSaeParams
+from mmsae.sae.card import training_data, write_card
 from mmsae.sae.training import import_sae, train_sae
 
 STAGE = "train_sae"
@@ -56,6 +58,7 @@ def run(inputs: Inputs, params: TrainSaeParams, out: Path) -> None:
             else:
                 metrics = train_sae(store, params, tmp, inputs.checkpoints,
                                     metadata={"model_name": model_name(inputs.extract)})
+        write_card(tmp / Files.SAE_DIR, metrics, training_data(inputs.extract))
         counts = {k: metrics[k] for k in ("n_train_tokens", "n_eval_tokens", "d_in", "d_sae", "layer")}
         counts.update(hook_name=metrics["hook_name"], steps=metrics["steps"], tokens_seen=metrics["tokens_seen"],
                       resumed_from_step=metrics["resumed_from_step"])

@@ -31,6 +31,7 @@ from mmsae.sae.metrics import evaluate_blocks
 from mmsae.sae.model import ARCHITECTURES, SAE, LossOutput, SAEConfig, build_sae
 from mmsae.sae.training.batches import BatchSchedule
 from mmsae.sae.training.checkpoint import checkpoint_key, latest_checkpoint, restore, save_checkpoint
+from mmsae.sae.training.mix import MixedSchedule, batch_counts, make_schedule, mix_shares
 from mmsae.sae.training.step import l1_at, lr_at, optimizer_step, precision_context
 from mmsae.sae.training.tokens import TokenSplit, eval_blocks, select_tokens
 
@@ -64,8 +65,9 @@ class Trainee:
     resumed_from: int | None = None
 
 
-def estimate_input_scale(schedule: BatchSchedule, store: ActivationStore, layer: int, d_in: int) -> float:
-    """sqrt(d_in) / mean ||x|| over the first NORM_ESTIMATE_BATCHES training batches."""
+def estimate_input_scale(schedule: BatchSchedule | MixedSchedule, store: ActivationStore, layer: int, d_in: int) -> float:
+    """sqrt(d_in) / mean ||x|| over the first NORM_ESTIMATE_BATCHES training batches: under a balanced or
+    shared modality_mix these are mixed batches, so each modality weighs by its share, not its token count."""
     total, n = 0.0, 0
     for _, xb in schedule.iter_batches(store, layer, 0, min(NORM_ESTIMATE_BATCHES, schedule.per_epoch)):
         total += float(np.linalg.norm(xb.astype(np.float64), axis=1).sum())
@@ -136,7 +138,7 @@ def new_sae(store: ActivationStore, params: TrainSaeParams, device: torch.device
     return sae
 
 
-def start_or_resume(sae: SAE, store: ActivationStore, params: TrainSaeParams, schedule: BatchSchedule,
+def start_or_resume(sae: SAE, store: ActivationStore, params: TrainSaeParams, schedule: BatchSchedule | MixedSchedule,
                     checkpoint_dir: Path, device: torch.device) -> Trainee:
     """The optimizer and counters of `sae`, restored from the latest compatible checkpoint if there is
     one; a fresh run estimates its input scale (scale_inputs) instead."""
@@ -177,7 +179,7 @@ def record_step(out: LossOutput, counters: dict[str, torch.Tensor], sums: torch.
     return l0
 
 
-def run_steps(run: Trainee, schedule: BatchSchedule, store: ActivationStore, params: TrainSaeParams,
+def run_steps(run: Trainee, schedule: BatchSchedule | MixedSchedule, store: ActivationStore, params: TrainSaeParams,
               checkpoint_dir: Path, stop: int, device: torch.device, progress: bool) -> None:
     """Steps [run.start, stop), checkpointing every checkpoint_every steps and at the last step."""
     sae, opt, counters = run.sae, run.opt, run.counters
@@ -231,6 +233,18 @@ def final_eval(run: Trainee, store: ActivationStore, split: TokenSplit, params: 
     return evals, sparsity, window
 
 
+def mix_metrics(split: TokenSplit, params: TrainSaeParams) -> dict[str, Any]:
+    """Under a balanced / shared mix: the rows per batch and epochs per modality (a short modality's > 1
+    sooner: its tokens were drawn again)."""
+    shares = mix_shares(params.modality_mix, params.scope, params.include_special)
+    if shares is None or split.train_by_modality is None:
+        return {}
+    counts = batch_counts(shares, int(params.batch_size))
+    return {"batch_modality_counts": counts,
+            "epochs_by_modality": {m: int(params.steps) * c / max(len(split.train_by_modality[m]), 1)
+                                   for m, c in counts.items()}}
+
+
 def training_metrics(run: Trainee, split: TokenSplit, params: TrainSaeParams, evals: dict[str, Any], window: int,
                      device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
     """metrics.json of a trained SAE."""
@@ -254,6 +268,8 @@ def training_metrics(run: Trainee, split: TokenSplit, params: TrainSaeParams, ev
         "n_train_samples": split.n_train_samples,
         "n_eval_samples": split.n_eval_samples,
         "epochs": tokens_seen / max(len(split.train_rows), 1),
+        "modality_mix": params.modality_mix,
+        **mix_metrics(split, params),
         "input_scale": sae.input_scale,
         "l0": ov["l0"],
         "mse": ov["mse"],
@@ -287,10 +303,11 @@ def train_sae(store: ActivationStore, params: TrainSaeParams, out_dir: str | Pat
     layer, steps, batch_size = int(params.layer), int(params.steps), int(params.batch_size)
     store.array(layer)  # InputError if the layer was not extracted
     device = resolve_device(params.device)
+    shares = mix_shares(params.modality_mix, params.scope, params.include_special)
     split = select_tokens(store.token_columns(["row", "sample_id", "modality"]), params.scope, params.include_special,
-                          params.eval_fraction)
-    schedule = BatchSchedule(split.train_rows, store.n_tokens, store.chunk_tokens, params.buffer_chunks,
-                             batch_size, params.seed)
+                          params.eval_fraction, by_modality=shares is not None)
+    schedule = make_schedule(split.train_rows, split.train_by_modality, store.n_tokens, store.chunk_tokens,
+                             params.buffer_chunks, batch_size, params.seed, shares)
     run = start_or_resume(new_sae(store, params, device, metadata), store, params, schedule, checkpoint_dir, device)
     log.info("train_sae: layer %d, %d train / %d eval tokens, d_in %d, d_sae %d, input scale %.4g, device %s",
              layer, len(split.train_rows), len(split.eval_rows), run.sae.cfg.d_in, run.sae.cfg.d_sae,

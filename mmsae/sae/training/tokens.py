@@ -34,10 +34,14 @@ class TokenSplit:
     eval_in_scope: np.ndarray  # whether each eval row is of a modality the SAE is trained on
     n_train_samples: int
     n_eval_samples: int
+    # training rows per modality (sorted), only when asked for: a balanced / shared modality_mix
+    train_by_modality: dict[str, np.ndarray] | None = None
 
 
-def select_tokens(tokens: pd.DataFrame, scope: str, include_special: bool, eval_fraction: float) -> TokenSplit:
-    """Split the store's token index into training rows and held-out evaluation rows (by sample)."""
+def select_tokens(tokens: pd.DataFrame, scope: str, include_special: bool, eval_fraction: float,
+                  by_modality: bool = False) -> TokenSplit:
+    """Split the store's token index into training rows and held-out evaluation rows (by sample);
+    by_modality: also the training rows of each trained modality."""
     if scope not in SCOPES:
         raise InputError("--params", "scope", f"unknown scope {scope!r} (have {sorted(SCOPES)})")
     modalities = SCOPES[scope] + (("special",) if include_special else ())
@@ -64,6 +68,9 @@ def select_tokens(tokens: pd.DataFrame, scope: str, include_special: bool, eval_
     tok_eval = is_eval[inv]
     train_sel = ~tok_eval & in_scope
     eval_sel = tok_eval & in_eval_mods
+    by_mod = None
+    if by_modality:
+        by_mod = {m: rows[train_sel & (tokens["modality"] == m).to_numpy()] for m in modalities}
     return TokenSplit(
         train_rows=rows[train_sel],
         eval_rows=rows[eval_sel],
@@ -71,6 +78,7 @@ def select_tokens(tokens: pd.DataFrame, scope: str, include_special: bool, eval_
         eval_in_scope=in_scope[eval_sel],
         n_train_samples=int((~is_eval).sum()),
         n_eval_samples=int(is_eval.sum()),
+        train_by_modality=by_mod,
     )
 
 
