@@ -102,6 +102,13 @@ def test_benchmark_metrics_reads_toy_and_judged_llava_bench():
     assert benchmark_metrics(res) == {"exact_match": 0.5, "llava_bench.overall": 81.5}
 
 
+def test_benchmark_metrics_reads_answer_match_per_task():
+    res = {"toy": {"exact_match": 0.5, "exact_match_by_task": {}, "answer_match": 0.75,
+                   "answer_match_by_task": {"describe_side": 0.5, "object_of_colour": 1.0}}}
+    assert benchmark_metrics(res) == {"exact_match": 0.5, "answer_match": 0.75, "answer_match.describe_side": 0.5,
+                                      "answer_match.object_of_colour": 1.0}
+
+
 def test_curve_stage_writes_table_plot_and_best_method(tmp_path):
     samples = tmp_path / "sample"
     samples.mkdir()

@@ -36,16 +36,17 @@ from mmsae.params import CurveParams
 
 
 def benchmark_metrics(results: Mapping) -> dict[str, float]:
-    """The headline numbers of a benchmark stage's results.json: toy exact match and answer log-prob
-    (overall and per task), LLaVA-Bench relative score (overall and per category) when judged."""
+    """The headline numbers of a benchmark stage's results.json: toy exact match, answer match and answer
+    log-prob (overall and per task), LLaVA-Bench relative score (overall and per category) when judged."""
     out: dict[str, float] = {}
     toy = results.get("toy")
     if toy:
         out["exact_match"] = float(toy["exact_match"])
         out.update({f"exact_match.{t}": float(v) for t, v in toy.get("exact_match_by_task", {}).items()})
-        if "answer_logprob" in toy:
-            out["answer_logprob"] = float(toy["answer_logprob"])
-            out.update({f"answer_logprob.{t}": float(v) for t, v in toy.get("answer_logprob_by_task", {}).items()})
+        for metric in ("answer_match", "answer_logprob"):  # answer_match: multi-word answers (alignment setting)
+            if metric in toy:
+                out[metric] = float(toy[metric])
+                out.update({f"{metric}.{t}": float(v) for t, v in toy.get(f"{metric}_by_task", {}).items()})
     scores = (results.get("llava_bench") or {}).get("scores")
     if scores:
         out.update({f"llava_bench.{c}": float(v["relative"]) for c, v in scores.items()
