@@ -87,6 +87,14 @@ SCORE_STEPS = ("token_index", "code_stats", "concept_features", "concept_sums", 
 CONSISTENCY = {"min_per_modality": 1, "min_selectivity": 0.0, "max_doc_freq": 1.0, "min_balance": 0.0}
 
 
+def run_worker(stage: str, work: Path, label: str, passthrough: list[str]) -> dict[str, Any]:
+    """One stage in its own process (so its peak RSS is its own): the worker's last stdout line, as JSON."""
+    cmd = [sys.executable, __file__, "--worker", stage, "--dir", str(work), *passthrough]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {stage} at {label} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 def prepare(work: Path, samples: int, args: argparse.Namespace) -> None:
     """work/extract (store) and work/sae (a random TopK SAE in the SAELens layout)."""
     from _data import write_store
@@ -168,14 +176,8 @@ def synthetic_main(args: argparse.Namespace) -> int:
             label, work = f"{f}x", Path(tmp) / f"{f}x"
             runs[label] = {"pool": synthetic_pool(work, args.samples * f, args, bool(keep))}
             for stage in stages:
-                if args.inline:
-                    runs[label][stage] = synthetic_worker(stage, work, args)
-                    continue
-                cmd = [sys.executable, __file__, "--worker", stage, "--dir", str(work), *passthrough]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"error: {stage} at {label} failed:\n{proc.stderr[-3000:]}")
-                runs[label][stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[label][stage] = (synthetic_worker(stage, work, args) if args.inline
+                                      else run_worker(stage, work, label, passthrough))
             print(f"{label}: " + json.dumps(runs[label]), file=sys.stderr, flush=True)
     small, big = runs[f"{factors[0]}x"], runs[f"{factors[-1]}x"]
     ratios = {s: {"peak_rss": big[s]["peak_rss_mb"] / small[s]["peak_rss_mb"],
@@ -308,14 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare(work, samples, args)
             runs[label] = {}
             for stage in stages:
-                if args.inline:
-                    runs[label][stage] = worker(stage, work, args)
-                    continue
-                cmd = [sys.executable, __file__, "--worker", stage, "--dir", str(work), *passthrough]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"error: {stage} at {label} failed:\n{proc.stderr[-3000:]}")
-                runs[label][stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[label][stage] = (worker(stage, work, args) if args.inline
+                                      else run_worker(stage, work, label, passthrough))
     small, big = runs["1x"], runs[f"{args.factor}x"]
     ratios = {s: {"throughput": big[s]["tokens_per_s"] / small[s]["tokens_per_s"],
                   "throughput_cpu": big[s]["tokens_per_cpu_s"] / small[s]["tokens_per_cpu_s"],
