@@ -34,7 +34,7 @@ from mmsae.artifacts import atomic_dir, write_json
 from mmsae.config import load_schema, validate
 from mmsae.models.shape import dictionary_size
 from mmsae.sae.blocks import dense_rows
-from mmsae.scoring.offdist import sae_rows
+from mmsae.scoring.offdist import STORE_BLOCK_BYTES, sae_rows
 
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -511,7 +511,10 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     s.disk = {"scores.parquet": len(score_layers) * n_pool * n_methods * 8 + n_pool * 24,
               "subsets (id lists)": n_methods * sum(sc["fractions"]) * n_pool * 24}
     img_tokens = n_pool * tc_pool.image
-    s.host_peak = BASE_RSS + 4 * P + n_pool * (n_methods * 8 + 200) + sae_rows(d_sae) * d_sae * 4
+    # + offdist's per-sample sums of unit image states [samples, d] float64 (1.3 GB at 40K x 4,096) and one
+    # store block (at most STORE_BLOCK_BYTES of float32, with its masked copy)
+    s.host_peak = (BASE_RSS + 4 * P + n_pool * (n_methods * 8 + 200) + sae_rows(d_sae) * d_sae * 4
+                   + n_pool * d * 8 + 2 * STORE_BLOCK_BYTES)
     # the SAE and one dense block: on the GPU, or on the host of a CPU job (plan() moves it there; on a CPU
     # the loaded SAE is held beside the host copy counted above: perf/real_width.py measured 4.1 GB, 0.62x
     # of the host peak without it)
