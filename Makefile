@@ -69,7 +69,7 @@ study-runs: setup
 	    build/study/seed$$s.yaml || exit 1; \
 	done
 
-# lr: null = DPO's own default lr (config/study.yaml sets SFT's lr 1e-3, and --config merges into it)
+# lr: null = DPO's own default lr: config/study.yaml sets SFT's lr 1e-3, and config files merge key by key
 study-dpo: setup
 	mkdir -p build/study
 	printf 'run: study-dpo\nfinetune: {method: dpo, lr: null}\n' > build/study/dpo.yaml
