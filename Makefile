@@ -69,9 +69,12 @@ study-runs: setup
 	    build/study/seed$$s.yaml || exit 1; \
 	done
 
+# lr: null = DPO's own default lr: config/study.yaml sets SFT's lr 1e-3, and config files merge key by key
 study-dpo: setup
+	mkdir -p build/study
+	printf 'run: study-dpo\nfinetune: {method: dpo, lr: null}\n' > build/study/dpo.yaml
 	PATH=$(BIN):$$PATH snakemake --cores $(CORES) results/study-dpo/report/report.json $(STUDY_CONFIG) \
-	  --config run=study-dpo "finetune={method: dpo}"
+	  build/study/dpo.yaml
 
 study: study-runs study-dpo
 	PATH=$(BIN):$$PATH snakemake --cores $(CORES) study $(STUDY_CONFIG) \

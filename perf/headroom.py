@@ -14,6 +14,8 @@ the starting model; 1 = clean ranked first). Stages already built are reused.
 Usage:
   OMP_NUM_THREADS=1 python perf/headroom.py --seed 0 --out perf/out/headroom
   python perf/headroom.py --seed 0 --out perf/out/headroom --finetune '{"method": "dpo"}'
+  # the study's budget (config/study.yaml), on seeds 0, 1, 2: docs/toyworld-alignment.md
+  python perf/headroom.py --seed 1 --finetune '{"lr": 0.001, "max_steps": 600, "freeze_vision_tower": true}'
 """
 
 from __future__ import annotations

@@ -101,6 +101,17 @@ def test_answers_vary_in_phrasing_and_length(world):
     assert max(len(_preferred(r).split()) + 1 for r in clean.itertuples()) <= toy.MAX_NEW_TOKENS
 
 
+def test_questions_sharing_a_head_get_their_own_answer():
+    """ "what is the square ?" (describe_shape: its colour) and "what is the red object ?" (object_of_colour:
+    its shape) share "what is the"; answer_for must tell them apart."""
+    scene = Scene([{"side": "left", "colour": "red", "shape": "circle", "bbox": [2, 2, 12, 12]},
+                   {"side": "right", "colour": "blue", "shape": "square", "bbox": [18, 2, 28, 12]}])
+    assert answer_for("what is the square ?", scene) == "blue"
+    assert answer_for("what is the circle ?", scene) == "red"
+    assert answer_for("what is the red object ?", scene) == "circle"
+    assert answer_for("what is the triangle ?", scene) is None  # not in the scene
+
+
 def test_unhelpful_responses_are_fluent_and_name_nothing():
     vocab = set(toy.vocabulary())
     for phrase in toyvocab.UNHELPFUL:

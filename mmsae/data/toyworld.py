@@ -59,6 +59,8 @@ POOL_MIX = {"caption": 0.40, "color_of_shape": 0.20, "shape_on_side": 0.20, "col
 # next_to are defined (answer_for, answer_match know them) but left out of the mix: the toy model did not
 # learn them from the clean pool (seed 0, 600 steps at lr 1e-3: answer match 0.52 / 0.57 held out and
 # 0.60 / 0.82 on the samples it trained on), so they would cap the clean-pool ceiling, not measure data.
+# describe_shape asks "what is the square ?", not "describe the square ?": worded with "describe" it kept the
+# caption habit of "describe ?" (the left object's colour and shape) and capped the clean-pool score at 0.87.
 ALIGN_MIX = {"object_of_colour": 1 / 3, "describe_side": 1 / 3, "describe_shape": 1 / 3}
 ALIGN_TASKS = tuple(ALIGN_MIX)
 # Per task: the question and four phrasings of the answer, shortest first. {a} is the answer's core
@@ -68,7 +70,7 @@ ALIGN_QUESTIONS = {
     "side_of": "which side is the {colour} {shape} on ?",
     "object_of_colour": "what is the {colour} object ?",
     "describe_side": "describe the {side} object ?",
-    "describe_shape": "describe the {shape} ?",
+    "describe_shape": "what is the {shape} ?",
     "next_to": "what is next to the {shape} ?",
 }
 ALIGN_PHRASINGS = {
