@@ -13,9 +13,9 @@ Two settings (`setting`), with the same train split (so the same starting model)
 - recognition: pool and heldout ask the train split's own questions (captions, colour / shape Q/A,
   one-word answers). A model trained on the train split already knows them.
 - alignment:   pool and heldout teach and test skills the train split never shows, on new images:
-  question types the starting model has never seen (ALIGN_TASKS), answers of several words in four
-  phrasings of different lengths ("left", "on the left", "it is on the left", "the red square is on the
-  left"), and a preference pair [good, poor] whose poor response is wrong or unhelpful. The starting
+  question types the starting model has never seen (ALIGN_MIX), answers of several words in four
+  phrasings of different lengths ("square", "a square", "it is a square", "the left object is a
+  square"), and a preference pair [good, poor] whose poor response is wrong or unhelpful. The starting
   model has learnt vision-language alignment (colours, shapes, where they are) but not these skills.
 
 Stage toyworld (`run`): writes the synthetic data set with ground truth. Outputs (in --out):
