@@ -184,7 +184,8 @@ def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows:
 
     The unit states are summed per feature and side while the store is read chunk by chunk in row order
     (`iter_rows`: each chunk once per group, not once per group of rows), for groups of features whose
-    float64 sums fit in max_bytes (32,768 features at d_model 4,096 with the default 1 GiB).
+    float64 sums fit in max_bytes (16,384 features at d_model 4,096 with the default 1 GiB:
+    `features.cosine_memory_mb`).
     """
     n = len(text_rows)
     out = np.zeros(n, np.float64)
@@ -233,7 +234,7 @@ def _in_ranges(rows: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarra
 
 def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, rule: str = "per_modality",
                   min_per_modality: int = 5, batch_rows: int = 1 << 20,
-                  row_ranges: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
+                  row_ranges: Sequence[tuple[int, int]] | None = None, cosine_bytes: int = 1 << 30) -> pd.DataFrame:
     """features.parquet as a DataFrame (one row per feature 0..d_sae-1; see the module docstring).
 
     row_ranges: only the codes of these store-row ranges (a sample subset: mmsae.codes.sample_row_ranges),
@@ -303,6 +304,7 @@ def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, 
         store, layer,
         [t_row[t_off[f] : t_off[f] + take_t[f]] for f in xm],
         [i_row[i_off[f] : i_off[f] + take_i[f]] for f in xm],
+        max_bytes=cosine_bytes,
     )
     table = pa.table(
         {
@@ -404,7 +406,7 @@ def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
     store = ActivationStore(inputs.extract)
     with timer("features"):
         df = feature_table(Path(inputs.encode) / Files.CODES, store, layer, d_sae, params.top_k, params.rule,
-                           params.min_per_modality)
+                           params.min_per_modality, cosine_bytes=params.cosine_memory_mb << 20)
     counts = {"layer": layer, "d_sae": d_sae}
     read = {"encode": inputs.encode, "extract": inputs.extract}
     if (source := _weights_source(inputs, params)) is not None:
@@ -421,7 +423,8 @@ def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
             rows = [(0, end)]
         with timer("weights"):
             weights = feature_table(Path(w_encode) / Files.CODES, ActivationStore(w_extract), layer, d_sae,
-                                    params.top_k, params.rule, params.min_per_modality, row_ranges=rows)
+                                    params.top_k, params.rule, params.min_per_modality, row_ranges=rows,
+                                    cosine_bytes=params.cosine_memory_mb << 20)
         df["weight"] = weights["weight"].to_numpy()
         counts["weights"] = {"on": params.weights_on, "n_samples": n,
                              "n_weighted": int(np.isfinite(df["weight"].to_numpy(np.float64)).sum())}

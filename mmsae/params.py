@@ -302,6 +302,10 @@ class FeaturesParams(StageParams):
     top_k: int
     rule: Literal["per_modality", "release"]
     min_per_modality: int
+    #: host memory for the cross-modal weights' per-feature sums (2 x d_model float64 each: 16,384
+    #: features per GiB at d 4,096); more cross-modal features than fit are done in groups, one read of
+    #: their store rows each. Not part of the folder hash
+    cosine_memory_mb: int
     #: where the cross-modal weights (the `weight` column) are computed: the pool's codes, or the SAE
     #: corpus's (sae_data, encoded by the SAE); the counts, top tokens and classes are always the pool's
     weights_on: Literal["pool", "corpus"]

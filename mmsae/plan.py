@@ -500,9 +500,10 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
 
     f = StagePlan("features", jobs=len(score_layers))
     f.disk = {"features.parquet": len(score_layers) * d_sae * (config["features"]["top_k"] * 2 * 12 + 64)}
-    # 1M-code batches, the [keys x top_k] tables, the cosine's float64 sums (capped at 1 GiB per group)
+    # 1M-code batches, the [keys x top_k] tables, the cosine's float64 sums (2 x d per cross-modal feature, at
+    # most every feature, capped by features.cosine_memory_mb per group)
     f.host_peak = (BASE_RSS + 2**20 * 40 + d_sae * config["features"]["top_k"] * 2 * 16 * 2 + pool_sae_tokens * 16
-                   + min(d_sae * d * 8, 1 << 30))
+                   + min(2 * d_sae * d * 8, config["features"]["cosine_memory_mb"] << 20))
     f.notes.append("CPU; 1M-code batches + per-feature top-k; the token index's modality column")
     plans.append(f)
 

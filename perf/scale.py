@@ -123,7 +123,7 @@ def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[s
     if stage == "features":
         out = work / "features"
         features_stage.run(features_stage.Inputs(encode=work / "encode", extract=work / "extract"),
-                           FeaturesParams.load({}), out)
+                           FeaturesParams.load({"cosine_memory_mb": args.cosine_memory_mb}), out)
     else:
         out = work / "score"
         params = ScoreParams.load({"methods": list(METHODS), "consistency": json.loads(args.consistency)})
@@ -134,8 +134,9 @@ def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[s
     extra: dict[str, Any] = {}
     if stage == "features":  # the d_sae-bounded structures that fill as tokens grow (perf/README.md: the flat regime)
         xm = counts["classes"]["cross-modal"]
-        group = (1 << 30) // (2 * args.d_in * 8)  # mean_pair_cosine's features per 1 GiB group
-        extra = {"cross_modal": xm, "cosine_sums_mb": min(xm, group) * 2 * args.d_in * 8 / 2**20}
+        group = (args.cosine_memory_mb << 20) // (2 * args.d_in * 8)  # mean_pair_cosine's features per group
+        extra = {"cross_modal": xm, "cosine_groups": -(-xm // group),
+                 "cosine_sums_mb": min(xm, group) * 2 * args.d_in * 8 / 2**20}
     else:
         extra = {"n_concept_features": counts.get("n_concept_features"), "n_samples": counts["n_samples"]}
     return {"stage": stage, "n_tokens": n_tokens, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n_tokens / wall,
@@ -169,7 +170,8 @@ def synthetic_main(args: argparse.Namespace) -> int:
     factors = [int(f) for f in args.factors.split(",")]
     runs: dict[str, dict[str, Any]] = {}
     passthrough = ["--synthetic-codes", "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k),
-                   "--threads", str(args.threads), "--consistency", args.consistency]
+                   "--threads", str(args.threads), "--consistency", args.consistency,
+                   "--cosine-memory-mb", str(args.cosine_memory_mb)]
     keep = args.keep and args.work
     with contextlib.nullcontext(args.work) if keep else tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for f in factors:
@@ -192,7 +194,7 @@ def synthetic_main(args: argparse.Namespace) -> int:
                                      "tokens_per_sample": args.tokens_per_sample, "images": args.images,
                                      "image_tokens": args.image_tokens, "d_in": args.d_in, "d_sae": args.d_sae,
                                      "k": args.k, "zipf": args.zipf, "chunk_tokens": args.chunk_tokens,
-                                     "part_tokens": args.part_tokens},
+                                     "part_tokens": args.part_tokens, "cosine_memory_mb": args.cosine_memory_mb},
                            "score_methods": list(METHODS), "score_consistency": json.loads(args.consistency),
                            "machine": machine(setup(args.threads, "cpu"), args.threads)}, args.json)
     return 0
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-tokens", type=int, default=334, help="--synthetic-codes: tokens per image")
     p.add_argument("--zipf", type=float, default=1.0, help="--synthetic-codes: Zipf exponent of latent frequency")
     p.add_argument("--part-tokens", type=int, default=1 << 20, help="--synthetic-codes: encode.part_tokens")
+    p.add_argument("--cosine-memory-mb", type=int, default=1024,
+                   help="--synthetic-codes: features.cosine_memory_mb (the cross-modal weights' sums per group)")
     p.add_argument("--keep", action="store_true",
                    help="--synthetic-codes with --work: keep the pools in WORK/<f>x and reuse them on the next run")
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)

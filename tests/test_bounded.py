@@ -134,6 +134,10 @@ def test_features_from_parts_equal_features_from_one_file(store, tmp_path):
     b = feature_table(tmp_path / "one.parquet", store, 0, 24, top_k=5, min_per_modality=2)
     assert (a["class"] == "cross-modal").any()
     assert_frame_equal(a, b)
+    # features.cosine_memory_mb: one cross-modal feature's sums per group, one store read each: the same table
+    one_per_group = feature_table(tmp_path / "parts", store, 0, 24, top_k=5, min_per_modality=2,
+                                  cosine_bytes=2 * D * 8)
+    assert_frame_equal(one_per_group, b)
 
 
 def test_code_cap_keeps_each_tokens_largest(store, tmp_path):
