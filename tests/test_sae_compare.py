@@ -23,7 +23,7 @@ def _samples(tmp_path):
     return d
 
 
-def _sae(tmp_path, name, *, l0, fvu_image, fvu_text, premise, separation, ce=0.99):
+def _sae(tmp_path, name, *, l0, fvu_image, fvu_text, premise, separation, ce=0.99, concepts=4):
     """Stage folders of one SAE; `separation` in [0, 1]: how far the consistency score ranks clean above bad."""
     root = tmp_path / name
     for sub in ("train_sae", "evaluate_sae", "premise", "score"):
@@ -41,6 +41,7 @@ def _sae(tmp_path, name, *, l0, fvu_image, fvu_text, premise, separation, ce=0.9
     score = np.where(clean, 1.0, 1.0 - separation) + np.linspace(0, 1e-3, 16)
     pd.DataFrame({"sample_id": [f"s{i}" for i in range(16)], "score_consistency": score,
                   "score_consistency_gated": score, "score_cosine": -score}).to_parquet(root / "score" / "scores.parquet")
+    (root / "score" / "manifest.json").write_text(json.dumps({"counts": {"n_concept_features": concepts}}))
     return {k: str(root / k) for k in ("train_sae", "evaluate_sae", "premise", "score")}
 
 
@@ -83,14 +84,49 @@ def test_aggregate_on_hand_built_tables(tmp_path):
     found = json.loads((out / "findings.json").read_text())
     assert [f["kind"] for f in found[:3]] == ["best_cross_modal", "best_consistency", "balance_verdict"]
     verdict = found[2]["text"]
-    assert "helps the cross-modal features" in verdict
-    assert "better at 3, worse at 0 of 3" in verdict and "lowers the text FVU at 3" in verdict
+    # 3 of 3 pairs better is no evidence on its own: a sign test gives p 0.25
+    assert "has no consistent effect on the cross-modal features" in verdict and "p 0.25" in verdict
+    assert "better at 3, worse at 0, within noise at 0 of 3" in verdict and "lowers the text FVU at 3" in verdict
     best = found[0]
     assert best["combination"] == "relu / balanced / l1_coefficient=1"
     bal_relu = next(f for f in found if f["kind"] == "balance")
     assert "fvu image Δ +0.100 (better at 0/3, worse at 3/3)" in bal_relu["text"]
     html = (out / "index.html").read_text()
     assert html.index("Does balance help") < html.index("<table>") and (out / "pareto.png").stat().st_size > 1000
+
+
+def test_sign_test_and_the_verdict_it_gives():
+    assert sc.sign_test(3, 0) == pytest.approx(0.25) and sc.sign_test(0, 0) == 1.0
+    assert sc.sign_test(7, 8) == 1.0  # the seed-0 comparison's premise split: no evidence either way
+    assert sc.sign_test(9, 0) == pytest.approx(2 / 2**9) and sc.sign_test(1, 9) == pytest.approx(2 * 11 / 2**10)
+    idx = pd.MultiIndex.from_product([[f"a{i}" for i in range(3)], ["k"], [1, 2, 3]])
+    rows = []
+    for mix, premise in (("natural", 0.7), ("balanced", 0.8)):
+        for arch, key, value in idx:
+            rows.append({"architecture": arch, "mix": mix, "sparsity_key": key, "sparsity_value": value, "n_seeds": 3,
+                         **{f"{m}_mean": 0.5 for m in sc.METRICS}, **{f"{m}_sd": 0.01 for m in sc.METRICS},
+                         "premise_min_auroc_mean": premise})
+    verdict = sc.balance_findings(pd.DataFrame(rows))[0]["text"]
+    assert "helps the cross-modal features" in verdict and "better at 9, worse at 0, within noise at 0 of 9" in verdict
+
+
+def test_no_concept_features_means_no_consistency_auroc(tmp_path):
+    """A constant consistency score (no concept features) ranks nothing: n/a, not an AUROC of 0.5."""
+    samples = _samples(tmp_path)
+    specs = [_spec("relu", "natural", 0.1, seed, _sae(tmp_path, f"d{seed}", l0=200, fvu_image=0.01, fvu_text=0.01,
+                                                        premise=0.9, separation=0.5, concepts=0 if seed else 3))
+             for seed in (0, 1)]
+    out = tmp_path / "sae_compare-00000001"
+    sc.run(sc.Inputs(samples=samples, sae=tuple(specs)), SaeCompareParams.load({}), out)
+    runs = pd.read_parquet(out / "runs.parquet").set_index("seed")
+    assert np.isnan(runs.loc[1, "mismatch_auroc"]) and np.isnan(runs.loc[1, "noise_auroc"])
+    assert runs.loc[0, "mismatch_auroc"] > 0.5 and runs.loc[1, "n_concept_features"] == 0
+    s = pd.read_parquet(out / "summary.parquet").iloc[0]
+    assert s["n_seeds"] == 2 and s["n_ranked_seeds"] == 1
+    assert s["mismatch_auroc_mean"] == runs.loc[0, "mismatch_auroc"]
+    assert "(1 of 2 seeds)" in (out / "index.html").read_text()
+    # not named the best consistency score: one of its seeds did not rank
+    assert "best_consistency" not in [f["kind"] for f in json.loads((out / "findings.json").read_text())]
 
 
 def test_plan_loops_over_the_schema_architectures():

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from mmsae import cli
-from mmsae.artifacts import Files, Timer, atomic_dir, write_json, write_manifest
+from mmsae.artifacts import Files, Timer, atomic_dir, read_manifest, write_json, write_manifest
 from mmsae.config import load_schema, validate
 from mmsae.errors import InputError
 from mmsae.evaluation.auroc import DIRECTION, auroc_table
@@ -47,7 +47,8 @@ MISMATCH = "mismatch"
 # the numbers of runs.parquet that summary.parquet averages over seeds
 METRICS = ["l0", "fvu", "fvu_image", "fvu_text", "dead_fraction", "ce_score", "kl_score", "premise_min_auroc",
            "premise_text_auroc_min", "premise_text_auroc_max", "premise_image_auroc_min", "premise_image_auroc_max",
-           "mismatch_auroc", "noise_auroc"]
+           "n_concept_features", "mismatch_auroc", "noise_auroc"]
+SIGN_TEST_ALPHA = 0.05  # balance "helps" / "hurts" only where the pairs' signs say so at this level
 KEYS = ["architecture", "mix", "sparsity_key", "sparsity_value"]
 
 
@@ -131,7 +132,13 @@ def sae_row(spec: dict[str, Any], samples: pd.DataFrame, score_method: str) -> t
     aurocs = auroc_table(scores, samples)
     aurocs = aurocs[aurocs["method"].str.startswith("consistency")].reset_index(drop=True)
     head = aurocs[aurocs["method"] == score_method].set_index("kind")["auroc"]
-    row.update(mismatch_auroc=float(head.get(MISMATCH, math.nan)), noise_auroc=float(head.get(NOISE, math.nan)))
+    # Without concept features (XMc) the consistency scores are one constant: their AUROC of 0.5 is no
+    # ranking, not a measured one (a dense SAE whose features fire everywhere), so it is left out (NaN).
+    n_concepts = read_manifest(spec["score"]).get("counts", {}).get("n_concept_features")
+    ranked = n_concepts is None or n_concepts > 0
+    row.update(n_concept_features=math.nan if n_concepts is None else float(n_concepts),
+               mismatch_auroc=float(head.get(MISMATCH, math.nan)) if ranked else math.nan,
+               noise_auroc=float(head.get(NOISE, math.nan)) if ranked else math.nan)
     for k in reversed((*KEYS, "seed")):
         aurocs.insert(0, k, spec[k])
     return row, aurocs
@@ -156,11 +163,23 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     mean, sd = g.mean(), g.std(ddof=1).fillna(0.0)
     out = mean.add_suffix("_mean").join(sd.add_suffix("_sd"))
     out.insert(0, "n_seeds", runs.groupby(KEYS, sort=False, dropna=False)["seed"].nunique())
+    # the seeds whose consistency score ranked at all (concept features found): the AUROC means are over these
+    out.insert(1, "n_ranked_seeds", runs.groupby(KEYS, sort=False, dropna=False)["mismatch_auroc"].count())
     return out.reset_index()
 
 
 def _pm(s: pd.Series, metric: str) -> str:
+    if not np.isfinite(s[f"{metric}_mean"]):
+        return "n/a"
     return f"{s[f'{metric}_mean']:.3f} ± {s[f'{metric}_sd']:.3f}"
+
+
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided sign test: P(a split at least this uneven | better and worse equally likely)."""
+    n, m = better + worse, min(better, worse)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n)
 
 
 def _label(s: pd.Series) -> str:
@@ -184,7 +203,7 @@ def findings(summary: pd.DataFrame) -> list[dict[str, Any]]:
                             f"its consistency mismatch AUROC {_pm(best, 'mismatch_auroc')}, "
                             f"L0 {best['l0_mean']:.1f}, FVU image / text {best['fvu_image_mean']:.3f} / "
                             f"{best['fvu_text_mean']:.3f}."})
-    ok = summary.dropna(subset=["mismatch_auroc_mean"])
+    ok = summary[summary["n_ranked_seeds"] == summary["n_seeds"]].dropna(subset=["mismatch_auroc_mean"])
     if not ok.empty:
         best = ok.loc[ok["mismatch_auroc_mean"].idxmax()]
         out.append({"kind": "best_consistency", "combination": _label(best),
@@ -231,14 +250,15 @@ def balance_findings(summary: pd.DataFrame) -> list[dict[str, Any]]:
                          f"{worse}/{len(keys)})")
         out.append({"kind": "balance", "architecture": arch,
                     "text": f"Balanced vs natural, {arch} (mean over {len(keys)} settings): " + "; ".join(parts) + "."})
-    b, w, _ = votes["premise_min_auroc"]
+    b, w, same = votes["premise_min_auroc"]
     bt, wt, _ = votes["fvu_text"]
-    verdict = ("helps the cross-modal features" if b > w else "hurts the cross-modal features" if w > b
-               else "leaves the cross-modal features unchanged")
+    p = sign_test(b, w)
+    verdict = ("has no consistent effect on the cross-modal features" if p >= SIGN_TEST_ALPHA
+               else "helps the cross-modal features" if b > w else "hurts the cross-modal features")
     out.insert(0, {"kind": "balance_verdict",
                    "text": f"Does balance help? Balancing the modalities {verdict} (premise AUROC better at {b}, worse "
-                           f"at {w} of {sum(votes['premise_min_auroc'])} architecture x setting pairs) and lowers the "
-                           f"text FVU at {bt} (raises it at {wt})"
+                           f"at {w}, within noise at {same} of {b + w + same} architecture x setting pairs; sign test "
+                           f"p {p:.2g}) and lowers the text FVU at {bt} (raises it at {wt})"
                            + ("; one seed: any difference counts, no spread to judge it by." if one_seed
                               else ", counting a difference only beyond the seeds' sd added.")})
     return out
@@ -280,14 +300,17 @@ def pareto_plot(summary: pd.DataFrame) -> bytes | None:
 
 def render(summary: pd.DataFrame, found: list[dict[str, Any]], png: bytes | None, score_method: str) -> str:
     head = ["architecture", "mix", "setting", "seeds", "L0", "FVU image", "FVU text", "dead", "CE score", "KL score",
-            "premise text AUROC", "premise image AUROC", "premise min AUROC", f"{score_method}: mismatch",
-            f"{score_method}: noise image"]
+            "premise text AUROC", "premise image AUROC", "premise min AUROC", "concept features",
+            f"{score_method}: mismatch", f"{score_method}: noise image"]
     rows = [[s["architecture"], s["mix"], f"{s['sparsity_key']}={s['sparsity_value']:g}", int(s["n_seeds"]),
              _pm(s, "l0"), _pm(s, "fvu_image"), _pm(s, "fvu_text"), _pm(s, "dead_fraction"), _pm(s, "ce_score"),
              _pm(s, "kl_score"),
              f"{s['premise_text_auroc_min_mean']:.3f}-{s['premise_text_auroc_max_mean']:.3f}",
              f"{s['premise_image_auroc_min_mean']:.3f}-{s['premise_image_auroc_max_mean']:.3f}",
-             _pm(s, "premise_min_auroc"), _pm(s, "mismatch_auroc"), _pm(s, "noise_auroc")]
+             _pm(s, "premise_min_auroc"), f"{s['n_concept_features_mean']:.0f}",
+             _pm(s, "mismatch_auroc") + ("" if s["n_ranked_seeds"] == s["n_seeds"] else
+                                         f" ({int(s['n_ranked_seeds'])} of {int(s['n_seeds'])} seeds)"),
+             _pm(s, "noise_auroc")]
             for _, s in summary.iterrows()]
     img = f'<img alt="FVU against L0" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
     body = section("SAE architectures and modality mixes",
@@ -295,7 +318,9 @@ def render(summary: pd.DataFrame, found: list[dict[str, Any]], png: bytes | None
                    img,
                    para("Mean ± sd over seeds. FVU = centred FVU on the held-out samples; CE / KL score with the SAE "
                         "spliced into the model (1 = no loss); premise AUROC: range over concepts of the best shared "
-                        "feature's text and image AUROC, and the mean of min(text, image). " + DIRECTION),
+                        "feature's text and image AUROC, and the mean of min(text, image). Concept features: the "
+                        "cross-modal features the consistency scores use; where there are none the score is one "
+                        "constant and its AUROC is n/a (a seed without them is left out of the mean). " + DIRECTION),
                    table(head, rows))
     return page("SAE comparison", body)
 
