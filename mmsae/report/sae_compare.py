@@ -8,6 +8,7 @@ JSON, repeated: its labels and folders):
   evaluate_sae/summary.parquet   CE and KL score with the SAE spliced into the model (row model=mllm)
   premise/premise.json       per concept: text and image AUROC of its best shared feature, min of the two
   score/scores.parquet       + the pool's samples.parquet: AUROC of every consistency* score per corruption
+  score/manifest.json        the concept features found (none: the consistency scores are constant, AUROC n/a)
 
 and writes, atomically, into --out:
 
