@@ -697,7 +697,10 @@ class SaeCompareParams(StageParams):
     #: train_sae.modality_mix values compared
     mixes: list[Any]
     #: per architecture, the train_sae key that sets its sparsity and >= 3 values of it (one Pareto point
-    #: each): l1 coefficient for relu, k for the topk family, l0 coefficient for jumprelu
+    #: each): l1 coefficient for relu, k for the topk family, l0 coefficient for jumprelu. jumprelu's
+    #: defaults match the topk family's L0 at the toy world's 3,000 steps (held-out L0 25.5 / 13.8 / 7.6
+    #: at 0.01 / 0.03 / 0.1, seed 0; 5.1 at 0.3, 3.2 at 3); in short runs its thresholds are still rising
+    #: (500 steps: L0 210-240 at any coefficient)
     sparsity: dict[str, Any]
     #: train_sae.seed values; the tables give mean +- sd over them
     seeds: list[int]
