@@ -177,8 +177,16 @@ def _lists(owner: np.ndarray, values: np.ndarray, n: int, typ: pa.DataType) -> p
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
 
 
+COSINE_BYTES = 1 << 30  # the cosine's float64 sums per group (features.cosine_memory_mb's default)
+
+
+def cosine_group_size(d_model: int, max_bytes: int = COSINE_BYTES) -> int:
+    """Cross-modal features whose two float64 sums of d_model fit in max_bytes (one store read per group)."""
+    return max(1, int(max_bytes) // (2 * int(d_model) * 8))
+
+
 def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows: list[np.ndarray],
-                     max_bytes: int = 1 << 30) -> np.ndarray:
+                     max_bytes: int = COSINE_BYTES) -> np.ndarray:
     """For each i: mean cosine over all text_rows[i] x image_rows[i] pairs of the store's hidden states,
     i.e. <mean unit text state, mean unit image state>.
 
@@ -189,7 +197,7 @@ def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows:
     """
     n = len(text_rows)
     out = np.zeros(n, np.float64)
-    group = max(1, int(max_bytes) // (2 * int(store.d_model) * 8))
+    group = cosine_group_size(store.d_model, max_bytes)
     for g0 in range(0, n, group):
         members = range(g0, min(n, g0 + group))
         slot = np.concatenate([np.full(len(side[m]), 2 * (m - g0) + s, np.int64)
@@ -234,7 +242,7 @@ def _in_ranges(rows: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarra
 
 def feature_table(codes: Codes, store, layer: int, d_sae: int, top_k: int = 30, rule: str = "per_modality",
                   min_per_modality: int = 5, batch_rows: int = 1 << 20,
-                  row_ranges: Sequence[tuple[int, int]] | None = None, cosine_bytes: int = 1 << 30) -> pd.DataFrame:
+                  row_ranges: Sequence[tuple[int, int]] | None = None, cosine_bytes: int = COSINE_BYTES) -> pd.DataFrame:
     """features.parquet as a DataFrame (one row per feature 0..d_sae-1; see the module docstring).
 
     row_ranges: only the codes of these store-row ranges (a sample subset: mmsae.codes.sample_row_ranges),
@@ -404,9 +412,10 @@ def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
     timer = Timer()
     layer, d_sae = encode_info(inputs.encode)
     store = ActivationStore(inputs.extract)
+    cosine_bytes = params.cosine_memory_mb << 20
     with timer("features"):
         df = feature_table(Path(inputs.encode) / Files.CODES, store, layer, d_sae, params.top_k, params.rule,
-                           params.min_per_modality, cosine_bytes=params.cosine_memory_mb << 20)
+                           params.min_per_modality, cosine_bytes=cosine_bytes)
     counts = {"layer": layer, "d_sae": d_sae}
     read = {"encode": inputs.encode, "extract": inputs.extract}
     if (source := _weights_source(inputs, params)) is not None:
@@ -424,7 +433,7 @@ def run(inputs: Inputs, params: FeaturesParams, out: Path) -> None:
         with timer("weights"):
             weights = feature_table(Path(w_encode) / Files.CODES, ActivationStore(w_extract), layer, d_sae,
                                     params.top_k, params.rule, params.min_per_modality, row_ranges=rows,
-                                    cosine_bytes=params.cosine_memory_mb << 20)
+                                    cosine_bytes=cosine_bytes)
         df["weight"] = weights["weight"].to_numpy()
         counts["weights"] = {"on": params.weights_on, "n_samples": n,
                              "n_weighted": int(np.isfinite(df["weight"].to_numpy(np.float64)).sum())}

@@ -95,6 +95,7 @@ def run_worker(stage: str, work: Path, label: str, passthrough: list[str]) -> di
         raise SystemExit(f"error: {stage} at {label} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
 def prepare(work: Path, samples: int, args: argparse.Namespace) -> None:
     """work/extract (store) and work/sae (a random TopK SAE in the SAELens layout)."""
     from _data import write_store
@@ -134,7 +135,7 @@ def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[s
     extra: dict[str, Any] = {}
     if stage == "features":  # the d_sae-bounded structures that fill as tokens grow (perf/README.md: the flat regime)
         xm = counts["classes"]["cross-modal"]
-        group = (args.cosine_memory_mb << 20) // (2 * args.d_in * 8)  # mean_pair_cosine's features per group
+        group = features_stage.cosine_group_size(args.d_in, args.cosine_memory_mb << 20)
         extra = {"cross_modal": xm, "cosine_groups": -(-xm // group),
                  "cosine_sums_mb": min(xm, group) * 2 * args.d_in * 8 / 2**20}
     else:

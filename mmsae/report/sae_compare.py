@@ -160,12 +160,13 @@ def read_labels(path: Path) -> pd.DataFrame:
 # ---- aggregation and findings ---------------------------------------------------------------------------
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd (sample sd; 0 for one seed) over seeds of every metric, per (architecture, mix, setting)."""
-    g = runs.groupby(KEYS, sort=False, dropna=False)[METRICS]
+    groups = runs.groupby(KEYS, sort=False, dropna=False)
+    g = groups[METRICS]
     mean, sd = g.mean(), g.std(ddof=1).fillna(0.0)
     out = mean.add_suffix("_mean").join(sd.add_suffix("_sd"))
-    out.insert(0, "n_seeds", runs.groupby(KEYS, sort=False, dropna=False)["seed"].nunique())
+    out.insert(0, "n_seeds", groups["seed"].nunique())
     # the seeds whose consistency score ranked at all (concept features found): the AUROC means are over these
-    out.insert(1, "n_ranked_seeds", runs.groupby(KEYS, sort=False, dropna=False)["mismatch_auroc"].count())
+    out.insert(1, "n_ranked_seeds", groups["mismatch_auroc"].count())
     return out.reset_index()
 
 
