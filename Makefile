@@ -69,17 +69,10 @@ study-runs: setup
 	    build/study/seed$$s.yaml || exit 1; \
 	done
 
-# DPO is measured once and on fewer arms (a DPO step costs 2.1x an SFT step: all 62 arms are ~7 h of one core):
-# the kept fractions the question is about (30%, 50%), the best SAE-only and SAE + loss selections of the SFT
-# study beside model_loss and IFD, one random seed, every clean sample and the whole pool: 12 fine-tunes.
-DPO_METHODS ?= consistency_gated, sae_loss_gate, model_loss, ifd, clean
-# lr: null = DPO's own default lr: config/study.yaml sets SFT's lr 1e-3, and config files merge key by key
+# DPO measured once, on the arms of config/study-dpo.yaml (12 fine-tunes; a DPO step costs 2.1x an SFT step)
 study-dpo: setup
-	mkdir -p build/study
-	printf 'run: study-dpo\nfinetune: {method: dpo, lr: null}\ncurve: {fractions: [0.3, 0.5], methods: [$(DPO_METHODS)], random_seeds: [0]}\n' \
-	  > build/study/dpo.yaml
 	PATH=$(BIN):$$PATH snakemake --cores $(CORES) results/study-dpo/report/report.json $(STUDY_CONFIG) \
-	  build/study/dpo.yaml
+	  config/study-dpo.yaml
 
 study: study-runs study-dpo
 	PATH=$(BIN):$$PATH snakemake --cores $(CORES) study $(STUDY_CONFIG) \

@@ -207,6 +207,19 @@ def test_study_config_plans_the_clean_arm_once_and_every_method_per_fraction(tmp
         assert re.search(rf"subsets/{m}/top010\.parquet", text)
 
 
+def test_study_dpo_config_plans_its_arms_as_dpo(tmp_path):
+    r = _smk("-n", "-p", "results/study-dpo/report/report.json", "--configfile", str(REPO / "config/config.yaml"),
+             str(REPO / "config/study.yaml"), str(REPO / "config/study-dpo.yaml"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    cfg = yaml.safe_load((REPO / "config/study-dpo.yaml").read_text())["curve"]
+    per_fraction = [m for m in cfg["methods"] if m != "clean"]
+    arms = (len(per_fraction) + len(cfg["random_seeds"])) * len(cfg["fractions"]) + 2
+    assert re.search(rf"^finetune\s+{arms}$", text, re.M) and re.search(rf"^benchmark\s+{arms + 1}$", text, re.M)
+    assert text.count('"method": "dpo"') == arms and '"method": "sft"' not in text
+    assert not re.search(r"--keep-fraction 0\.[17]", text)
+
+
 def test_keep_top_clean_keeps_only_the_clean_samples():
     df = pd.DataFrame({"sample_id": ["d", "a", "c", "b"], "corruption": [None, "mismatch", None, None]})
     assert keep_top(df, 1.0, "clean")["sample_id"].tolist() == ["b", "c", "d"]
