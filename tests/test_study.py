@@ -135,11 +135,31 @@ def test_sae_verdict_and_generated_paragraph_follow_the_numbers():
     m_lose, m_win = lose["blocks"]["sft"]["meaning"], win["blocks"]["sft"]["meaning"]
     assert m_lose != m_win
     assert "the SAE adds what the other signals miss" in m_win and "sae_m beats" in m_win
-    assert "the model's own loss does as well or better" in m_lose and "unhelpful" in m_lose
+    assert "but the model's own loss does better" in m_lose and "unhelpful" in m_lose
     # measured once: no decision, said so
     _, once = study.analyse({"dpo": {"d": report(0, sae=0.6)}})
     assert "measured once" in once["blocks"]["dpo"]["meaning"]
     assert not once["blocks"]["dpo"]["sae"][0]["wins"]
+
+
+def test_every_sae_selection_is_compared_and_the_paragraph_names_those_beating_both_loss_scores():
+    # sae_m 0.65 against model_loss 0.60 and ifd 0.55: beats both (paired sd ~0.002); the pool 0.70 beats it
+    _, found = study.analyse({"sft": runs(loss_em=0.60)})
+    rows = [r for r in found["blocks"]["sft"]["sae_versus"] if r["metric"] == "exact_match"]
+    assert [(r["method"], r["fraction"]) for r in rows] == [("sae_m", 0.3), ("sae_m", 0.5)]
+    assert {k: c["verdict"] for k, c in rows[0]["vs"].items()} == {"all": "loses", "random": "beats",
+                                                                  "model_loss": "beats", "ifd": "beats"}
+    text = found["blocks"]["sft"]["meaning"]
+    assert ("On exact_match, SAE-based selections that beat model_loss and ifd by more than 2 sd: sae_m at 30% "
+            "(loses to the whole pool); sae_m at 50% (loses to the whole pool).") in text
+    # model_loss 0.80: no SAE selection beats both loss-based scores, and the paragraph says so
+    _, found = study.analyse({"sft": runs()})
+    assert "On exact_match, no SAE-based selection at <= 50% kept beats model_loss and ifd by more than 2 sd." \
+        in found["blocks"]["sft"]["meaning"]
+    # level with model_loss (0.66 vs 0.65, paired sd ~0.002 apart from the 0.01 gap): said as not above by 2 sd
+    _, found = study.analyse({"sft": {f"s{i}": report(i, loss_em=0.65 + (0.01 if i % 2 else -0.01)) for i in range(3)}})
+    assert re.search(r"it is not above the model's own loss by more than 2 sd \([+-]0\.\d+ ± 0\.\d+\)",
+                     found["blocks"]["sft"]["meaning"])
 
 
 def test_study_stage_writes_escaped_page_and_tables(tmp_path, capsys):

@@ -22,7 +22,9 @@ Writes, atomically:
                      random and the whole pool, where the metrics disagree, the bad kinds each method
                      keeps, whether the best SAE-based selection at <= study.max_fraction beats the whole
                      pool, random, model_loss and IFD, why not from bad-kind shares and per-kind AUROCs,
-                     and a "what this means" paragraph generated from those comparisons)
+                     every SAE-based selection at <= max_fraction against those four (`sae_versus`: the
+                     best by mean may miss the 2-sd rule where a steadier one clears it), and a "what
+                     this means" paragraph generated from those comparisons)
   OUT/study.html     the same, findings first, every data-born name escaped
   OUT/study.png      mean +- sd against kept fraction, one panel per metric, one row per block
   OUT/manifest.json
@@ -275,6 +277,40 @@ def sae_verdict(runs: pd.DataFrame, study: pd.DataFrame, metric: str, max_fracti
             "wins": wins}
 
 
+def sae_versus(runs: pd.DataFrame, metric: str, max_fraction: float) -> list[dict[str, Any]]:
+    """Every SAE-based selection at kept fractions <= max_fraction against the question's references. The
+    best by mean (sae_verdict) is one of these rows; a steadier one may clear the 2-sd rule where it does not."""
+    rows = []
+    for m in contenders(runs):
+        if not uses_sae(m):
+            continue
+        for f in fractions_of(runs):
+            if f > max_fraction + 1e-9:
+                continue
+            vs = {ref: compare(runs, m, ref, f, metric) for ref in QUESTION}
+            vs = {k: v for k, v in vs.items() if v is not None}
+            if vs:
+                rows.append({"metric": metric, "method": m, "fraction": f, "vs": vs})
+    return rows
+
+
+def versus_sentence(metric: str, rows: Sequence[Mapping], max_fraction: float) -> str:
+    """Which SAE-based selections beat both loss-based references (model_loss, IFD) by more than 2 sd, and
+    how each fares against the whole pool."""
+    loss_refs = [r for r in ("model_loss", "ifd") if any(r in row["vs"] for row in rows)]
+    if not loss_refs:
+        return ""
+    both = [row for row in rows if all((row["vs"].get(r) or {}).get("verdict") == "beats" for r in loss_refs)]
+    refs = " and ".join(name(r) for r in loss_refs)
+    if not both:
+        return f"On {metric}, no SAE-based selection at <= {_pct(max_fraction)} kept beats {refs} by more than 2 sd."
+    pool = {"beats": "beats", "loses": "loses to", "level": "is level with"}
+    items = [f"{row['method']} at {_pct(row['fraction'])}"
+             + (f" ({pool[row['vs']['all']['verdict']]} the whole pool)" if "all" in row["vs"] else "")
+             for row in both]
+    return f"On {metric}, SAE-based selections that beat {refs} by more than 2 sd: " + "; ".join(items) + "."
+
+
 def why_not(runs: pd.DataFrame, study: pd.DataFrame, verdict: Mapping, kinds: Sequence[str],
             aurocs: Mapping[tuple[str, str], float]) -> dict[str, Any]:
     """Why the best SAE selection does not win: the best contender at its fraction (the winner), the
@@ -360,7 +396,8 @@ def why_sentence(v: Mapping, why: Mapping) -> str:
 
 
 def meaning(block: str, n_runs: int, best: Sequence[Mapping], verdicts: Sequence[Mapping],
-            disagree: Sequence[Mapping], whys: Mapping[str, Mapping]) -> str:
+            disagree: Sequence[Mapping], whys: Mapping[str, Mapping], versus: Sequence[Mapping] = (),
+            max_fraction: float = 0.5) -> str:
     """The "what this means" paragraph: one templated sentence per finding, chosen by the numbers."""
     s = []
     if n_runs < 2:
@@ -387,10 +424,12 @@ def meaning(block: str, n_runs: int, best: Sequence[Mapping], verdicts: Sequence
                      + ", ".join(name(k) for k in beaten) + ".")
         elif "model_loss" in vs and vs["model_loss"]["verdict"] != "beats" and any(
                 vs[k]["verdict"] == "beats" for k in ("random", "all") if k in vs):
+            ml = vs["model_loss"]
+            loss = ("the model's own loss does better" if ml["verdict"] == "loses" else
+                    f"it is not above the model's own loss by more than 2 sd ({ml['diff']:+.3g} ± {ml['sd']:.2g})")
             s.append(f"On {v['metric']}, {v['method']} filters better than "
                      + " and ".join(name(k) for k in ("random", "all") if k in vs and vs[k]["verdict"] == "beats")
-                     + ", but the model's own loss does as well or better: the SAE does not yet see what the loss "
-                     "cannot.")
+                     + f", but {loss}: the SAE does not yet see what the loss cannot.")
         elif "random" in vs and vs["random"]["verdict"] == "loses":
             s.append(f"On {v['metric']}, even the best SAE-based selection ({v['method']}) is worse than random "
                      "selection by more than 2 sd: its score ranks the data the fine-tune needs last.")
@@ -405,10 +444,12 @@ def meaning(block: str, n_runs: int, best: Sequence[Mapping], verdicts: Sequence
             k = why["kinds"][0]
             s.append(f"Its largest excess is {k['kind']} ({k['share']:.1%} of its subset vs {k['winner_share']:.1%} "
                      f"for {why['winner']}).")
+    for metric in dict.fromkeys(row["metric"] for row in versus):
+        s.append(versus_sentence(metric, [row for row in versus if row["metric"] == metric], max_fraction))
     if disagree:
         s.append(f"The metrics disagree on the best method at {len(disagree)} of "
                  f"{len({b['fraction'] for b in best})} fractions, so a single metric would mislead there.")
-    return " ".join(s)
+    return " ".join(x for x in s if x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,11 +483,12 @@ def analyse(blocks: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] 
                 v["why"] = why_sentence(v, whys[metric])
             verdicts.append(v)
         disagree = disagreements(best)
+        versus = [row for metric in mets for row in sae_versus(runs, metric, max_fraction)]
         found["blocks"][block] = {
             "runs": list(reports), "metrics": mets, "kinds": kinds, "best": best, "disagreements": disagree,
-            "bad_kinds": bad_kinds(study, kinds), "sae": verdicts,
+            "bad_kinds": bad_kinds(study, kinds), "sae": verdicts, "sae_versus": versus,
             "auroc": [{"method": m, "kind": k, "auroc": a} for (m, k), a in sorted(aurocs.items())],
-            "meaning": meaning(block, len(reports), best, verdicts, disagree, whys),
+            "meaning": meaning(block, len(reports), best, verdicts, disagree, whys, versus, max_fraction),
         }
     if not tables:
         raise InputError("study.runs", "runs", "no runs to aggregate")
@@ -461,6 +503,13 @@ def _ms(mean: float, sd: float) -> str:
     if not np.isfinite(mean):
         return "n/a"
     return f"{mean:.3g}" + (f" ± {sd:.2g}" if np.isfinite(sd) else "")
+
+
+def _cmp_short(c: Mapping | None) -> str:
+    if c is None:
+        return "n/a"
+    sd = "" if not np.isfinite(c["sd"]) else f" ± {c['sd']:.2g}"
+    return f"{c['verdict']} {c['diff']:+.3g}{sd}"
 
 
 def render(study: pd.DataFrame, found: Mapping[str, Any], png: str | None) -> str:
@@ -485,6 +534,12 @@ def render(study: pd.DataFrame, found: Mapping[str, Any], png: str | None) -> st
         else:
             parts.append(section(f"{block}: where the metrics disagree", para("nowhere: every metric names the same "
                                                                               "best method at every fraction")))
+        if b["sae_versus"]:
+            rows = [[r["metric"], r["method"], _pct(r["fraction"]), *[_cmp_short(r["vs"].get(ref)) for ref in QUESTION]]
+                    for r in b["sae_versus"]]
+            parts.append(section(f"{block}: every SAE-based selection at <= {_pct(found['max_fraction'])} kept against "
+                                 "the references (mean paired difference ± sd over runs)",
+                                 table(["metric", "method", "kept", *[name(r) for r in QUESTION]], rows)))
         blk = study[study["block"] == block]
         for metric in b["metrics"]:
             cell = {(r.method, r.fraction): _ms(r.mean, r.sd) for r in blk[blk["metric"] == metric].itertuples()}
