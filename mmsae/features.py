@@ -180,9 +180,14 @@ def _lists(owner: np.ndarray, values: np.ndarray, n: int, typ: pa.DataType) -> p
 COSINE_BYTES = 1 << 30  # the cosine's float64 sums per group (features.cosine_memory_mb's default)
 
 
+def cosine_feature_bytes(d_model: int) -> int:
+    """One cross-modal feature's cosine sums: a float64 sum of d_model per modality."""
+    return 2 * int(d_model) * 8
+
+
 def cosine_group_size(d_model: int, max_bytes: int = COSINE_BYTES) -> int:
-    """Cross-modal features whose two float64 sums of d_model fit in max_bytes (one store read per group)."""
-    return max(1, int(max_bytes) // (2 * int(d_model) * 8))
+    """Cross-modal features whose cosine sums fit in max_bytes (one store read per group)."""
+    return max(1, int(max_bytes) // cosine_feature_bytes(d_model))
 
 
 def mean_pair_cosine(store, layer: int, text_rows: list[np.ndarray], image_rows: list[np.ndarray],

@@ -32,6 +32,7 @@ import yaml
 
 from mmsae.artifacts import atomic_dir, write_json
 from mmsae.config import load_schema, validate
+from mmsae.features import cosine_feature_bytes
 from mmsae.models.shape import dictionary_size
 from mmsae.sae.blocks import dense_rows
 from mmsae.scoring.offdist import STORE_BLOCK_BYTES, sae_rows
@@ -503,7 +504,7 @@ def build_plan(config: dict[str, Any], info: ModelInfo, pool: tuple[int, TokenCo
     # 1M-code batches, the [keys x top_k] tables, the cosine's float64 sums (2 x d per cross-modal feature, at
     # most every feature, capped by features.cosine_memory_mb per group)
     f.host_peak = (BASE_RSS + 2**20 * 40 + d_sae * config["features"]["top_k"] * 2 * 16 * 2 + pool_sae_tokens * 16
-                   + min(2 * d_sae * d * 8, config["features"]["cosine_memory_mb"] << 20))
+                   + min(d_sae * cosine_feature_bytes(d), config["features"]["cosine_memory_mb"] << 20))
     f.notes.append("CPU; 1M-code batches + per-feature top-k; the token index's modality column")
     plans.append(f)
 

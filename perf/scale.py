@@ -137,7 +137,7 @@ def synthetic_worker(stage: str, work: Path, args: argparse.Namespace) -> dict[s
         xm = counts["classes"]["cross-modal"]
         group = features_stage.cosine_group_size(args.d_in, args.cosine_memory_mb << 20)
         extra = {"cross_modal": xm, "cosine_groups": -(-xm // group),
-                 "cosine_sums_mb": min(xm, group) * 2 * args.d_in * 8 / 2**20}
+                 "cosine_sums_mb": min(xm, group) * features_stage.cosine_feature_bytes(args.d_in) / 2**20}
     else:
         extra = {"n_concept_features": counts.get("n_concept_features"), "n_samples": counts["n_samples"]}
     return {"stage": stage, "n_tokens": n_tokens, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n_tokens / wall,

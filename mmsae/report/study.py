@@ -260,38 +260,31 @@ def costly_kind(runs: pd.DataFrame, kinds: Sequence[str], metric: str) -> tuple[
     return best
 
 
-def sae_verdict(runs: pd.DataFrame, study: pd.DataFrame, metric: str, max_fraction: float) -> dict[str, Any] | None:
-    """The best SAE-based selection (by mean) at kept fractions <= max_fraction and its decisions against
-    the whole pool, random, model_loss and IFD (those measured); None without an SAE-based arm."""
-    cands = [(m, f) for m in contenders(runs) if uses_sae(m) for f in fractions_of(runs) if f <= max_fraction + 1e-9]
-    scored = [(mean_of(study, m, f, metric)[0], m, f) for m, f in cands]
-    scored = [s for s in scored if np.isfinite(s[0])]
-    if not scored:
-        return None
-    _, method, f = max(scored, key=lambda s: (s[0], s[1], -s[2]))
-    mean, sd, n = mean_of(study, method, f, metric)
-    vs = {ref: compare(runs, method, ref, f, metric) for ref in QUESTION}
-    vs = {k: v for k, v in vs.items() if v is not None}
-    wins = bool(vs) and all(v["verdict"] == "beats" for v in vs.values())
-    return {"metric": metric, "method": method, "fraction": f, "mean": mean, "sd": sd, "n_runs": n, "vs": vs,
-            "wins": wins}
-
-
 def sae_versus(runs: pd.DataFrame, metric: str, max_fraction: float) -> list[dict[str, Any]]:
-    """Every SAE-based selection at kept fractions <= max_fraction against the question's references. The
-    best by mean (sae_verdict) is one of these rows; a steadier one may clear the 2-sd rule where it does not."""
+    """Every SAE-based selection at kept fractions <= max_fraction with its decisions against the whole pool,
+    random, model_loss and IFD (those measured). The best by mean (sae_verdict) is one of these rows; a
+    steadier one may clear the 2-sd rule where it does not."""
     rows = []
     for m in contenders(runs):
         if not uses_sae(m):
             continue
         for f in fractions_of(runs):
-            if f > max_fraction + 1e-9:
-                continue
-            vs = {ref: compare(runs, m, ref, f, metric) for ref in QUESTION}
-            vs = {k: v for k, v in vs.items() if v is not None}
-            if vs:
-                rows.append({"metric": metric, "method": m, "fraction": f, "vs": vs})
+            if f <= max_fraction + 1e-9:
+                vs = {ref: compare(runs, m, ref, f, metric) for ref in QUESTION}
+                rows.append({"metric": metric, "method": m, "fraction": f,
+                             "vs": {k: v for k, v in vs.items() if v is not None}})
     return rows
+
+
+def sae_verdict(study: pd.DataFrame, rows: Sequence[Mapping]) -> dict[str, Any] | None:
+    """The best of one metric's sae_versus rows by mean, with its decisions; None without an SAE-based arm."""
+    scored = [(mean_of(study, r["method"], r["fraction"], r["metric"]), r) for r in rows]
+    scored = [(ms, r) for ms, r in scored if np.isfinite(ms[0])]
+    if not scored:
+        return None
+    (mean, sd, n), row = max(scored, key=lambda s: (s[0][0], s[1]["method"], -s[1]["fraction"]))
+    wins = bool(row["vs"]) and all(v["verdict"] == "beats" for v in row["vs"].values())
+    return {**row, "mean": mean, "sd": sd, "n_runs": n, "wins": wins}
 
 
 def versus_sentence(metric: str, rows: Sequence[Mapping], max_fraction: float) -> str:
@@ -346,13 +339,18 @@ def _runs(n: int) -> str:
     return f"{n} run" + ("" if n == 1 else "s")
 
 
+def _diff(c: Mapping, sd_digits: int) -> str:
+    """A comparison's mean paired difference, ± its sd where there is one."""
+    sd = f" ± {c['sd']:.{sd_digits}g}" if np.isfinite(c["sd"]) else ""
+    return f"{c['diff']:+.3g}{sd}"
+
+
 def _cmp_text(c: Mapping | None) -> str:
     if c is None:
         return "n/a"
     verdict = {"beats": "beats", "loses": "loses to", "level": "is level with (within 2 sd)",
                "one run": "differs by (one run, no sd) from"}[c["verdict"]]
-    sd = "" if not np.isfinite(c["sd"]) else f" ± {c['sd']:.3g}"
-    return f"{verdict} {name(c['reference'])}: {c['diff']:+.3g}{sd}"
+    return f"{verdict} {name(c['reference'])}: {_diff(c, 3)}"
 
 
 def verdict_sentence(v: Mapping) -> str:
@@ -471,9 +469,11 @@ def analyse(blocks: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] 
         tables.append(study)
         best = best_table(runs, study, mets)
         aurocs = auroc_means(reports)
-        verdicts, whys = [], {}
+        verdicts, whys, versus = [], {}, []
         for metric in mets:
-            v = sae_verdict(runs, study, metric, max_fraction)
+            rows = sae_versus(runs, metric, max_fraction)
+            versus += rows
+            v = sae_verdict(study, rows)
             if v is None:
                 continue
             v = {**v, "max_fraction": max_fraction}
@@ -483,7 +483,6 @@ def analyse(blocks: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] 
                 v["why"] = why_sentence(v, whys[metric])
             verdicts.append(v)
         disagree = disagreements(best)
-        versus = [row for metric in mets for row in sae_versus(runs, metric, max_fraction)]
         found["blocks"][block] = {
             "runs": list(reports), "metrics": mets, "kinds": kinds, "best": best, "disagreements": disagree,
             "bad_kinds": bad_kinds(study, kinds), "sae": verdicts, "sae_versus": versus,
@@ -506,10 +505,7 @@ def _ms(mean: float, sd: float) -> str:
 
 
 def _cmp_short(c: Mapping | None) -> str:
-    if c is None:
-        return "n/a"
-    sd = "" if not np.isfinite(c["sd"]) else f" ± {c['sd']:.2g}"
-    return f"{c['verdict']} {c['diff']:+.3g}{sd}"
+    return "n/a" if c is None else f"{c['verdict']} {_diff(c, 2)}"
 
 
 def render(study: pd.DataFrame, found: Mapping[str, Any], png: str | None) -> str:
